@@ -72,7 +72,8 @@ if ! "$VLBERT_VENV/bin/python" -c 'import torch' 2>/dev/null; then
 fi
 
 if ! "$VLBERT_VENV/bin/python" -c 'import mmcv.ops' 2>/dev/null; then
-  "${PIP[@]}" install --quiet ninja psutil setuptools wheel
+  # mmcv 2.1's setup.py imports pkg_resources, which setuptools 81 removed.
+  "${PIP[@]}" install --quiet ninja psutil 'setuptools<81' wheel
   if [ -n "$VLBERT_WHEELS" ] && ls "$VLBERT_WHEELS"/mmcv-2.1.0-*.whl >/dev/null 2>&1 \
      && "$VLBERT_VENV/bin/python" -c 'import torch, sys; sys.exit(torch.__version__ != "2.13.0+cpu")'; then
     _say "installing mmcv 2.1.0 from the prebuilt wheel in $VLBERT_WHEELS"
@@ -84,7 +85,7 @@ if ! "$VLBERT_VENV/bin/python" -c 'import mmcv.ops' 2>/dev/null; then
       export FORCE_CUDA=1
     fi
     MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" _with_heartbeat "compiling mmcv" \
-      "${PIP[@]}" install -v --no-build-isolation --no-deps mmcv==2.1.0
+      "${PIP[@]}" install -v --no-build-isolation --no-deps mmcv==2.1.0 || exit 1
   fi
 fi
 
