@@ -1,0 +1,236 @@
+"""RegionFeatureExtractor: features, pixel masking, freezing, checkpoints, class scores, detection."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import fsspec
+import pytest
+import torch
+
+from vlbert.config import DetectorConfig
+from vlbert.model.detector import RegionFeatureExtractor, zero_masked_regions
+
+NUM_CLASSES = 5  # 4 foreground + background
+
+
+def make(seed: int = 0, **overrides) -> RegionFeatureExtractor:
+    torch.manual_seed(seed)
+    return RegionFeatureExtractor(DetectorConfig(depth=18, num_classes=NUM_CLASSES, **overrides))
+
+
+@pytest.fixture(scope="module")
+def det() -> RegionFeatureExtractor:
+    return make().eval()
+
+
+def images(b: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 256, (b, 3, size, size), dtype=torch.uint8, generator=g)
+
+
+BOXES = torch.tensor([[[0, 0, 64, 64], [8.5, 10, 40, 50.2], [0, 0, 0, 0]],
+                      [[0, 0, 64, 64], [5, 5, 20, 20], [30, 30, 60, 60]]], dtype=torch.float)
+MASK = torch.tensor([[True, True, False], [True, True, True]])
+
+
+def test_feature_shape_and_out_channels(det):
+    feats = det(images(), BOXES, MASK)
+    assert det.out_channels == 512
+    assert feats.shape == (2, 3, 512)
+    assert torch.all(feats[0, 2] == 0)  # padded slot
+    assert feats[MASK].abs().sum(-1).gt(0).all()
+
+
+def test_out_channels_depth50():
+    torch.manual_seed(0)
+    d = RegionFeatureExtractor(DetectorConfig(depth=50, num_classes=NUM_CLASSES)).eval()
+    assert d.out_channels == 2048
+    assert d(images(1), BOXES[:1, :2], MASK[:1, :2]).shape == (1, 2, 2048)
+
+
+def test_padding_does_not_change_real_boxes(det):
+    img = images(1)
+    one = det(img, BOXES[:1, 1:2], torch.tensor([[True]]))
+    padded_boxes = torch.cat([BOXES[:1, 1:2], torch.tensor([[[3.0, 4, 50, 60], [0, 0, 0, 0]]])], dim=1)
+    padded = det(img, padded_boxes, torch.tensor([[True, False, False]]))
+    torch.testing.assert_close(padded[:, :1], one, rtol=1e-5, atol=1e-5)
+    assert torch.all(padded[:, 1:] == 0)
+
+
+def test_zero_masked_regions_covers_overlapped_pixels():
+    img = torch.full((1, 3, 8, 8), 7, dtype=torch.uint8)
+    boxes = torch.tensor([[[1.5, 2.0, 3.2, 4.0], [0, 0, 8, 8]]])
+    out = zero_masked_regions(img, boxes, torch.tensor([[True, False]]))
+    expected = torch.full((8, 8), 7, dtype=torch.uint8)
+    expected[2:4, 1:4] = 0  # rows [2, 4), columns floor(1.5)=1 .. ceil(3.2)=4
+    assert torch.equal(out[0, 0], expected) and torch.equal(out[0, 2], expected)
+    assert torch.all(img == 7)  # input untouched
+
+
+def test_masked_pixels_are_zero_in_what_the_backbone_sees(det):
+    seen = []
+    hook = det.detector.backbone.conv1.register_forward_pre_hook(lambda m, args: seen.append(args[0].clone()))
+    try:
+        img = images()
+        roi_masked = torch.tensor([[False, True, True], [False, False, True]])  # [0, 2] is padding: ignored
+        det(img, BOXES, MASK, roi_masked)
+    finally:
+        hook.remove()
+    x = seen[0]
+    zero = (-det.pixel_mean / det.pixel_std).view(3)  # raw 0 after normalisation
+    # image 0, box 1 covers rows 10..50, columns 8..40 (floor/ceil of 8.5, 50.2)
+    region = x[0, :, 10:51, 8:40]
+    torch.testing.assert_close(region, zero.view(3, 1, 1).expand_as(region))
+    # image 1, box 2: rows/columns 30..59
+    torch.testing.assert_close(x[1, :, 30:60, 30:60], zero.view(3, 1, 1).expand(3, 30, 30))
+    # everything else is the normalised original image
+    normal = det.normalize(img)
+    keep = torch.ones(2, 64, 64, dtype=torch.bool)
+    keep[0, 10:51, 8:40] = False
+    keep[1, 30:60, 30:60] = False
+    assert torch.equal(x.permute(1, 0, 2, 3)[:, keep], normal.permute(1, 0, 2, 3)[:, keep])
+
+
+def test_frozen_parts_unchanged_and_trainable_parts_move():
+    d = make(activation_checkpointing=True)
+    d.train()
+    bns = [m for m in d.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not m.training for m in bns)
+    bb = d.detector.backbone
+    for m in (bb.conv1, bb.layer1):
+        assert not m.training
+    before = {k: v.clone() for k, v in d.state_dict().items()}
+    opt = torch.optim.AdamW(d.parameters(), lr=1e-2)
+    for _ in range(2):
+        feats = d(images(), BOXES, MASK, roi_masked=torch.tensor([[False, True, False], [False, False, True]]))
+        loss = (feats[MASK] ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+    after = d.state_dict()
+    frozen = [k for k in before if k.startswith(("detector.backbone.conv1", "detector.backbone.bn1",
+                                                 "detector.backbone.layer1", "detector.rpn_head"))
+              or ".bn" in k or "downsample.1" in k]
+    assert len(frozen) > 20
+    for k in frozen:  # weights, BN affine and running statistics
+        assert torch.equal(before[k], after[k]), k
+    for p in list(bb.conv1.parameters()) + list(bb.layer1.parameters()) + [bn.weight for bn in bns]:
+        assert p.grad is None and not p.requires_grad
+    for prefix in ("detector.backbone.layer2.0.conv1", "detector.backbone.layer3.0.conv1",
+                   "detector.roi_head.shared_head.layer4.0.conv1"):
+        assert not torch.equal(before[prefix + ".weight"], after[prefix + ".weight"]), prefix
+    assert d.detector.roi_head.bbox_head.fc_cls.weight.requires_grad
+
+
+def test_activation_checkpointing_gives_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        d = make(activation_checkpointing=ckpt).train()
+        d(images(), BOXES, MASK).sum().backward()
+        grads.append({n: p.grad for n, p in d.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6)
+
+
+def test_freezing_options():
+    d = make(trainable=False).train()
+    assert not any(p.requires_grad for p in d.parameters())
+    assert not any(m.training for m in d.detector.modules())
+    d = make(frozen_stages=4).train()  # stem, res2..res4 and res5
+    assert not any(p.requires_grad for p in d.detector.roi_head.shared_head.parameters())
+    assert not any(p.requires_grad for p in d.detector.backbone.parameters())
+    d = make(frozen_stages=2, freeze_batchnorm=False).train()
+    bb = d.detector.backbone
+    assert not bb.layer2.training and not any(p.requires_grad for p in bb.layer2.parameters())
+    assert bb.layer3.training and bb.layer3[0].bn1.training and bb.layer3[0].bn1.weight.requires_grad
+    d = make(frozen_stages=-1)
+    assert d.detector.backbone.conv1.weight.requires_grad
+
+
+def test_load_checkpoint_round_trip_memory_url(det):
+    url = "memory://detector_test/ckpt.pth"
+    with fsspec.open(url, "wb") as f:
+        torch.save({"state_dict": det.detector.state_dict(), "meta": {"epoch": 3}}, f)
+    fresh = make(seed=1).eval()
+    img = images()
+    assert not torch.allclose(fresh(img, BOXES, MASK), det(img, BOXES, MASK))
+    fresh.load_checkpoint(url)
+    torch.testing.assert_close(fresh(img, BOXES, MASK), det(img, BOXES, MASK), rtol=0, atol=0)
+    # the config path loads it at construction too, from a bare state dict of our own module
+    with fsspec.open("memory://detector_test/bare.pth", "wb") as f:
+        torch.save(det.state_dict(), f)
+    via_cfg = make(seed=2, checkpoint="memory://detector_test/bare.pth").eval()
+    torch.testing.assert_close(via_cfg.class_probs(img, BOXES, MASK), det.class_probs(img, BOXES, MASK))
+
+
+@dataclasses.dataclass
+class _Payload:
+    x: int = 1
+
+
+def test_load_checkpoint_refuses_pickled_objects_and_wrong_shapes(det):
+    with fsspec.open("memory://detector_test/evil.pth", "wb") as f:
+        torch.save({"state_dict": det.detector.state_dict(), "obj": _Payload()}, f)
+    with pytest.raises(ValueError, match="weights_only"):
+        make(seed=1).load_checkpoint("memory://detector_test/evil.pth")
+    torch.manual_seed(0)
+    other = RegionFeatureExtractor(DetectorConfig(depth=18, num_classes=7))
+    with fsspec.open("memory://detector_test/other.pth", "wb") as f:
+        torch.save(other.detector.state_dict(), f)
+    with pytest.raises(ValueError, match="shape mismatch.*fc_cls"):
+        make(seed=1).load_checkpoint("memory://detector_test/other.pth")
+    state = {k: v for k, v in det.detector.state_dict().items() if not k.startswith("roi_head.bbox_head.fc_reg")}
+    with fsspec.open("memory://detector_test/noreg.pth", "wb") as f:  # unused regressor may be absent
+        torch.save(state, f)
+    make(seed=1).load_checkpoint("memory://detector_test/noreg.pth")
+    state = {k: v for k, v in state.items() if not k.startswith("backbone.layer3")}
+    with fsspec.open("memory://detector_test/partial.pth", "wb") as f:
+        torch.save(state, f)
+    with pytest.raises(ValueError, match="missing"):
+        make(seed=1).load_checkpoint("memory://detector_test/partial.pth")
+
+
+def test_class_probs_rows_sum_to_one(det):
+    probs = det.class_probs(images(), BOXES, MASK)
+    assert probs.shape == (2, 3, NUM_CLASSES) and not probs.requires_grad
+    torch.testing.assert_close(probs[MASK].sum(-1), torch.ones(int(MASK.sum())))
+    assert torch.all(probs[~MASK] == 0)
+
+
+def test_detect_boxes_inside_image_and_counts(det):
+    img = images(2, size=64, seed=3)
+    sizes = torch.tensor([[64, 64], [48, 40]])  # second image padded at the bottom/right
+    results = det.detect(img, score_thr=0.0, min_boxes=4, max_boxes=20, image_sizes=sizes, num_proposals=40)
+    assert len(results) == 2
+    for (boxes, scores, probs), (h, w) in zip(results, sizes.tolist()):
+        assert 4 <= len(boxes) <= 20 and scores.shape == (len(boxes),) and probs.shape == (len(boxes), NUM_CLASSES)
+        assert torch.all(boxes >= 0) and torch.all(boxes[:, 2] <= w) and torch.all(boxes[:, 3] <= h)
+        assert torch.all(boxes[:, 2] >= boxes[:, 0]) and torch.all(boxes[:, 3] >= boxes[:, 1])
+        torch.testing.assert_close(probs.sum(-1), torch.ones(len(boxes)))
+        assert torch.all(scores[:-1] >= scores[1:])  # best first
+    # nothing passes an impossible threshold: topped up to min_boxes by score
+    (boxes, scores, _), _ = det.detect(img, score_thr=1.01, min_boxes=6, max_boxes=20, num_proposals=40)
+    assert len(boxes) == 6 and torch.all(scores < 1.01)
+
+
+def test_autocast_bf16_forward_and_backward():
+    d = make().train()
+    ref = d(images(), BOXES, MASK)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = d(images(), BOXES, MASK, roi_masked=torch.zeros_like(MASK))
+        probs = d.class_probs(images(), BOXES, MASK)
+    assert feats.shape == ref.shape and torch.isfinite(feats).all()
+    torch.testing.assert_close(feats.float(), ref, rtol=0.1, atol=0.05)
+    assert probs.dtype == torch.float32
+    feats.float().sum().backward()
+    assert d.detector.backbone.layer3[0].conv1.weight.grad is not None
+
+
+def test_normalize_rgb_and_bgr():
+    img = torch.tensor([10, 20, 30], dtype=torch.uint8).view(1, 3, 1, 1)
+    rgb = make().normalize(img).view(3)
+    mean, std = torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375])
+    torch.testing.assert_close(rgb, (torch.tensor([10.0, 20, 30]) - mean) / std)
+    torch.testing.assert_close(make(bgr=True).normalize(img).view(3), rgb.flip(0))

@@ -1,0 +1,108 @@
+"""tools/extract_regions.py on two tiny shards: annotations, skips, resume, rank split."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tools.extract_regions import main, read_samples
+from vlbert.data.shards import SkipCounter, write_tar
+
+NUM_CLASSES = 5
+CONFIG = """
+detector: {depth: 18, num_classes: 5}
+data:
+  tokenizer: unused
+  text_per_step: 0
+  captions: {urls: [unused.tar], short_side: 64, max_long_side: 96, min_boxes: 2, max_boxes: 5,
+             min_box_score: 0.0}
+"""
+
+
+def jpeg(w: int, h: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def shards(tmp_path):
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    src = tmp_path / "in"
+    src.mkdir()
+    a = [(f"a{i}", {"jpg": jpeg(96, 72, i), "txt": f"caption {i}".encode(),
+                    "json": json.dumps({"width": 96, "height": 72, "url": f"u{i}"}).encode()}) for i in range(2)]
+    b = [("b0", {"jpg": jpeg(80, 100, 7), "txt": b"tall"}),  # no JSON: one is made
+         ("b1", {"jpg": b"\xff\xd8 not a jpeg", "txt": b"corrupt", "json": b"{}"}),
+         ("b2", {"txt": b"no image"})]
+    write_tar(str(src / "s0.tar"), a)
+    write_tar(str(src / "s1.tar"), b)
+    return tmp_path
+
+
+def run(tmp_path, *extra, output=None):
+    return main(["--config", str(tmp_path / "cfg.yaml"), "--input", str(tmp_path / "in" / "s{0..1}.tar"),
+                 "--output", output or str(tmp_path / "out"), "--device", "cpu", "--num-proposals", "20",
+                 "--batch-size", "2", *extra])
+
+
+def read(path):
+    return dict(read_samples(str(path), SkipCounter()))
+
+
+def test_extract_regions_annotates_and_skips(shards):
+    out = f"memory://extract_{shards.name}/regions"  # any fsspec URL as the output folder
+    stats = run(shards, output=out)
+    assert stats["shards_done"] == 2 and stats["samples_written"] == 3
+    assert stats["skipped_samples"] == {"corrupt_image": 1, "missing_image": 1}
+    out0, out1 = read(out + "/s0.tar"), read(out + "/s1.tar")
+    assert list(out0) == ["a0", "a1"] and list(out1) == ["b0"]
+    for key, files, (w, h) in [("a0", out0["a0"], (96, 72)), ("a1", out0["a1"], (96, 72)),
+                               ("b0", out1["b0"], (80, 100))]:
+        meta = json.loads(files["json"])
+        boxes = np.array(meta["boxes"])
+        assert 2 <= len(boxes) <= 5 and len(meta["box_scores"]) == len(boxes)
+        assert meta["width"] == w and meta["height"] == h
+        # boxes are in pixels of the stored image, not of the 64-pixel resized one
+        assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= w).all() and (boxes[:, [1, 3]] <= h).all()
+        assert boxes[:, 2].max() > 64 or boxes[:, 3].max() > 64
+        regions = np.load(io.BytesIO(files["regions.npy"]), allow_pickle=False)
+        assert regions.dtype == np.float16 and regions.shape == (len(boxes), NUM_CLASSES)
+        np.testing.assert_allclose(regions.astype(np.float32).sum(1), 1.0, atol=5e-3)
+    assert out0["a1"]["txt"] == b"caption 1" and json.loads(out0["a1"]["json"])["url"] == "u1"
+
+
+def test_extract_regions_resumes_and_splits_by_rank(shards):
+    stats = run(shards, "--rank", "1", "--world-size", "2")
+    assert stats["shards"] == 1 and stats["shards_done"] == 1
+    assert not (shards / "out" / "s0.tar").exists() and (shards / "out" / "s1.tar").exists()
+    # a stale partial file from a killed run does not count as done
+    (shards / "out" / "s0.tar.partial").write_bytes(b"half")
+    before = (shards / "out" / "s1.tar").read_bytes()
+    stats = run(shards)
+    assert stats["shards_skipped"] == 1 and stats["shards_done"] == 1
+    assert (shards / "out" / "s1.tar").read_bytes() == before
+    assert list(read(shards / "out" / "s0.tar")) == ["a0", "a1"]
+    assert not (shards / "out" / "s0.tar.partial").exists()
+
+
+def test_extracted_shards_decode_with_the_caption_reader(shards):
+    from tools.make_demo_data import build_tokenizer
+    from vlbert.config import CaptionDataConfig, MaskingConfig
+    from vlbert.data.captions import decode_caption_sample
+
+    run(shards, "--max-boxes", "4")
+    files = read(shards / "out" / "s0.tar")["a0"]
+    cfg = CaptionDataConfig(short_side=36, max_long_side=48, min_boxes=1, max_boxes=10, min_box_score=0.0)
+    sample = decode_caption_sample(files, "a0", cfg, MaskingConfig(), build_tokenizer(shards / "tok"),
+                                   np.random.default_rng(0), train=False)
+    meta = json.loads(files["json"])
+    assert sample.boxes.shape[0] == 1 + len(meta["boxes"]) <= 5  # whole-image box first
+    assert sample.roi_targets.shape == (sample.boxes.shape[0], NUM_CLASSES)
+    np.testing.assert_allclose(sample.roi_targets[1:].sum(1), 1.0, atol=5e-3)
+    assert (sample.boxes[:, 2] <= 48).all() and (sample.boxes[:, 3] <= 36).all()

@@ -1,0 +1,236 @@
+"""Detect regions in caption shards; write shards that carry boxes and class distributions.
+
+    python -m tools.extract_regions --config configs/base_e2e.yaml \\
+        --input 's3://bucket/cc3m/{00000..00331}.tar' --output s3://bucket/cc3m-regions \\
+        [--rank $SLURM_PROCID --world-size $SLURM_NTASKS] [--device cuda] [--set detector.checkpoint=...]
+
+The detector is built from the config's ``detector`` section (with ``--set`` overrides);
+the resize and box-selection defaults come from ``data.captions`` (short side,
+long side, ``min_box_score``, ``min_boxes``, ``max_boxes``) and can be overridden.
+
+Every input shard ``<dir>/NAME.tar`` becomes ``<output>/NAME.tar`` with the same
+samples in the same order, each with (DESIGN.md section 3):
+- ``KEY.json``: the input JSON plus ``boxes`` [[x1, y1, x2, y2], ...] in pixels of the
+  stored image, ``box_scores`` [...] (best first), ``width``/``height`` of the stored image;
+- ``KEY.regions.npy``: float16 [n_boxes, num_classes], the detector's class
+  distribution per box (softmax over all ``num_classes`` outputs, background last).
+Samples whose image is missing or cannot be decoded, or whose JSON is invalid, are
+left out and counted. Shards are split over ``--world-size`` processes by index.
+A shard is written to ``NAME.tar.partial`` and renamed when complete, so an existing
+``NAME.tar`` is complete and is skipped when the command runs again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import posixpath
+import sys
+import tarfile
+from typing import Iterable, Iterator, Optional
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from vlbert.config import load_config
+from vlbert.data.captions import IMAGE_EXTENSIONS, target_size
+from vlbert.data.shards import ShardError, SkipCounter, expand_urls, iter_tar, open_shard
+from vlbert.model.detector import RegionFeatureExtractor
+
+Sample = tuple[str, dict[str, bytes]]
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def read_samples(url: str, counter: SkipCounter) -> Iterator[Sample]:
+    """``(key, {ext: bytes})`` of a tar shard in order; a broken shard ends early (counted)."""
+    with open_shard(url) as f:
+        try:
+            for _, key, files, _, _ in iter_tar(f, 0, 0, 1, 0, counter):
+                yield key, files
+        except ShardError as e:
+            counter.add(e.reason)
+
+
+def write_shard(url: str, samples: Iterable[Sample]) -> int:
+    """Stream samples into ``url + ".partial"``, then rename it to ``url``. Returns the count."""
+    fs, path = fsspec.core.url_to_fs(url)
+    partial = path + ".partial"
+    n = 0
+    with fs.open(partial, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime = len(data), 0
+                tar.addfile(info, io.BytesIO(data))
+            n += 1
+    fs.mv(partial, path)
+    return n
+
+
+def output_url(output: str, input_url: str) -> str:
+    return output.rstrip("/") + "/" + posixpath.basename(input_url.split("?", 1)[0])
+
+
+# --------------------------------------------------------------------------- samples
+
+
+def decode_image(data: bytes, short_side: int, max_long_side: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """JPEG/PNG/WebP bytes -> (uint8 [3, h, w] RGB resized, stored (width, height)). Raises ValueError."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        size = img.size
+        tw, th = target_size(*size, short_side, max_long_side)
+        img = img.convert("RGB")  # forces the full decode: truncated or corrupt data fails here
+        if img.size != (tw, th):
+            img = img.resize((tw, th), Image.BILINEAR)
+    except Exception as e:  # PIL raises many types
+        raise ValueError(f"{type(e).__name__}: {e}") from None
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), size
+
+
+def annotate(files: dict[str, bytes], boxes: torch.Tensor, scores: torch.Tensor, probs: torch.Tensor,
+             meta: dict, scale: tuple[float, float], size: tuple[int, int]) -> dict[str, bytes]:
+    """The sample's files with the detections added (boxes scaled back to the stored image)."""
+    sx, sy = scale
+    w, h = size
+    b = (boxes.float().cpu() * torch.tensor([sx, sy, sx, sy])).clamp(min=0)
+    b = torch.minimum(b, torch.tensor([w, h, w, h], dtype=torch.float))
+    meta = dict(meta, width=w, height=h, boxes=[[round(v, 2) for v in row] for row in b.tolist()],
+                box_scores=[round(v, 4) for v in scores.float().cpu().tolist()])
+    buf = io.BytesIO()
+    np.save(buf, probs.float().cpu().numpy().astype(np.float16), allow_pickle=False)
+    out = {k: v for k, v in files.items() if k not in ("json", "regions.npy")}
+    out["json"] = json.dumps(meta).encode()
+    out["regions.npy"] = buf.getvalue()
+    return out
+
+
+def _prepare(files: dict[str, bytes], opts, counter: SkipCounter):
+    """(image [3, h, w], meta, stored size) or None when the sample is skipped (counted)."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
+    if ext is None:
+        counter.add("missing_image")
+        return None
+    meta: dict = {}
+    if "json" in files:
+        try:
+            meta = json.loads(files["json"])
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict):
+            counter.add("bad_json")
+            return None
+    try:
+        image, size = decode_image(files[ext], opts.short_side, opts.max_long_side)
+    except ValueError:
+        counter.add("corrupt_image")
+        return None
+    return image, meta, size
+
+
+def detect_batch(detector: RegionFeatureExtractor, batch: list, opts) -> list[Sample]:
+    """batch: [(key, files, image [3, h, w], meta, size)] -> annotated samples."""
+    images = [x[2] for x in batch]
+    H, W = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
+    padded = torch.zeros(len(images), 3, H, W, dtype=torch.uint8)
+    for i, img in enumerate(images):
+        padded[i, :, : img.shape[1], : img.shape[2]] = img
+    sizes = torch.tensor([[i.shape[1], i.shape[2]] for i in images])
+    device = next(detector.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.bf16):
+        results = detector.detect(padded.to(device), score_thr=opts.score_thr, min_boxes=opts.min_boxes,
+                                  max_boxes=opts.max_boxes, image_sizes=sizes, num_proposals=opts.num_proposals)
+    out = []
+    for (key, files, img, meta, size), (boxes, scores, probs) in zip(batch, results):
+        scale = (size[0] / img.shape[2], size[1] / img.shape[1])
+        out.append((key, annotate(files, boxes, scores, probs, meta, scale, size)))
+    return out
+
+
+def process_shard(detector, in_url: str, opts, counter: SkipCounter, bar: tqdm) -> Iterator[Sample]:
+    """Annotated samples of one input shard, detected ``opts.batch_size`` at a time."""
+    batch = []
+    for key, files in read_samples(in_url, counter):
+        prepared = _prepare(files, opts, counter)
+        bar.update(1)
+        if prepared is None:
+            continue
+        batch.append((key, files, *prepared))
+        if len(batch) == opts.batch_size:
+            yield from detect_batch(detector, batch, opts)
+            batch = []
+    if batch:
+        yield from detect_batch(detector, batch, opts)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="run config YAML (its detector and data.captions sections)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. detector.checkpoint=s3://b/vg.pth (repeatable)")
+    p.add_argument("--input", nargs="+", required=True, help="caption shard URLs or patterns (braces, globs)")
+    p.add_argument("--output", required=True, help="output folder (any fsspec URL)")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--bf16", action="store_true", help="run the detector under bf16 autocast")
+    p.add_argument("--num-proposals", type=int, default=300, help="RPN proposals classified per image")
+    for name, kind in (("score-thr", float), ("min-boxes", int), ("max-boxes", int), ("short-side", int),
+                       ("max-long-side", int)):
+        p.add_argument(f"--{name}", type=kind, default=None, help="default: from data.captions")
+    args = p.parse_args(argv)
+    if not 0 <= args.rank < args.world_size:
+        p.error(f"--rank must be in [0, --world-size), got {args.rank} of {args.world_size}")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    """Run the extraction; returns the counts (also printed as JSON to stderr)."""
+    opts = parse_args(argv)
+    cfg = load_config(opts.config, opts.overrides, check_files=False)
+    caps = cfg.data.captions
+    defaults = dict(score_thr=caps.min_box_score, min_boxes=caps.min_boxes, max_boxes=caps.max_boxes,
+                    short_side=caps.short_side, max_long_side=caps.max_long_side)
+    for name, value in defaults.items():
+        if getattr(opts, name) is None:
+            setattr(opts, name, value)
+
+    urls = expand_urls(opts.input)
+    outs = [output_url(opts.output, u) for u in urls]
+    if len(set(outs)) != len(outs):
+        raise SystemExit("error: input shards with the same file name would overwrite each other in --output")
+    mine = list(range(opts.rank, len(urls), opts.world_size))
+    if not cfg.detector.checkpoint:
+        print("warning: detector.checkpoint is empty: regions come from a randomly initialised detector",
+              file=sys.stderr)
+    detector = RegionFeatureExtractor(cfg.detector).eval().to(opts.device)
+    fs, root = fsspec.core.url_to_fs(opts.output)
+    fs.makedirs(root, exist_ok=True)
+
+    counter = SkipCounter()
+    stats = {"shards": len(mine), "shards_done": 0, "shards_skipped": 0, "samples_written": 0}
+    with tqdm(unit="img", desc=f"rank {opts.rank}/{opts.world_size}", dynamic_ncols=True) as bar:
+        for i in mine:
+            if fs.exists(fsspec.core.url_to_fs(outs[i])[1]):
+                stats["shards_skipped"] += 1
+                continue
+            bar.set_postfix(shard=posixpath.basename(outs[i]), skipped=counter.total())
+            stats["samples_written"] += write_shard(outs[i], process_shard(detector, urls[i], opts, counter, bar))
+            stats["shards_done"] += 1
+    stats["skipped_samples"] = counter.as_dict()
+    print(json.dumps(stats), file=sys.stderr)
+    return stats
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""Faster R-CNN ResNet C4 (MMDetection) as a region feature extractor.
+
+The only module that imports mmdet/mmcv/mmengine. The detector is mmdet's
+``FasterRCNN`` built from the ``faster-rcnn_r50-caffe-c4`` dicts: a ResNet with
+three stages (stem, res2, res3, res4; output stride 16), an RPN on res4, and a
+``StandardRoIHead`` whose shared head is res5 (``ResLayer`` stage 3) followed by
+a ``BBoxHead``. Parameter names are mmdet's (``backbone.*``, ``rpn_head.*``,
+``roi_head.*``) under ``self.detector``, so MMDetection checkpoints load as they are.
+
+Shapes: B images, R box slots, H/W padded image size, C = ``cfg.num_classes``.
+
+Class distributions: ``cfg.num_classes`` counts every output of the box
+classifier *including* background (the Visual Genome detector: 1600 objects +
+background = 1601). mmdet's head is therefore built with ``num_classes - 1``
+foreground classes, and ``class_probs``/``detect`` return the full softmax over
+all ``cfg.num_classes`` outputs in mmdet's order (foreground classes first,
+background last). Rows sum to 1; this is the masked-RoI target of the paper.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+from typing import Optional
+
+import fsspec
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from mmcv.ops import batched_nms
+from mmdet.models.backbones import ResNet
+from mmdet.registry import MODELS
+from mmdet.structures.bbox import bbox2roi
+from mmdet.utils import register_all_modules
+from mmengine.config import ConfigDict
+from mmengine.logging import MMLogger
+
+from vlbert.config import DetectorConfig
+
+# Checkpoint keys we may lack or ignore: the box regressor is never used (regions
+# are RPN proposals, as in bottom-up attention), and mask heads are not built.
+_IGNORED_MISSING = ("roi_head.bbox_head.fc_reg.",)
+_IGNORED_UNEXPECTED = ("roi_head.mask_head.", "roi_head.mask_roi_extractor.", "data_preprocessor.")
+_STRIPPED_PREFIXES = ("module.", "detector.")
+
+
+def _mmdet_config(cfg: DetectorConfig) -> ConfigDict:
+    """The faster-rcnn_r50-caffe-c4 model dict, sized by ``cfg``."""
+    expansion = ResNet.arch_settings[cfg.depth][0].expansion
+    res4, res5 = 256 * expansion, 512 * expansion
+    norm_cfg = dict(type="BN", requires_grad=not cfg.freeze_batchnorm)
+    return ConfigDict(
+        type="FasterRCNN",
+        backbone=dict(
+            type="ResNet", depth=cfg.depth, num_stages=3, strides=(1, 2, 2), dilations=(1, 1, 1),
+            out_indices=(2,), frozen_stages=-1,  # freezing is ours (``_frozen_modules``), incl. res5
+            norm_cfg=norm_cfg, norm_eval=cfg.freeze_batchnorm, style="caffe"),
+        rpn_head=dict(
+            type="RPNHead", in_channels=res4, feat_channels=res4,
+            anchor_generator=dict(type="AnchorGenerator", scales=[2, 4, 8, 16, 32], ratios=[0.5, 1.0, 2.0],
+                                  strides=[16]),
+            bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[1.0] * 4),
+            loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0),
+            loss_bbox=dict(type="L1Loss", loss_weight=1.0)),
+        roi_head=dict(
+            type="StandardRoIHead",
+            shared_head=dict(type="ResLayer", depth=cfg.depth, stage=3, stride=2, dilation=1, style="caffe",
+                             norm_cfg=norm_cfg, norm_eval=cfg.freeze_batchnorm),
+            bbox_roi_extractor=dict(
+                type="SingleRoIExtractor",
+                roi_layer=dict(type="RoIAlign", output_size=cfg.roi_size, sampling_ratio=0),
+                out_channels=res4, featmap_strides=[16]),
+            bbox_head=dict(
+                type="BBoxHead", with_avg_pool=True, roi_feat_size=cfg.roi_size // 2, in_channels=res5,
+                num_classes=cfg.num_classes - 1,
+                bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4,
+                                target_stds=[0.1, 0.1, 0.2, 0.2]),
+                reg_class_agnostic=False,
+                loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
+                loss_bbox=dict(type="L1Loss", loss_weight=1.0))),
+        train_cfg=None,
+        test_cfg=dict(
+            rpn=dict(nms_pre=6000, max_per_img=1000, nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0),
+            rcnn=dict(score_thr=0.05, nms=dict(type="nms", iou_threshold=0.5), max_per_img=100)),
+    )
+
+
+def zero_masked_regions(images: Tensor, boxes: Tensor, masked: Tensor) -> Tensor:
+    """Set the raw pixels inside the masked boxes to 0 (a new tensor).
+
+    images: [B, 3, H, W] (any dtype, usually uint8 RGB); boxes: float [B, R, 4]
+    (x1, y1, x2, y2) in pixels; masked: bool [B, R]. Pixel (i, j) covers
+    [j, j+1) x [i, i+1); it is zeroed when it overlaps a masked box.
+    """
+    B, _, H, W = images.shape
+    if not bool(masked.any()):
+        return images
+    with torch.autocast(images.device.type, enabled=False):
+        b = boxes.float()
+        xs = torch.arange(W, device=images.device, dtype=torch.float32)
+        ys = torch.arange(H, device=images.device, dtype=torch.float32)
+        cols = (xs >= b[..., 0:1].floor()) & (xs < b[..., 2:3].ceil()) & masked[..., None]  # [B, R, W]
+        rows = (ys >= b[..., 1:2].floor()) & (ys < b[..., 3:4].ceil())  # [B, R, H]
+        # Union over boxes of row x column rectangles as one batched matmul: [B, H, R] @ [B, R, W].
+        covered = torch.bmm(rows.transpose(1, 2).float(), cols.float()) > 0
+    return images.masked_fill(covered[:, None], 0)
+
+
+def read_state_dict(url: str) -> dict[str, Tensor]:
+    """Read a checkpoint through fsspec; only tensors and plain containers are accepted.
+
+    Accepts ``{"state_dict": {...}}`` (MMDetection/mmengine) or a bare state dict.
+    """
+    with fsspec.open(url, "rb") as f:
+        data = f.read()
+    try:
+        obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(
+            f"{url}: refused to load: not a plain tensor checkpoint (torch.load weights_only=True). "
+            f"Re-save it as torch.save(ckpt['state_dict'], path). Cause: {e}"
+        ) from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{url}: expected a state dict of tensors or {{'state_dict': ...}}, got {type(obj).__name__}")
+    for prefix in _STRIPPED_PREFIXES:
+        if obj and all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return obj
+
+
+class RegionFeatureExtractor(nn.Module):
+    """Boxes -> one appearance feature each (RoIAlign on res4, res5, average pool)."""
+
+    def __init__(self, cfg: DetectorConfig):
+        super().__init__()
+        if cfg.num_classes < 2:
+            raise ValueError(f"detector.num_classes counts background too; need >= 2, got {cfg.num_classes}")
+        if cfg.roi_size % 2:
+            raise ValueError(f"detector.roi_size must be even (res5 halves it), got {cfg.roi_size}")
+        self.cfg = cfg
+        register_all_modules(init_default_scope=True)
+        self.detector = MODELS.build(_mmdet_config(cfg))
+        logger = MMLogger.get_current_instance()
+        level = logger.level
+        logger.setLevel(logging.WARNING)  # init_weights reports every parameter at INFO
+        try:
+            self.detector.init_weights()
+        finally:
+            logger.setLevel(level)
+        self.out_channels = 512 * ResNet.arch_settings[cfg.depth][0].expansion
+        self.num_classes = cfg.num_classes
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
+        if cfg.checkpoint:
+            self.load_checkpoint(cfg.checkpoint)
+        self._freeze()
+
+    # ------------------------------------------------------------------ freezing
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        """Stem and res2..res(k+1) for frozen_stages = k (mmdet's meaning); k = 4 adds res5."""
+        bb, k = self.detector.backbone, self.cfg.frozen_stages
+        mods: list[nn.Module] = []
+        if k >= 0:
+            mods += [bb.stem] if bb.deep_stem else [bb.conv1, bb.norm1]
+        mods += [getattr(bb, f"layer{i}") for i in range(1, min(k, 3) + 1)]
+        if k >= 4:
+            mods.append(self.detector.roi_head.shared_head)
+        return mods
+
+    def _batchnorms(self) -> list[nn.Module]:
+        return [m for m in self.detector.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def _freeze(self) -> None:
+        frozen = self._frozen_modules() + [self.detector.rpn_head]  # the RPN is only used by ``detect``
+        if self.cfg.freeze_batchnorm:
+            frozen += self._batchnorms()
+        if not self.cfg.trainable:
+            frozen = [self.detector]
+        for m in frozen:
+            m.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "RegionFeatureExtractor":
+        """Frozen stages and (with freeze_batchnorm) every BatchNorm stay in eval mode."""
+        super().train(mode)
+        if mode:
+            if not self.cfg.trainable:
+                self.detector.eval()
+                return self
+            for m in self._frozen_modules():
+                m.eval()
+            if self.cfg.freeze_batchnorm:
+                for m in self._batchnorms():
+                    m.eval()
+        return self
+
+    # ------------------------------------------------------------------ pieces
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 [B, 3, H, W] RGB -> float [B, 3, H, W], on the images' device."""
+        x = (images.float() - self.pixel_mean) / self.pixel_std
+        return x.flip(1) if self.cfg.bgr else x
+
+    def _run(self, fn, x: Tensor, params: nn.Module) -> Tensor:
+        """``fn(x)``, under activation checkpointing when configured and ``params`` train."""
+        # Recomputation pays only where something trains; frozen stages run plainly.
+        if (self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
+                and any(p.requires_grad for p in params.parameters())):
+            return checkpoint(fn, x, use_reentrant=False)
+        return fn(x)
+
+    def _stem(self, x: Tensor) -> Tensor:
+        bb = self.detector.backbone
+        x = bb.stem(x) if bb.deep_stem else bb.relu(bb.norm1(bb.conv1(x)))
+        return bb.maxpool(x)
+
+    def res4(self, x: Tensor) -> Tensor:
+        """Normalised images [B, 3, H, W] -> res4 feature map [B, C4, H/16, W/16]."""
+        bb = self.detector.backbone
+        x = self._run(self._stem, x, bb.stem if bb.deep_stem else bb.conv1)
+        for name in bb.res_layers:
+            x = self._run(getattr(bb, name), x, getattr(bb, name))
+        return x
+
+    def _res5(self, feat: Tensor, rois: Tensor) -> Tensor:
+        """res4 map + rois [N, 5] (batch index, x1, y1, x2, y2) -> res5 output [N, C5, S/2, S/2]."""
+        # mmcv's RoIAlign kernels are float32 (CPU) / float16 (CUDA) only: run it in float32.
+        with torch.autocast(feat.device.type, enabled=False):
+            pooled = self.detector.roi_head.bbox_roi_extractor((feat.float(),), rois.float())
+        head = self.detector.roi_head.shared_head
+        return self._run(head, pooled.to(feat.dtype), head)
+
+    @staticmethod
+    def _check(images: Tensor, boxes: Tensor, box_mask: Tensor) -> None:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        B = images.shape[0]
+        if boxes.dim() != 3 or boxes.shape[0] != B or boxes.shape[2] != 4:
+            raise ValueError(f"boxes must be [B={B}, R, 4], got {tuple(boxes.shape)}")
+        if box_mask.shape != boxes.shape[:2] or box_mask.dtype != torch.bool:
+            raise ValueError(f"box_mask must be bool [B, R] = {tuple(boxes.shape[:2])}, got "
+                             f"{box_mask.dtype} {tuple(box_mask.shape)}")
+
+    def _scatter(self, values: Tensor, box_mask: Tensor) -> Tensor:
+        out = values.new_zeros(*box_mask.shape, values.shape[-1])
+        out[box_mask] = values  # row-major order matches bbox2roi over boxes[b][box_mask[b]]
+        return out
+
+    @staticmethod
+    def _rois(boxes: Tensor, box_mask: Tensor) -> Tensor:
+        return bbox2roi([b[m] for b, m in zip(boxes.float(), box_mask)])
+
+    # ------------------------------------------------------------------ public API
+
+    def forward(self, images: Tensor, boxes: Tensor, box_mask: Tensor,
+                roi_masked: Optional[Tensor] = None) -> Tensor:
+        """Appearance feature of every box.
+
+        images: uint8 [B, 3, H, W] RGB; boxes: float [B, R, 4] (x1, y1, x2, y2) pixels;
+        box_mask: bool [B, R] real boxes; roi_masked: bool [B, R] or None, boxes whose
+        raw pixels are set to 0 before the CNN runs.
+        Returns [B, R, out_channels]; padded slots are 0 and do not affect real boxes.
+        """
+        self._check(images, boxes, box_mask)
+        if roi_masked is not None:
+            images = zero_masked_regions(images, boxes, roi_masked & box_mask)
+        feat = self.res4(self.normalize(images))
+        if not bool(box_mask.any()):
+            return feat.new_zeros(*box_mask.shape, self.out_channels)
+        res5 = self._res5(feat, self._rois(boxes, box_mask))
+        return self._scatter(res5.mean(dim=(2, 3)), box_mask)
+
+    @torch.no_grad()
+    def class_probs(self, images: Tensor, boxes: Tensor, box_mask: Tensor) -> Tensor:
+        """Box classifier distribution on the unmasked images: float32 [B, R, num_classes].
+
+        Softmax over all ``num_classes`` outputs, background last (see module
+        docstring); rows of real boxes sum to 1, padded rows are 0.
+        """
+        self._check(images, boxes, box_mask)
+        out = torch.zeros(*box_mask.shape, self.num_classes, device=images.device)
+        if not bool(box_mask.any()):
+            return out
+        feat = self.res4(self.normalize(images))
+        res5 = self._res5(feat, self._rois(boxes, box_mask))
+        cls_score, _ = self.detector.roi_head.bbox_head(res5)
+        out[box_mask] = cls_score.float().softmax(-1)
+        return out
+
+    @torch.no_grad()
+    def detect(self, images: Tensor, score_thr: float = 0.5, min_boxes: int = 10, max_boxes: int = 100,
+               image_sizes: Optional[Tensor] = None, nms_iou: float = 0.3,
+               num_proposals: int = 300) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Regions for pretraining, the bottom-up-attention recipe.
+
+        The top ``num_proposals`` RPN proposals are classified; per class, NMS (``nms_iou``) keeps the best
+        proposals, and each proposal's score is its highest surviving foreground
+        class score. Proposals scoring >= ``score_thr`` are kept, topped up by score
+        to ``min_boxes`` and cut to ``max_boxes`` (fewer only if the RPN gives fewer).
+        Boxes are the proposals themselves, clipped to the image.
+
+        images: uint8 [B, 3, H, W]; image_sizes: long [B, 2] (height, width) before
+        padding, or None for the full size.
+        Returns per image (boxes float [n, 4], scores float [n], class_probs float [n, num_classes]).
+        """
+        if not 1 <= min_boxes <= max_boxes:
+            raise ValueError(f"need 1 <= min_boxes <= max_boxes, got {min_boxes}, {max_boxes}")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        B, _, H, W = images.shape
+        sizes = [(H, W)] * B if image_sizes is None else [(int(h), int(w)) for h, w in image_sizes.tolist()]
+        feat = self.res4(self.normalize(images))
+        rpn = self.detector.rpn_head
+        cls_scores, bbox_preds = rpn((feat,))
+        metas = [{"img_shape": s} for s in sizes]
+        rpn_cfg = ConfigDict(rpn.test_cfg.to_dict(), max_per_img=num_proposals)
+        proposals = [p.bboxes.float() for p in rpn.predict_by_feat(cls_scores, bbox_preds, batch_img_metas=metas,
+                                                                   cfg=rpn_cfg)]
+        res5 = self._res5(feat, bbox2roi(proposals))
+        cls_score, _ = self.detector.roi_head.bbox_head(res5)
+        probs = cls_score.float().softmax(-1).split([len(p) for p in proposals])
+        return [_select_regions(p, q, score_thr, min_boxes, max_boxes, nms_iou) for p, q in zip(proposals, probs)]
+
+    def load_checkpoint(self, url: str) -> None:
+        """Load MMDetection weights from a path or any fsspec URL (see ``read_state_dict``).
+
+        Raises ValueError naming missing, unexpected and mis-shaped keys, except
+        keys of parts we never use (box regressor, mask heads).
+        """
+        state = read_state_dict(url)
+        own = self.detector.state_dict()
+        missing = [k for k in own if k not in state and not k.startswith(_IGNORED_MISSING)
+                   and not k.endswith("num_batches_tracked")]
+        unexpected = [k for k in state if k not in own and not k.startswith(_IGNORED_UNEXPECTED)]
+        mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                      for k in state if k in own and state[k].shape != own[k].shape]
+        if missing or unexpected or mismatched:
+            parts = [f"{name} {len(keys)} (e.g. {', '.join(keys[:3])})"
+                     for name, keys in (("missing", missing), ("unexpected", unexpected),
+                                        ("shape mismatch", mismatched)) if keys]
+            raise ValueError(f"{url}: checkpoint does not fit detector depth={self.cfg.depth} "
+                             f"num_classes={self.cfg.num_classes}: " + "; ".join(parts))
+        self.detector.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def _select_regions(boxes: Tensor, probs: Tensor, score_thr: float, min_boxes: int, max_boxes: int,
+                    nms_iou: float) -> tuple[Tensor, Tensor, Tensor]:
+    """boxes [n, 4], probs [n, K+1] (background last) -> kept (boxes, scores, probs)."""
+    fg = probs[:, :-1]
+    # Pairs far below the threshold cannot decide a box's score; skip them to keep NMS small.
+    box_idx, cls_idx = torch.nonzero(fg >= min(score_thr, 0.01), as_tuple=True)
+    score = torch.zeros(len(boxes), device=boxes.device)
+    if len(box_idx):
+        pair_scores = fg[box_idx, cls_idx]
+        _, keep = batched_nms(boxes[box_idx], pair_scores, cls_idx, dict(type="nms", iou_threshold=nms_iou))
+        score.scatter_reduce_(0, box_idx[keep], pair_scores[keep], reduce="amax")
+    # Rank by surviving score, ties (e.g. all suppressed) by the raw best foreground score.
+    order = torch.argsort(fg.max(1).values if fg.shape[1] else score, descending=True, stable=True)
+    order = order[torch.argsort(score[order], descending=True, stable=True)]
+    n = min(max(int((score >= score_thr).sum()), min_boxes), max_boxes, len(boxes))
+    keep = order[:n]
+    return boxes[keep], score[keep], probs[keep]
