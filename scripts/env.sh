@@ -43,7 +43,9 @@ _with_heartbeat() {
   while kill -0 "$pid" 2>/dev/null; do
     sleep 30
     kill -0 "$pid" 2>/dev/null || break
-    local last; last="$(tail -n 1 "$log" | cut -c1-110)"
+    # ninja prints "[n/N] c++ ..." per compiled file: show that count when there is one.
+    local last; last="$(grep -oE '^ *\[[0-9]+/[0-9]+\]' "$log" | tail -n 1 | tr -d ' ')"
+    [ -n "$last" ] && last="files compiled $last" || last="$(tail -n 1 "$log" | cut -c1-100)"
     _say "$label: $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s ... $last"
   done
   if ! wait "$pid"; then
