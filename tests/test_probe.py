@@ -1,0 +1,64 @@
+"""The colour probe: one query per colour word, only that word masked; blanking zeroes pixels;
+the accuracy it reports is the model's own MLM prediction counted per query."""
+
+import torch
+
+from vlbert.config import DetectorConfig, ModelConfig
+from vlbert.data.batch import IGNORE_INDEX, CaptionBatch, PretrainBatch
+from vlbert.model.pretraining import VLBertForPretraining
+from vlbert.probe import colour_fill_accuracy, colour_queries
+
+MASK, COLOURS = 4, torch.tensor([10, 11, 12])
+
+
+def captions() -> CaptionBatch:
+    # sample 0: "[CLS] 10 20 11 21 [SEP]" (two colours); sample 1: "[CLS] 12 22 [SEP] pad pad" (one colour)
+    ids = torch.tensor([[2, 10, 20, 11, 21, 3], [2, 12, 22, 3, 0, 0]])
+    att = ids != 0
+    images = torch.full((2, 3, 64, 64), 200, dtype=torch.uint8)
+    boxes = torch.tensor([[[0, 0, 64, 64], [4, 4, 30, 30]], [[0, 0, 64, 64], [10, 10, 40, 40]]], dtype=torch.float)
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    return CaptionBatch(ids, att, torch.full_like(ids, IGNORE_INDEX), images, torch.tensor([[64, 64], [64, 64]]),
+                        boxes, mask, mask.clone(), mask.clone(), torch.full((2, 2, 5), 0.2))
+
+
+def test_one_query_per_colour_word_with_only_it_masked():
+    c = captions()
+    q = colour_queries(c, COLOURS, MASK, blank=False)
+    assert q.input_ids.shape == (3, 6)
+    assert (q.input_ids == MASK).sum(1).tolist() == [1, 1, 1]
+    masked_at = (q.input_ids == MASK).nonzero()[:, 1].tolist()
+    assert masked_at == [1, 3, 1]
+    assert q.mlm_labels[q.mlm_labels != IGNORE_INDEX].tolist() == [10, 11, 12]
+    assert not q.roi_masked.any() and not q.roi_labels_mask.any()
+    assert torch.equal(q.images[2], c.images[1]) and (q.images > 0).all()
+    assert c.input_ids[0, 1] == 10  # the input batch is left as it was
+    blank = colour_queries(c, COLOURS, MASK, blank=True)
+    assert (blank.images == 0).all() and torch.equal(blank.input_ids, q.input_ids)
+    assert colour_queries(c, torch.tensor([99]), MASK, blank=False) is None
+
+
+def test_accuracy_counts_every_query_and_matches_the_model():
+    torch.manual_seed(0)
+    model = VLBertForPretraining(
+        ModelConfig(vocab_size=30, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                    max_position_embeddings=32, geometry_freqs=8),
+        DetectorConfig(depth=18, num_classes=5),
+    )
+    c = captions()
+    result = colour_fill_accuracy(model, [PretrainBatch(captions=c)], COLOURS, MASK)
+    assert result["with_image"].total == 3 and result["blanked"].total == 3
+    # The same predictions by hand: argmax of the MLM logits at each masked colour.
+    with torch.no_grad():
+        model.eval()
+        for name, blank in (("with_image", False), ("blanked", True)):
+            q = colour_queries(c, COLOURS, MASK, blank)
+            correct = 0
+            for i in range(3):
+                single = CaptionBatch(*[v[i:i + 1] if isinstance(v, torch.Tensor) else v for v in vars(q).values()])
+                out = model(PretrainBatch(captions=single))
+                correct += int(out.mlm_caption_acc.item() == 1.0)
+            assert result[name].correct == correct
+    model.train()
+    colour_fill_accuracy(model, [PretrainBatch(captions=c)], COLOURS, MASK)
+    assert model.training
