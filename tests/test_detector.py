@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vlbert.config import DetectorConfig
-from vlbert.model.detector import RegionFeatureExtractor, zero_masked_regions
+from vlbert.model.detector import FrozenBatchNorm2d, RegionFeatureExtractor, zero_masked_regions
 
 NUM_CLASSES = 5  # 4 foreground + background
 
@@ -95,8 +95,10 @@ def test_masked_pixels_are_zero_in_what_the_backbone_sees(det):
 def test_frozen_parts_unchanged_and_trainable_parts_move():
     d = make(activation_checkpointing=True)
     d.train()
-    bns = [m for m in d.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert bns and all(not m.training for m in bns)
+    # Every BatchNorm is replaced by a frozen scale/shift that holds only buffers.
+    assert not [m for m in d.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in d.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert len(bns) > 10 and not any(list(m.parameters()) for m in bns)
     bb = d.detector.backbone
     for m in (bb.conv1, bb.layer1):
         assert not m.training
@@ -115,12 +117,13 @@ def test_frozen_parts_unchanged_and_trainable_parts_move():
     assert len(frozen) > 20
     for k in frozen:  # weights, BN affine and running statistics
         assert torch.equal(before[k], after[k]), k
-    for p in list(bb.conv1.parameters()) + list(bb.layer1.parameters()) + [bn.weight for bn in bns]:
+    for p in list(bb.conv1.parameters()) + list(bb.layer1.parameters()):
         assert p.grad is None and not p.requires_grad
     for prefix in ("detector.backbone.layer2.0.conv1", "detector.backbone.layer3.0.conv1",
                    "detector.roi_head.shared_head.layer4.0.conv1"):
         assert not torch.equal(before[prefix + ".weight"], after[prefix + ".weight"]), prefix
-    assert d.detector.roi_head.bbox_head.fc_cls.weight.requires_grad
+    # The box head only gives targets under no_grad: it carries no optimizer state.
+    assert not d.detector.roi_head.bbox_head.fc_cls.weight.requires_grad
 
 
 def test_activation_checkpointing_gives_same_gradients():
@@ -234,3 +237,24 @@ def test_normalize_rgb_and_bgr():
     mean, std = torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375])
     torch.testing.assert_close(rgb, (torch.tensor([10.0, 20, 30]) - mean) / std)
     torch.testing.assert_close(make(bgr=True).normalize(img).view(3), rgb.flip(0))
+
+
+def test_frozen_batchnorm_matches_batchnorm_and_runs_in_bf16():
+    bn = torch.nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    frozen = FrozenBatchNorm2d(bn)
+    x = torch.randn(2, 4, 5, 5)
+    torch.testing.assert_close(frozen(x), bn(x))
+    assert frozen(x.bfloat16()).dtype == torch.bfloat16
+    # Same state-dict names as BatchNorm (so MMDetection checkpoints load), counter ignored.
+    fresh = FrozenBatchNorm2d(torch.nn.BatchNorm2d(4))
+    fresh.load_state_dict(bn.state_dict())
+    torch.testing.assert_close(fresh(x), bn(x))
+
+
+def test_bf16_weights_take_bf16_images():
+    d = make().to(torch.bfloat16).eval()
+    feats = d(images(), BOXES, MASK)
+    assert feats.dtype == torch.bfloat16 and torch.isfinite(feats[MASK]).all()

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from tools.extract_regions import main, read_samples
-from vlbert.data.shards import SkipCounter, write_tar
+from vlbert.data.formats import write_tar
+from vlbert.data.shards import SkipCounter
 
 NUM_CLASSES = 5
 CONFIG = """

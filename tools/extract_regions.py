@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from vlbert.config import load_config
 from vlbert.data.captions import IMAGE_EXTENSIONS, target_size
-from vlbert.data.shards import ShardError, SkipCounter, expand_urls, iter_tar, open_shard
+from vlbert.data.formats import ShardError, iter_tar
+from vlbert.data.shards import SkipCounter, expand_urls, open_shard
 from vlbert.model.detector import RegionFeatureExtractor
 
 Sample = tuple[str, dict[str, bytes]]

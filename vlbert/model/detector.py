@@ -108,6 +108,43 @@ def zero_masked_regions(images: Tensor, boxes: Tensor, masked: Tensor) -> Tensor
     return images.masked_fill(covered[:, None], 0)
 
 
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm with fixed statistics and affine parameters, all held as buffers.
+
+    Frozen BatchNorm as a per-channel scale and shift computed in the input's
+    dtype: nothing to train, no float32 statistics beside bf16/fp16 weights
+    (DeepSpeed casts parameters, not buffers), and the same state-dict names
+    (weight, bias, running_mean, running_var) as ``nn.BatchNorm2d``.
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        n = bn.num_features
+        self.eps = bn.eps
+        for name, default in (("weight", torch.ones(n)), ("bias", torch.zeros(n)),
+                              ("running_mean", torch.zeros(n)), ("running_var", torch.ones(n))):
+            value = getattr(bn, name, None)
+            self.register_buffer(name, (value.detach().clone() if value is not None else default).float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "num_batches_tracked", None)  # BatchNorm's counter means nothing here
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _freeze_batchnorms(root: nn.Module) -> None:
+    """Replace every BatchNorm under ``root`` by a FrozenBatchNorm2d with its current values."""
+    for name, child in list(root.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            setattr(root, name, FrozenBatchNorm2d(child))
+        else:
+            _freeze_batchnorms(child)
+
+
 def read_state_dict(url: str) -> dict[str, Tensor]:
     """Read a checkpoint through fsspec; only tensors and plain containers are accepted.
 
@@ -176,9 +213,11 @@ class RegionFeatureExtractor(nn.Module):
         return [m for m in self.detector.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def _freeze(self) -> None:
-        frozen = self._frozen_modules() + [self.detector.rpn_head]  # the RPN is only used by ``detect``
+        # The RPN is only used by ``detect``; the box head only gives targets (under no_grad):
+        # neither receives a gradient from pretraining, so neither carries optimizer state.
+        frozen = self._frozen_modules() + [self.detector.rpn_head, self.detector.roi_head.bbox_head]
         if self.cfg.freeze_batchnorm:
-            frozen += self._batchnorms()
+            _freeze_batchnorms(self.detector)
         if not self.cfg.trainable:
             frozen = [self.detector]
         for m in frozen:
@@ -204,7 +243,9 @@ class RegionFeatureExtractor(nn.Module):
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 [B, 3, H, W] RGB -> float [B, 3, H, W], on the images' device."""
         x = (images.float() - self.pixel_mean) / self.pixel_std
-        return x.flip(1) if self.cfg.bgr else x
+        x = x.flip(1) if self.cfg.bgr else x
+        # In the dtype of the convolutions: bf16/fp16 when the engine has cast the weights.
+        return x.to(self.detector.backbone.conv1.weight.dtype)
 
     def _run(self, fn, x: Tensor, params: nn.Module) -> Tensor:
         """``fn(x)``, under activation checkpointing when configured and ``params`` train."""
@@ -231,7 +272,8 @@ class RegionFeatureExtractor(nn.Module):
         """res4 map + rois [N, 5] (batch index, x1, y1, x2, y2) -> res5 output [N, C5, S/2, S/2]."""
         # mmcv's RoIAlign kernels are float32 (CPU) / float16 (CUDA) only: run it in float32.
         with torch.autocast(feat.device.type, enabled=False):
-            pooled = self.detector.roi_head.bbox_roi_extractor((feat.float(),), rois.float())
+            # .contiguous(): the kernel reads NCHW whatever the strides (channels-last would be wrong).
+            pooled = self.detector.roi_head.bbox_roi_extractor((feat.float().contiguous(),), rois.float())
         head = self.detector.roi_head.shared_head
         return self._run(head, pooled.to(feat.dtype), head)
 

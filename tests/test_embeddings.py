@@ -1,0 +1,165 @@
+"""VL-BERT embeddings: geometry, sequence layout, element sums, zero-init visual part."""
+
+import math
+
+import pytest
+import torch
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import BertEmbeddings
+
+from vlbert.model.embeddings import (
+    KIND_END,
+    KIND_PAD,
+    KIND_ROI,
+    KIND_TEXT,
+    VisualInputs,
+    VLBertEmbeddings,
+    geometry_embedding,
+)
+
+H, A, F = 32, 12, 4  # hidden, appearance dim, geometry frequencies
+
+
+def tiny_bert_config(**kw) -> BertConfig:
+    return BertConfig(vocab_size=50, hidden_size=H, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=40, **kw)
+
+
+def make_embeddings(seed=0) -> VLBertEmbeddings:
+    torch.manual_seed(seed)
+    return VLBertEmbeddings(tiny_bert_config(), appearance_dim=A, geometry_freqs=F, visual_dropout=0.1).eval()
+
+
+def two_samples():
+    """Sample 0: 4 tokens, 3 boxes; sample 1: 5 tokens, 1 box (T = 5, R = 3)."""
+    input_ids = torch.tensor([[2, 7, 8, 3, 0], [2, 9, 10, 11, 3]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    boxes = torch.tensor([[[0, 0, 64, 48], [4, 4, 20, 30], [10, 5, 60, 40]],
+                          [[0, 0, 32, 64], [0, 0, 0, 0], [0, 0, 0, 0]]], dtype=torch.float)
+    visual = VisualInputs(
+        appearance=torch.randn(2, 3, A),
+        boxes=boxes,
+        image_sizes=torch.tensor([[48, 64], [64, 32]]),
+        box_mask=torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.bool),
+        roi_masked=torch.tensor([[0, 1, 0], [0, 0, 0]], dtype=torch.bool),
+    )
+    return input_ids, attention_mask, visual
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def test_geometry_embedding_matches_hand_computation():
+    boxes = torch.tensor([[[10.0, 20.0, 30.0, 40.0], [0.0, 0.0, 100.0, 50.0]]])
+    sizes = torch.tensor([[50, 100]])  # (h, w)
+    out = geometry_embedding(boxes, sizes, freqs=F)
+    assert out.shape == (1, 2, 8 * F) and out.dtype == torch.float32
+
+    def hand(v, size, i, fn):
+        return fn(100.0 * (v / size) / 1000.0 ** (i / F))
+
+    # Box 0: x1 = 10 / W, y1 = 20 / H, x2 = 30 / W, y2 = 40 / H.
+    for c, (v, size) in enumerate([(10, 100), (20, 50), (30, 100), (40, 50)]):
+        for i in range(F):
+            assert out[0, 0, c * 2 * F + i].item() == pytest.approx(hand(v, size, i, math.sin), abs=1e-5)
+            assert out[0, 0, c * 2 * F + F + i].item() == pytest.approx(hand(v, size, i, math.cos), abs=1e-5)
+    # Whole-image box: x2/W = y2/H = 1 -> sin(100 / 1000^(i/F)).
+    assert out[0, 1, 2 * 2 * F + 1].item() == pytest.approx(math.sin(100.0 / 1000.0 ** (1 / F)), abs=1e-5)
+    assert out[0, 1, 0].item() == 0.0 and out[0, 1, F].item() == 1.0  # x1 = 0: sin 0, cos 0
+
+
+def test_geometry_embedding_default_size_is_2048():
+    out = geometry_embedding(torch.tensor([[[1.0, 2.0, 3.0, 4.0]]]), torch.tensor([[10, 10]]), freqs=256)
+    assert out.shape == (1, 1, 2048)
+    # Entry i = 255 of y2 (4/10 -> 40): cos(40 / 1000^(255/256)).
+    assert out[0, 0, 3 * 512 + 256 + 255].item() == pytest.approx(math.cos(40.0 / 1000.0 ** (255 / 256)), abs=1e-5)
+
+
+def test_geometry_embedding_rejects_bad_boxes():
+    with pytest.raises(ValueError, match="4 coordinates"):
+        geometry_embedding(torch.zeros(1, 2, 3), torch.tensor([[10, 10]]))
+
+
+# --------------------------------------------------------------------------- layout
+
+
+def test_sequence_layout_segments_and_positions():
+    emb = make_embeddings()
+    input_ids, attention_mask, visual = two_samples()
+    out, layout = emb(input_ids, attention_mask, visual)
+    assert out.shape == (2, 5 + 3 + 1, H)
+    T, R, P, E = KIND_TEXT, KIND_ROI, KIND_PAD, KIND_END
+    # [CLS] w w [SEP] RoI RoI RoI [END] pad  /  [CLS] w w w [SEP] RoI [END] pad pad
+    assert layout.kind.tolist() == [[T, T, T, T, R, R, R, E, P], [T, T, T, T, T, R, E, P, P]]
+    assert layout.attention_mask.tolist() == [[1] * 8 + [0], [1] * 7 + [0, 0]]
+    real = layout.attention_mask
+    assert layout.position_ids[0][real[0]].tolist() == [0, 1, 2, 3, 4, 4, 4, 5]
+    assert layout.position_ids[1][real[1]].tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert layout.token_type_ids[0][real[0]].tolist() == [0, 0, 0, 0, 2, 2, 2, 2]
+    assert layout.token_type_ids[1][real[1]].tolist() == [0, 0, 0, 0, 0, 2, 2]
+    # Indices map every input slot to its sequence slot; padding slots land in the padding.
+    assert layout.text_index.tolist() == [[0, 1, 2, 3, 8], [0, 1, 2, 3, 4]]
+    assert layout.roi_index[0].tolist() == [4, 5, 6]
+    assert layout.roi_index[1, 0].item() == 5 and set(layout.roi_index[1, 1:].tolist()) == {7, 8}
+
+
+def test_element_embeddings_are_token_visual_segment_position():
+    emb = make_embeddings()
+    with torch.no_grad():  # make the visual part visible (it starts at 0)
+        emb.visual_layer_norm.weight.normal_()
+        emb.visual_layer_norm.bias.normal_()
+    input_ids, attention_mask, visual = two_samples()
+    out, layout = emb(input_ids, attention_mask, visual)
+    vis = emb.visual_layer_norm(torch.relu(emb.visual_projection(torch.cat(
+        [visual.appearance, geometry_embedding(visual.boxes, visual.image_sizes, F)], -1))))
+    pos, typ, ln = emb.position_embeddings.weight, emb.token_type_embeddings.weight, emb.LayerNorm
+    # Text token 2 of sample 0: word + whole-image visual + segment A + position 2.
+    want = ln(emb.word_embeddings.weight[8] + vis[0, 0] + typ[0] + pos[2])
+    torch.testing.assert_close(out[0, 2], want)
+    # RoI 1 of sample 0 is masked: masked-RoI token + its own visual + segment 2 + position n = 4.
+    want = ln(emb.masked_roi_token + vis[0, 1] + typ[2] + pos[4])
+    torch.testing.assert_close(out[0, 5], want)
+    # RoI 2 of sample 0: [IMG] token.
+    torch.testing.assert_close(out[0, 6], ln(emb.img_token + vis[0, 2] + typ[2] + pos[4]))
+    # [END] of sample 1 (n = 5): end token + whole-image visual + segment 2 + position n + 1.
+    torch.testing.assert_close(out[1, 6], ln(emb.end_token + vis[1, 0] + typ[2] + pos[6]))
+
+
+def test_text_only_layout_and_zero_init_equals_bert_embeddings():
+    emb = make_embeddings()
+    assert torch.all(emb.visual_layer_norm.weight == 0)
+    ref = BertEmbeddings(tiny_bert_config(type_vocab_size=3)).eval()
+    ref.load_state_dict(emb.state_dict(), strict=False)
+    input_ids = torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    out, layout = emb(input_ids, mask)
+    assert layout.roi_index is None
+    assert layout.kind.tolist() == [[KIND_TEXT] * 4, [KIND_TEXT] * 3 + [KIND_PAD]]
+    assert layout.token_type_ids.eq(0).all()
+    torch.testing.assert_close(out, ref(input_ids=input_ids), rtol=0, atol=1e-6)
+    # The auxiliary visual embedding is a real parameter that training can grow.
+    with torch.no_grad():
+        emb.visual_layer_norm.weight.fill_(1.0)
+    assert not torch.allclose(emb(input_ids, mask)[0], out)
+
+
+def test_caption_text_tokens_equal_bert_embeddings_at_zero_init():
+    emb = make_embeddings()
+    ref = BertEmbeddings(tiny_bert_config(type_vocab_size=3)).eval()
+    ref.load_state_dict(emb.state_dict(), strict=False)
+    input_ids, attention_mask, visual = two_samples()
+    out, layout = emb(input_ids, attention_mask, visual)
+    want = ref(input_ids=input_ids)
+    for b in range(2):
+        n = int(attention_mask[b].sum())
+        torch.testing.assert_close(out[b, layout.text_index[b, :n]], want[b, :n], rtol=0, atol=1e-6)
+
+
+def test_visual_inputs_shape_mismatch_is_a_clear_error():
+    emb = make_embeddings()
+    input_ids, attention_mask, visual = two_samples()
+    visual.appearance = visual.appearance[:, :2]
+    with pytest.raises(ValueError, match="visual inputs disagree"):
+        emb(input_ids, attention_mask, visual)
+    with pytest.raises(ValueError, match="differ"):
+        emb(input_ids, attention_mask[:, :3])

@@ -1,0 +1,167 @@
+"""The DeepSpeed engine (vlbert/train/engine.py) on a tiny module in one gloo process:
+schedule, parameter groups, config resolution, overfitting with accumulation,
+and save/load through DeepSpeed with weights_only loading (ZeRO 2/3, fp32/bf16)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from vlbert.config import ConfigError, DataConfig, OptimConfig
+from vlbert.train.engine import (Engine, count_parameters, init_distributed, micro_batch_counts, param_groups,
+                                 resolve_deepspeed_config)
+from vlbert.train.schedule import warmup_linear_decay
+
+pytestmark = [pytest.mark.timeout(180), pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+
+@dataclass
+class Out:
+    loss: torch.Tensor
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def to(self, device, non_blocking=False):
+        return Batch(self.x.to(device), self.y.to(device))
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 1))
+
+    def forward(self, batch: Batch) -> Out:
+        h = self.emb(batch.x).mean(1)
+        pred = self.net(h).squeeze(-1).float()
+        return Out(((pred - batch.y) ** 2).mean())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    return init_distributed()
+
+
+def fixed_batch(seed=0, n=8):
+    g = torch.Generator().manual_seed(seed)
+    return Batch(torch.randint(0, 10, (n, 5), generator=g), torch.randn(n, generator=g))
+
+
+def make_engine(stage=2, bf16=False, accum=1, lr=1e-2, warmup=2, total=50, seed=0):
+    torch.manual_seed(seed)
+    data = DataConfig(captions_per_step=4 * accum, text_per_step=4 * accum)
+    optim = OptimConfig(lr=lr, warmup_steps=warmup, total_steps=total, grad_accum=accum, weight_decay=0.01,
+                        grad_clip=1.0)
+    ds = {"zero_optimization": {"stage": stage}}
+    if bf16:
+        ds["bf16"] = {"enabled": True}
+    return Engine(Tiny(), optim, resolve_deepspeed_config(ds, data, optim, world_size=1))
+
+
+def test_schedule_warms_up_then_decays_linearly_to_zero():
+    f = [warmup_linear_decay(s, 4, 12) for s in range(14)]
+    assert f[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert f[8] == pytest.approx(0.5) and f[12] == 0.0 and f[13] == 0.0
+    assert warmup_linear_decay(0, 0, 10) == 1.0
+
+
+def test_param_groups_exempt_biases_and_normalisation_but_not_embeddings():
+    model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 4), nn.LayerNorm(4), nn.BatchNorm1d(4), nn.Linear(4, 5))
+    model[4].weight = model[0].weight  # tied, as the MLM decoder
+    model[3].weight.requires_grad_(False)  # frozen parameters are left out
+    groups = param_groups(model, 0.1)
+    decay = {id(p) for p in groups[0]["params"]}
+    no_decay = {id(p) for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert decay == {id(model[0].weight), id(model[1].weight)}
+    assert no_decay == {id(model[1].bias), id(model[2].weight), id(model[2].bias), id(model[3].bias),
+                        id(model[4].bias)}
+    assert count_parameters(model) == 20 + 20 + 8 + 8 + 5 and count_parameters(model, ("0.",)) == 41
+
+
+def test_resolve_fills_batch_sizes_and_rejects_disagreement():
+    data, optim = DataConfig(captions_per_step=8, text_per_step=16), OptimConfig(grad_accum=2, grad_clip=3.0)
+    ds = resolve_deepspeed_config({"train_batch_size": "auto", "zero_optimization": {"stage": 2}}, data, optim, 4)
+    assert ds["train_batch_size"] == 24 and ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 3.0
+    assert ds["zero_allow_untested_optimizer"] is True
+    assert micro_batch_counts(data, optim, 4) == (1, 2)
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu is 4"):
+        resolve_deepspeed_config({"train_micro_batch_size_per_gpu": 4}, data, optim, 4)
+    with pytest.raises(ConfigError, match="data.captions_per_step = 8 must be divisible"):
+        micro_batch_counts(data, optim, 8)
+    with pytest.raises(ConfigError, match="optimizer"):
+        resolve_deepspeed_config({"optimizer": {"type": "Adam"}}, data, optim, 1)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+            resolve_deepspeed_config({"fp16": {"enabled": True}}, data, optim, 1)
+
+
+def test_engine_overfits_a_fixed_batch_with_accumulation_and_schedule():
+    engine = make_engine(stage=2, accum=2, lr=3e-2, warmup=2, total=40)
+    batch = fixed_batch()
+    first = engine.step(batch).loss.item()
+    assert not engine.boundary and engine.global_step == 0
+    engine.step(batch)
+    assert engine.boundary and engine.global_step == 1
+    assert engine.lr == pytest.approx(3e-2 * 0.5)  # the lr of the next step: warmup 1/2
+    losses = []
+    for _ in range(38):
+        losses.append(engine.step(batch).loss.item())
+    assert engine.global_step == 20
+    assert engine.lr == pytest.approx(3e-2 * (40 - 20) / 38)
+    assert losses[-1] < 0.2 * first, (first, losses[-5:])
+    assert engine.grad_norm is not None and engine.grad_norm > 0
+    assert engine.loss_scale == 1.0 and engine.precision == "fp32"
+
+
+@pytest.mark.parametrize("stage,bf16", [(2, False), (3, False), (1, True)])
+def test_save_load_roundtrip_is_exact_and_weights_only(tmp_path, monkeypatch, stage, bf16):
+    a = make_engine(stage=stage, bf16=bf16, warmup=1, total=10)
+    batch = fixed_batch()
+    for _ in range(3):
+        a.step(batch)
+    a.save_state(str(tmp_path))
+    assert (tmp_path / "ds").is_dir()
+
+    calls = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    b = make_engine(stage=stage, bf16=bf16, warmup=1, total=10, seed=123)  # different init
+    b.load_state(str(tmp_path))
+    monkeypatch.undo()
+    assert calls and all(w is True for w in calls), calls  # DeepSpeed's files, loaded safely
+
+    sa, sb = a.full_state_dict(), b.full_state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert b.global_step == a.global_step == 3 and b.lr == pytest.approx(a.lr)
+    for _ in range(2):  # optimizer moments restored: the next updates agree exactly
+        la, lb = a.step(batch).loss.item(), b.step(batch).loss.item()
+        assert la == lb
+    sa, sb = a.full_state_dict(), b.full_state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_follows_a_changed_schedule(tmp_path):
+    a = make_engine(warmup=1, total=10, lr=1e-2)
+    for _ in range(4):
+        a.step(fixed_batch())
+    a.save_state(str(tmp_path))
+    torch.manual_seed(0)
+    data = DataConfig(captions_per_step=4, text_per_step=4)
+    optim = OptimConfig(lr=2e-2, warmup_steps=1, total_steps=21, weight_decay=0.01, grad_clip=1.0)
+    b = Engine(Tiny(), optim, resolve_deepspeed_config({"zero_optimization": {"stage": 2}}, data, optim, 1))
+    b.load_state(str(tmp_path))
+    assert b.global_step == 4 and b.lr == pytest.approx(2e-2 * (21 - 4) / 20)

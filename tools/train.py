@@ -1,0 +1,55 @@
+"""Pretrain VL-BERT.
+
+    python tools/train.py --config configs/demo.yaml [key=value ...]        # one process
+    torchrun --nproc_per_node 8 tools/train.py --config configs/base_e2e.yaml
+    deepspeed tools/train.py --config configs/base_e2e.yaml optim.lr=2e-5
+
+Exit status: 0 when training finished or stopped cleanly on SIGTERM/SIGUSR1
+(a checkpoint was written; a requeued job resumes from it), 2 for a config
+error, 1 for any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlbert.config import ConfigError, load_config  # noqa: E402
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help="set by the deepspeed launcher; the rank is read from the environment")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.local_rank is not None:
+        import os
+
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from vlbert.train.loop import train
+
+        result = train(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if result.preempted:
+        print(f"stopped on {result.signal} at step {result.step}; checkpoint {result.checkpoint}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""VL-BERT pretraining: detector + encoder + MLM head (tied) + masked-RoI head -> losses.
+
+Tasks (DESIGN.md section 4), summed with equal weight when present in a batch:
+- masked language modelling on captions, with the image in the sequence;
+- masked RoI classification: soft cross-entropy against the detector's class
+  distribution of each chosen box on the unmasked image;
+- masked language modelling on text-only segments.
+
+Captions and text segments run through the encoder as two separate sequences.
+Heads run only on the positions that carry a label.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.bert.modeling_bert import BertOnlyMLMHead, BertPredictionHeadTransform
+
+from vlbert.config import DetectorConfig, ModelConfig
+from vlbert.data.batch import IGNORE_INDEX, CaptionBatch, PretrainBatch, TextBatch
+from vlbert.model.detector import RegionFeatureExtractor
+from vlbert.model.embeddings import VisualInputs
+from vlbert.model.vlbert import VLBertModel, init_bert_weights, load_bert_checkpoint
+
+
+@dataclass
+class PretrainingOutput:
+    """Losses, accuracies and counts of one micro-batch (all 0-dim tensors).
+
+    ``loss`` is the sum of the losses of the tasks present in the batch and
+    carries the graph. The task losses are means over their masked tokens /
+    RoIs (0, not NaN, when there are none or the task is absent). Accuracies:
+    argmax of the prediction equals the label (MLM) or the argmax of the target
+    distribution (RoIs). Counts (long) are the numbers of masked tokens / RoIs,
+    so that a trainer can weight means when aggregating over steps and ranks.
+    """
+
+    loss: torch.Tensor
+    mlm_caption_loss: torch.Tensor
+    roi_loss: torch.Tensor
+    mlm_text_loss: torch.Tensor
+    mlm_caption_acc: torch.Tensor
+    roi_acc: torch.Tensor
+    mlm_text_acc: torch.Tensor
+    mlm_caption_count: torch.Tensor
+    roi_count: torch.Tensor
+    mlm_text_count: torch.Tensor
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """Every field, detached (for logging; no host sync)."""
+        return {f.name: getattr(self, f.name).detach() for f in dataclasses.fields(self)}
+
+
+class RoIClassificationHead(nn.Module):
+    """Hidden state of a RoI -> logits over the detector's classes (transform + linear)."""
+
+    def __init__(self, bert_config, num_classes: int):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(bert_config)
+        self.classifier = nn.Linear(bert_config.hidden_size, num_classes)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.transform(hidden))
+
+
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and accuracy over N selected tokens (float32; 0 when N = 0).
+
+    logits: [N, V]; labels: long [N].
+    """
+    count = max(labels.shape[0], 1)
+    loss = F.cross_entropy(logits.float(), labels, reduction="sum") / count
+    acc = (logits.argmax(-1) == labels).sum().float() / count
+    return loss, acc
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over N RoIs of -sum_c q_c log softmax(p)_c, and argmax agreement (float32).
+
+    logits: [N, C]; targets: [N, C] distributions. 0 when N = 0.
+    """
+    count = max(logits.shape[0], 1)
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    q = targets.float()
+    loss = -(q * log_probs).sum() / count
+    acc = (logits.argmax(-1) == q.argmax(-1)).sum().float() / count
+    return loss, acc
+
+
+class VLBertForPretraining(nn.Module):
+    """Detector + VL-BERT + pretraining heads.
+
+    ``cfg.bert`` non-empty: the encoder (and the MLM head's transform and bias,
+    when the checkpoint has them) start from that BERT checkpoint.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, detector_cfg: DetectorConfig):
+        super().__init__()
+        self.detector = RegionFeatureExtractor(detector_cfg)
+        bert_config, state = load_bert_checkpoint(model_cfg.bert) if model_cfg.bert else (None, {})
+        self.vlbert = VLBertModel(model_cfg, self.detector.out_channels, bert_config)
+        if state:
+            self.vlbert.load_bert_state_dict(state)
+        config = self.vlbert.config
+        self.mlm_head = BertOnlyMLMHead(config)
+        self.roi_head = RoIClassificationHead(config, detector_cfg.num_classes)
+        init_bert_weights(self.mlm_head, config.initializer_range)
+        init_bert_weights(self.roi_head, config.initializer_range)
+        head = {k[len("cls."):]: v for k, v in state.items() if k.startswith("cls.predictions.")}
+        head.pop("predictions.decoder.weight", None)
+        head.pop("predictions.decoder.bias", None)
+        if head:
+            self.mlm_head.load_state_dict(head, strict=False)
+        # Tie: the decoder is the word embedding matrix; its bias is the head's bias.
+        predictions = self.mlm_head.predictions
+        predictions.decoder.weight = self.vlbert.embeddings.word_embeddings.weight
+        predictions.decoder.bias = predictions.bias
+
+    # ----------------------------------------------------------------- tasks
+
+    def mlm_loss(self, hidden: torch.Tensor, text_index: torch.Tensor, labels: torch.Tensor):
+        """MLM on encoder output: hidden [B, S, H]; text_index, labels [B, T] -> (loss, acc, count).
+
+        Only the labelled tokens go through the head (a host sync to count them).
+        """
+        b, t = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
+        logits = self.mlm_head(hidden[b, text_index[b, t]])
+        loss, acc = masked_lm_loss(logits, labels[b, t])
+        return loss, acc, b.new_tensor(b.shape[0])
+
+    def _captions(self, c: CaptionBatch):
+        appearance = self.detector(c.images, c.boxes, c.box_mask, c.roi_masked)
+        visual = VisualInputs(appearance, c.boxes, c.image_sizes, c.box_mask, c.roi_masked)
+        out = self.vlbert(c.input_ids, c.attention_mask, visual)
+        hidden = out.last_hidden_state
+        mlm = self.mlm_loss(hidden, out.layout.text_index, c.mlm_labels)
+
+        b, r = (c.roi_labels_mask & c.box_mask).nonzero(as_tuple=True)
+        logits = self.roi_head(hidden[b, out.layout.roi_index[b, r]])
+        targets = c.roi_targets
+        if targets is None:
+            targets = self.detector.class_probs(c.images, c.boxes, c.box_mask)  # unmasked image, no grad
+        if targets.shape[:2] != c.box_mask.shape or targets.shape[-1] != logits.shape[-1]:
+            raise ValueError(
+                f"roi_targets {tuple(targets.shape)} do not match boxes {tuple(c.box_mask.shape)} "
+                f"and {logits.shape[-1]} detector classes"
+            )
+        roi_loss, roi_acc = soft_cross_entropy(logits, targets[b, r])
+        return mlm, (roi_loss, roi_acc, b.new_tensor(b.shape[0]))
+
+    def _text(self, t: TextBatch):
+        out = self.vlbert(t.input_ids, t.attention_mask)
+        return self.mlm_loss(out.last_hidden_state, out.layout.text_index, t.mlm_labels)
+
+    # ----------------------------------------------------------------- forward
+
+    def forward(self, batch: PretrainBatch) -> PretrainingOutput:
+        if batch.captions is None and batch.text is None:
+            raise ValueError("PretrainBatch holds neither captions nor text")
+        device = self.vlbert.embeddings.word_embeddings.weight.device
+        zero = torch.zeros((), device=device)
+        none = (zero, zero, torch.zeros((), dtype=torch.long, device=device))
+        terms = []
+        mlm_c, roi = none, none
+        if batch.captions is not None:
+            mlm_c, roi = self._captions(batch.captions)
+            terms += [mlm_c[0], roi[0]]
+        mlm_t = none
+        if batch.text is not None:
+            mlm_t = self._text(batch.text)
+            terms.append(mlm_t[0])
+        return PretrainingOutput(
+            loss=torch.stack(terms).sum(),
+            mlm_caption_loss=mlm_c[0],
+            roi_loss=roi[0],
+            mlm_text_loss=mlm_t[0],
+            mlm_caption_acc=mlm_c[1],
+            roi_acc=roi[1],
+            mlm_text_acc=mlm_t[1],
+            mlm_caption_count=mlm_c[2],
+            roi_count=roi[2],
+            mlm_text_count=mlm_t[2],
+        )

@@ -1,0 +1,347 @@
+"""DeepSpeed behind a small interface: the only module that imports ``deepspeed``.
+
+- ``init_distributed()``: the process group (NCCL on GPUs, gloo on CPUs). Under
+  ``torchrun``/``deepspeed``/``srun`` it reads the usual environment; a plain
+  ``python tools/train.py`` gets a one-process group on a free loopback port.
+- ``resolve_deepspeed_config()``: the DeepSpeed JSON completed from our config
+  (batch sizes, accumulation, clipping), so that the two can never disagree.
+- ``Engine``: AdamW with BERT's parameter groups (no weight decay on biases and
+  normalisation weights), linear warmup then linear decay to 0, and DeepSpeed
+  for ZeRO 1-3, bf16/fp16 (dynamic loss scaling as the JSON says), gradient
+  accumulation and clipping.
+
+The optimizer is PyTorch's own ``torch.optim.AdamW`` handed to DeepSpeed as a
+client optimizer: DeepSpeed's fused/CPU Adam are JIT-compiled on first use,
+which takes minutes (and needs a compiler) on CPU hosts. Only ZeRO optimizer
+offload, which requires it, uses ``DeepSpeedCPUAdam``.
+
+Checkpoints are DeepSpeed's own (``save_checkpoint``/``load_checkpoint``:
+ZeRO-partitioned optimizer state, schedule, step counters), but loading never
+unpickles arbitrary objects: DeepSpeed's torch checkpoint engine is replaced by
+one that calls ``torch.load(weights_only=True)`` with an allowlist of the four
+plain DeepSpeed types its files hold (``DEEPSPEED_SAFE_GLOBALS``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import logging
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+if not torch.cuda.is_available():  # must be set before deepspeed picks its accelerator
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
+from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
+from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
+
+from vlbert.config import ConfigError, DataConfig, OptimConfig  # noqa: E402
+from vlbert.train.schedule import warmup_linear_decay  # noqa: E402
+
+log = logging.getLogger(__name__)
+# DeepSpeed 0.19's ZeRO calls collectives that torch 2.13 marks deprecated, warning at every call.
+warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
+                        category=FutureWarning)
+
+# The only non-tensor types in DeepSpeed 0.16-0.19 checkpoint files (found with
+# torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO 0-3 x fp32/bf16/fp16).
+DEEPSPEED_SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+# --------------------------------------------------------------------------- process group
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _disable_shm_comm() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (about two
+    minutes of C++ on 2 cores) when it sets up communication; that op serves only
+    inference all-reduce, which training never calls. On CPU we use no DeepSpeed
+    op at all (torch AdamW, gloo), so mark every op unavailable, which also skips
+    DeepSpeed's compiler probes."""
+    if "__compatible_ops__" not in vars(deepspeed.ops):
+        from deepspeed.ops.op_builder.all_ops import ALL_OPS
+
+        vars(deepspeed.ops)["__compatible_ops__"] = dict.fromkeys(ALL_OPS, False)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
+    """Join (or create) the process group; idempotent.
+
+    Reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (torchrun, the
+    deepspeed launcher). Under ``srun`` without a launcher, SLURM_PROCID /
+    SLURM_STEP_NUM_TASKS / SLURM_LOCALID stand in when MASTER_ADDR and
+    MASTER_PORT are exported. Without any of these: one process.
+    """
+    env = os.environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env and "MASTER_ADDR" in env and "MASTER_PORT" in env:
+            env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_STEP_NUM_TASKS"]
+            env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        else:
+            env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    else:
+        _disable_shm_comm()
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def micro_batch_counts(data: DataConfig, optim: OptimConfig, world_size: int) -> tuple[int, int]:
+    """(captions, text segments) per micro-batch on each rank."""
+    per = world_size * optim.grad_accum
+    for key, n in (("data.captions_per_step", data.captions_per_step), ("data.text_per_step", data.text_per_step)):
+        if n % per:
+            raise ConfigError(
+                f"{key} = {n} must be divisible by world size x optim.grad_accum = {world_size} x "
+                f"{optim.grad_accum} = {per} (each rank takes the same share of every micro-batch)"
+            )
+    return data.captions_per_step // per, data.text_per_step // per
+
+
+def resolve_deepspeed_config(ds: dict[str, Any], data: DataConfig, optim: OptimConfig, world_size: int,
+                             source: str = "deepspeed config") -> dict[str, Any]:
+    """A copy of the DeepSpeed JSON with batch sizes, accumulation and clipping from
+    our config filled in where missing or "auto"; a stated value that differs
+    raises ConfigError."""
+    ds = copy.deepcopy(ds)
+    captions, text = micro_batch_counts(data, optim, world_size)
+    wanted = {
+        "train_batch_size": data.captions_per_step + data.text_per_step,
+        "train_micro_batch_size_per_gpu": captions + text,
+        "gradient_accumulation_steps": optim.grad_accum,
+        "gradient_clipping": optim.grad_clip,
+    }
+    for key, want in wanted.items():
+        got = ds.get(key, "auto")
+        if got == "auto":
+            ds[key] = want
+        elif got != want:
+            raise ConfigError(f"{source}: {key} is {got} but the config and world size ({world_size}) give {want}")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"{source}: defines '{key}'; the optimizer and schedule come from the optim section")
+    ds.setdefault("zero_allow_untested_optimizer", True)  # our client AdamW under ZeRO
+    ds.setdefault("steps_per_print", 10**9)  # progress is ours
+    if not torch.cuda.is_available():
+        if ds.get("fp16", {}).get("enabled"):
+            raise ConfigError(f"{source}: fp16 needs a GPU; on CPU use an fp32 or bf16 DeepSpeed config")
+        if _offload_device(ds):
+            raise ConfigError(f"{source}: ZeRO offload needs a GPU; on CPU use a config without offload")
+    return ds
+
+
+def _offload_device(ds: dict[str, Any]) -> Optional[str]:
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")
+    return device if device in ("cpu", "nvme") else None
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two AdamW groups: with weight decay, and without it
+    for biases and the weights of normalisation layers (BERT's convention;
+    embeddings keep weight decay). Tied parameters appear once."""
+    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+    exempt: set[int] = set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, norm_types) or name == "bias":
+                exempt.add(id(p))
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if id(p) in exempt else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def count_parameters(model: nn.Module, skip_prefixes: tuple[str, ...] = ()) -> int:
+    """Number of parameters (whole, also when ZeRO-3 has partitioned them)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for n, p in model.named_parameters()
+               if not n.startswith(skip_prefixes))
+
+
+class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True``."""
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """One model under DeepSpeed. ``step(batch)`` runs one micro-batch (forward,
+    backward, and the optimizer step on the last micro-batch of an accumulation
+    window); ``boundary`` says whether that call stepped the optimizer.
+
+    ``model(batch)`` must return an object with a scalar ``loss``.
+    """
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, ds_config: dict[str, Any]):
+        if not torch.cuda.is_available():
+            _disable_shm_comm()
+        self.optim_cfg = optim
+        groups = param_groups(model, optim.weight_decay)
+        kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+        if _offload_device(ds_config):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam  # the optimizer ZeRO-Offload requires
+
+            optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+        else:
+            optimizer = torch.optim.AdamW(groups, **kwargs)
+
+        def schedule(opt):  # built on DeepSpeed's wrapper of the optimizer
+            return torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda step: warmup_linear_decay(step, optim.warmup_steps, optim.total_steps))
+
+        self._ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
+        self.device: torch.device = self._ds.device
+        self.boundary = False
+        if type(self._ds.checkpoint_engine) is TorchCheckpointEngine:
+            self._ds.checkpoint_engine.__class__ = SafeTorchCheckpointEngine  # same state, safe load()
+
+    # ----------------------------------------------------------------- training
+
+    @property
+    def module(self) -> nn.Module:
+        return self._ds.module
+
+    def step(self, batch) -> Any:
+        """Forward, backward and (at the end of an accumulation window) optimizer step."""
+        batch = batch.to(self.device, non_blocking=True)
+        output = self._ds(batch)
+        self.boundary = self._ds.is_gradient_accumulation_boundary()
+        self._ds.backward(output.loss)
+        self._ds.step()
+        return output
+
+    @torch.no_grad()
+    def evaluate(self, batch) -> Any:
+        """Forward only (call inside ``eval_mode()``)."""
+        return self._ds(batch.to(self.device, non_blocking=True))
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        self._ds.eval()
+        try:
+            yield
+        finally:
+            self._ds.train()
+
+    def close(self) -> None:
+        """Release DeepSpeed's hooks and buffers (they keep the model alive otherwise)."""
+        self._ds.destroy()
+
+    # ----------------------------------------------------------------- state
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken (including those skipped for fp16 overflow)."""
+        return int(self._ds.global_steps)
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self._ds.skipped_steps)
+
+    @property
+    def lr(self) -> float:
+        return float(self._ds.get_lr()[0])
+
+    @property
+    def grad_norm(self) -> Optional[float]:
+        """Global gradient norm of the last optimizer step (before clipping), if DeepSpeed measured it."""
+        norm = self._ds.get_global_grad_norm()
+        if norm is None:
+            return None
+        return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+    @property
+    def loss_scale(self) -> float:
+        """The fp16 loss scale (1.0 with bf16/fp32)."""
+        opt = self._ds.optimizer
+        for attr in ("cur_scale", "loss_scale"):
+            value = getattr(opt, attr, None)
+            if isinstance(value, (int, float, torch.Tensor)):
+                return float(value)
+        return 1.0
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self._ds.zero_optimization_stage())
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self._ds.bfloat16_enabled() else "fp16" if self._ds.fp16_enabled() else "fp32"
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer, whole, as CPU copies (collective under ZeRO-3)."""
+        module = self._ds.module
+        gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+                  if self.zero_stage == 3 else contextlib.nullcontext())
+        with gather:
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+    def save_state(self, directory: str) -> None:
+        """DeepSpeed's checkpoint under ``directory/ds`` (collective: every rank writes its part)."""
+        self._ds.save_checkpoint(directory, tag="ds", client_state={}, save_latest=False)
+
+    def load_state(self, directory: str) -> None:
+        """Restore what ``save_state`` wrote (collective). Never unpickles arbitrary objects."""
+        if not isinstance(self._ds.checkpoint_engine, SafeTorchCheckpointEngine):
+            raise RuntimeError(
+                f"DeepSpeed checkpoint engine {type(self._ds.checkpoint_engine).__name__} loads with "
+                "weights_only=False; only the default torch checkpoint engine is supported")
+        path, _ = self._ds.load_checkpoint(directory, tag="ds", load_module_strict=True,
+                                           load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}/ds")
+        self._apply_schedule()
+
+    def _apply_schedule(self) -> None:
+        """Set the learning rate of the restored step from *our* schedule: the
+        checkpoint gives the position, the config (peak lr, warmup, total steps)
+        the shape, so a resumed run may change them."""
+        sched, o = self.scheduler, self.optim_cfg
+        factor = warmup_linear_decay(sched.last_epoch, o.warmup_steps, o.total_steps)
+        sched.base_lrs = [o.lr for _ in sched.optimizer.param_groups]
+        for group in sched.optimizer.param_groups:
+            group["lr"] = o.lr * factor
+        sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
