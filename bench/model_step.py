@@ -10,9 +10,10 @@ both), float32, train mode (dropout on). Two comparisons:
 - encoder only: ``VLBertModel`` vs ``VisualBertModel``, loss = mean of squares of
   the last hidden states.
 
-Timings alternate ours/baseline every iteration so that load from other
-processes hits both alike; medians are reported. ratio = baseline / ours
-(> 1: ours faster).
+Each iteration times all four runs back to back, alternating which model goes
+first, so that load from other processes hits both alike. ratio = median over
+iterations of baseline time / ours time (> 1: ours faster); the ratio of the
+fastest runs is printed too.
 
     python bench/model_step.py                 # BASE: hidden 768, 12 layers, 12 heads
     python bench/model_step.py --tiny          # seconds; what the test runs
@@ -21,6 +22,7 @@ processes hits both alike; medians are reported. ratio = baseline / ours
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -125,26 +127,34 @@ def main(argv=None) -> dict[str, float]:
     def base_encoder():
         base.visual_bert(**base_kwargs).last_hidden_state.square().mean().backward()
 
-    results = {}
-    for name, fns in (("pretraining step", (ours_step, base_step)), ("encoder only", (ours_encoder, base_encoder))):
-        times: tuple[list[float], list[float]] = ([], [])
-        for i in range(args.warmup + args.iters):
-            for fn, model, bucket in zip(fns, (ours, base), times):
+    # Every iteration runs all four, baseline and ours alternating first, so that a change of
+    # machine load hits each pair alike; a pair's ratio compares runs seconds apart.
+    variants = {"pretraining": ((ours, ours_step), (base, base_step)),
+                "encoder": ((ours, ours_encoder), (base, base_encoder))}
+    times = {(k, who): [] for k in variants for who in ("ours", "baseline")}
+    for i in range(args.warmup + args.iters):
+        for key, pair in variants.items():
+            order = (("ours", pair[0]), ("baseline", pair[1]))
+            for who, (model, fn) in order if i % 2 == 0 else order[::-1]:
                 model.zero_grad(set_to_none=True)
                 t0 = time.perf_counter()
                 fn()
                 if i >= args.warmup:
-                    bucket.append(time.perf_counter() - t0)
-        t_ours, t_base = statistics.median(times[0]), statistics.median(times[1])
-        key = name.split()[0]
-        results[f"{key}_ours_s"], results[f"{key}_baseline_s"] = t_ours, t_base
-        results[f"{key}_ratio"] = t_base / t_ours
-        print(f"{name:17s} ours {t_ours * 1e3:9.1f} ms   VisualBERT {t_base * 1e3:9.1f} ms   "
-              f"ratio {t_base / t_ours:.2f}x")
+                    times[key, who].append(time.perf_counter() - t0)
+    results = {}
+    for key, title in (("pretraining", "pretraining step"), ("encoder", "encoder only")):
+        t_ours, t_base = times[key, "ours"], times[key, "baseline"]
+        ratio = statistics.median(b / o for o, b in zip(t_ours, t_base))
+        results[f"{key}_ours_s"], results[f"{key}_baseline_s"] = statistics.median(t_ours), statistics.median(t_base)
+        results[f"{key}_ratio"] = ratio
+        results[f"{key}_ratio_of_min"] = min(t_base) / min(t_ours)
+        print(f"{title:17s} ours {results[f'{key}_ours_s'] * 1e3:9.1f} ms   "
+              f"VisualBERT {results[f'{key}_baseline_s'] * 1e3:9.1f} ms   ratio {ratio:.2f}x "
+              f"(ratio of fastest runs {results[f'{key}_ratio_of_min']:.2f}x)")
     print(f"(batch {B}, tokens {T}, regions {R}, hidden {args.hidden}, layers {args.layers}, heads {args.heads}, "
-          f"float32, {args.threads} threads, median of {args.iters}, torch {torch.__version__})")
+          f"float32, {args.threads} threads, {args.iters} timed iterations: median times, median of paired ratios; "
+          f"torch {torch.__version__}; load average {os.getloadavg()[0]:.1f})")
     return results
-
 
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 OUT="${VLBERT_DEMO_OUT:-runs/demo}"
 start=$SECONDS
-"$VLBERT_PY" tools/make_demo_data.py --out demo_data
+"$VLBERT_PY" tools/make_demo_data.py --out demo_data --size 64
 "$VLBERT_PY" tools/train.py --config configs/demo.yaml runtime.output_dir="$OUT" "$@"
 "$VLBERT_PY" tools/probe_colours.py --config configs/demo.yaml runtime.output_dir="$OUT" "$@"
 echo "[vlbert] demo finished in $(( SECONDS - start )) s; runs: see README (mlflow ui --backend-store-uri sqlite:///mlflow.db)"

@@ -25,6 +25,7 @@ import os
 from typing import Iterator
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlbert.config import CaptionDataConfig, DataConfig, MaskingConfig
@@ -178,8 +179,11 @@ class PretrainStream:
             dataset = self._make_dataset()
             if self.num_workers:
                 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenise alone
+                # Its own generator: starting workers must not draw from the global torch RNG,
+                # or dropout after a resume would differ from the uninterrupted run's.
                 loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                    collate_fn=_identity, prefetch_factor=2)
+                                    collate_fn=_identity, prefetch_factor=2,
+                                    generator=torch.Generator().manual_seed(self.cfg.seed))
                 self._iter = iter(loader)
             else:
                 self._iter = iter(dataset)
@@ -276,4 +280,5 @@ def build_validation_stream(data_cfg: DataConfig, masking_cfg: MaskingConfig, to
     dataset = ValidationDataset(data_cfg, masking_cfg, tokenizer, rank, world_size, batch_size)
     if data_cfg.num_workers == 0:
         return dataset
-    return DataLoader(dataset, batch_size=None, num_workers=data_cfg.num_workers, collate_fn=_identity)
+    return DataLoader(dataset, batch_size=None, num_workers=data_cfg.num_workers, collate_fn=_identity,
+                      generator=torch.Generator().manual_seed(data_cfg.seed))  # leaves the global RNG alone

@@ -56,6 +56,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def export_weights(engine: Engine, out_dir: Path, rank: int, info: dict) -> None:
+    """Write the trained model as ``<out_dir>/model.safetensors`` (plain tensors: loads without
+    unpickling) and ``<out_dir>/model.json`` (step, MLflow run id). Collective under ZeRO-3."""
+    from safetensors.torch import save_file
+
+    state = engine.full_state_dict()  # every rank takes part in the gather
+    if rank == 0:
+        # Tied weights are separate copies here; safetensors refuses shared storage.
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"))
+        (out_dir / "model.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
 def _setup_logging(rank: int) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -219,6 +231,8 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
                     result.preempted, result.signal = True, stop.signal or "peer"
                     log.warning("stopped at step %d on %s; checkpoint %s", step, result.signal, result.checkpoint)
                     break
+        if not result.preempted:
+            export_weights(engine, out_dir, rank, {"step": step, "mlflow_run_id": tracker.run_id})
         status = "KILLED" if result.preempted else "FINISHED"
     finally:
         bar.close()

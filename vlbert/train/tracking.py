@@ -94,6 +94,9 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
+    def log_summary(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
     def log_text(self, text: str, artifact_file: str) -> None:
         pass
 
@@ -111,6 +114,7 @@ class _Item:
     step: int = 0
     timestamp_ms: int = 0
     done: Optional[threading.Event] = None
+    summary: bool = False  # logged even at a step an earlier attempt already logged
 
 
 class MlflowTracker(NullTracker):
@@ -156,6 +160,12 @@ class MlflowTracker(NullTracker):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._put(_Item("metrics", {k: float(v) for k, v in metrics.items()}, step, int(time.time() * 1000)))
+
+    def log_summary(self, metrics: dict[str, float], step: int) -> None:
+        """Metrics computed after training (evaluations, probes) at ``step``, which
+        the training attempts may already have logged other metrics at."""
+        self._put(_Item("metrics", {k: float(v) for k, v in metrics.items()}, step, int(time.time() * 1000),
+                        summary=True))
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self._put(_Item("text", (text, artifact_file)))
@@ -277,10 +287,10 @@ class MlflowTracker(NullTracker):
             return
         entries = []
         for it in items:
-            if it.step <= self.skip_through:
+            if it.step <= self.skip_through and not it.summary:
                 continue  # logged by an earlier attempt of this run
             values = dict(it.payload)
-            if self._monitor is None and self.cfg.system_metrics:
+            if self._monitor is None and self.cfg.system_metrics and not it.summary:
                 values.update(self._psutil_metrics())
             entries += [Metric(k, v, it.timestamp_ms, it.step) for k, v in values.items()]
         for i in range(0, len(entries), 900):
