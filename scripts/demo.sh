@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The demo, end to end on CPU: make the demo data, pretrain the demo config with
-# DeepSpeed (tracked in the local MLflow store), then probe the model: accuracy at
-# filling in masked colour words with the image and with the image blanked.
+# The demo, end to end on CPU: make the demo data, train the demo detector on its boxes,
+# pretrain the demo config with DeepSpeed (tracked in the local MLflow store), then probe
+# the model: accuracy at filling in masked colour words with the image and with it blanked.
 # Extra arguments are config overrides for the training run, e.g. `optim.lr=3e-4`.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 OUT="${VLBERT_DEMO_OUT:-runs/demo}"
 start=$SECONDS
 "$VLBERT_PY" tools/make_demo_data.py --out demo_data --size 64
+"$VLBERT_PY" tools/pretrain_demo_detector.py --config configs/demo.yaml --out demo_data/detector.pth
 "$VLBERT_PY" tools/train.py --config configs/demo.yaml runtime.output_dir="$OUT" "$@"
 "$VLBERT_PY" tools/probe_colours.py --config configs/demo.yaml runtime.output_dir="$OUT" "$@"
 echo "[vlbert] demo finished in $(( SECONDS - start )) s; runs: see README (mlflow ui --backend-store-uri sqlite:///mlflow.db)"

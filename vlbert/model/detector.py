@@ -317,6 +317,19 @@ class RegionFeatureExtractor(nn.Module):
         res5 = self._res5(feat, self._rois(boxes, box_mask))
         return self._scatter(res5.mean(dim=(2, 3)), box_mask)
 
+    def box_logits(self, images: Tensor, boxes: Tensor, box_mask: Tensor) -> Tensor:
+        """Box classifier scores of the given boxes: [N, num_classes] for the N real boxes
+        (row-major over ``box_mask``), with gradients; for training the detector's classifier
+        (``box_head_parameters``), as a detector is trained before VL-BERT pretraining."""
+        self._check(images, boxes, box_mask)
+        feat = self.res4(self.normalize(images))
+        cls_score, _ = self.detector.roi_head.bbox_head(self._res5(feat, self._rois(boxes, box_mask)))
+        return cls_score
+
+    def box_head_parameters(self) -> list[nn.Parameter]:
+        """The box classifier's parameters (frozen during VL-BERT pretraining)."""
+        return list(self.detector.roi_head.bbox_head.parameters())
+
     @torch.no_grad()
     def class_probs(self, images: Tensor, boxes: Tensor, box_mask: Tensor) -> Tensor:
         """Box classifier distribution on the unmasked images: float32 [B, R, num_classes].
@@ -324,14 +337,10 @@ class RegionFeatureExtractor(nn.Module):
         Softmax over all ``num_classes`` outputs, background last (see module
         docstring); rows of real boxes sum to 1, padded rows are 0.
         """
-        self._check(images, boxes, box_mask)
         out = torch.zeros(*box_mask.shape, self.num_classes, device=images.device)
         if not bool(box_mask.any()):
             return out
-        feat = self.res4(self.normalize(images))
-        res5 = self._res5(feat, self._rois(boxes, box_mask))
-        cls_score, _ = self.detector.roi_head.bbox_head(res5)
-        out[box_mask] = cls_score.float().softmax(-1)
+        out[box_mask] = self.box_logits(images, boxes, box_mask).float().softmax(-1)
         return out
 
     @torch.no_grad()

@@ -1,0 +1,43 @@
+"""The demo detector's pretraining: it learns to classify the demo's boxes, and what it saves is a
+plain state dict that ``detector.checkpoint`` loads into the same detector."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlbert.config import load_config
+from vlbert.model.detector import RegionFeatureExtractor
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tools.make_demo_data import make_demo_data  # noqa: E402
+from tools.pretrain_demo_detector import main  # noqa: E402
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def overrides(root: Path) -> list[str]:
+    return [f"data.tokenizer={root / 'tokenizer'}", f"data.captions.urls=[{root / 'captions/train-*.tar'}]",
+            f"data.text.sources.books.urls=[{root / 'text/books-*.jsonl'}]",
+            f"data.text.sources.wiki.urls=[{root / 'text/wiki-*.parquet'}]",
+            f"data.validation.urls=[{root / 'captions/val-*.tar'}]"]
+
+
+def test_detector_learns_the_demo_classes_and_its_checkpoint_loads(tmp_path, capsys):
+    root = tmp_path / "demo"
+    make_demo_data(root, train_shards=1, per_shard=48, val=8, size=64, book_files=1, docs_per_file=10, wiki_docs=10)
+    out = tmp_path / "detector.pth"
+    code = main(["--config", str(REPO / "configs/demo.yaml"), "--out", str(out), "--steps", "60",
+                 "--batch-size", "8", "--lr", "2e-3", *overrides(root)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    first, last = (float(v) for v in printed.split("loss ")[1].split(" (")[0].split(" -> "))
+    assert last < 0.85 * first, printed  # it learned something about the boxes
+
+    cfg = load_config(REPO / "configs/demo.yaml", [*overrides(root), f"detector.checkpoint={out}"])
+    loaded = RegionFeatureExtractor(cfg.detector)
+    saved = torch.load(out, weights_only=True)
+    for key, value in loaded.detector.state_dict().items():
+        assert torch.equal(value, saved[key]), key

@@ -1,0 +1,111 @@
+"""Train the demo's detector to classify its regions, as VL-BERT's detector is trained before pretraining.
+
+    python tools/pretrain_demo_detector.py --config configs/demo.yaml --out demo_data/detector.pth
+
+VL-BERT starts from a Faster R-CNN already trained on Visual Genome: its region
+features name what is in each box, and the visual gate (the visual LayerNorm,
+starting at 0) opens because those features carry information. The demo has no
+such detector to download, so this trains the same ResNet C4 (``detector`` section
+of the config; stem and res2 frozen, BatchNorm frozen) for a short while to classify
+the ground-truth boxes of the demo shards (colour x shape, their ``regions.npy``),
+and saves its weights as a plain state dict that ``detector.checkpoint`` loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlbert.config import ConfigError, MaskingConfig, load_config  # noqa: E402
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="run config: its detector and data.captions sections are used")
+    p.add_argument("--out", required=True, help="where to write the detector state dict (.pth)")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", help="dotted config overrides")
+    return p.parse_args(argv)
+
+
+def train_box_classifier(detector, stream, steps: int, lr: float) -> list[float]:
+    """Train ``detector`` (its trainable stages and its box classifier) to classify the labelled
+    boxes of ``stream``'s caption batches; returns the loss of every step."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    for p in detector.box_head_parameters():
+        p.requires_grad_(True)
+    detector.train()
+    optimizer = torch.optim.AdamW([p for p in detector.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc="detector", dynamic_ncols=True, mininterval=2.0)
+    for _ in bar:
+        c = next(stream).captions
+        if c.roi_targets is None:
+            raise ValueError("the caption shards carry no regions.npy class targets")
+        labelled = c.box_mask.clone()
+        labelled[:, 0] = False  # box 0 is the whole image: no class
+        logits = detector.box_logits(c.images, c.boxes, labelled)
+        labels = c.roi_targets[labelled].argmax(-1)
+        loss = F.cross_entropy(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, check_files=False)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    import torch
+    from transformers import AutoTokenizer
+
+    from vlbert.data.mixture import build_pretrain_stream
+    from vlbert.model.detector import RegionFeatureExtractor
+
+    torch.manual_seed(args.seed)
+    detector_cfg = dataclasses.replace(cfg.detector, checkpoint="")
+    detector = RegionFeatureExtractor(detector_cfg).train()
+
+    # Captions only, no MLM or RoI masking: the boxes and their class targets are what count.
+    data_cfg = dataclasses.replace(cfg.data, num_workers=0, seed=args.seed + 1)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer or cfg.model.bert)
+    stream = build_pretrain_stream(data_cfg, MaskingConfig(mlm_prob=0.0, roi_prob=0.0), tokenizer, rank=0,
+                                   world_size=1, captions_per_batch=args.batch_size, text_per_batch=0)
+    start = time.perf_counter()
+    try:
+        losses = train_box_classifier(detector, stream, args.steps, args.lr)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stream.close()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(detector.detector.state_dict(), out)
+    print(f"detector: {args.steps} steps in {time.perf_counter() - start:.0f} s, loss {losses[0]:.3f} -> "
+          f"{sum(losses[-10:]) / len(losses[-10:]):.3f} (mean of the last 10); "
+          f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
