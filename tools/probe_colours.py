@@ -92,7 +92,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     info_path = out_dir / "model.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     if cfg.tracking.enabled and info.get("mlflow_run_id"):
-        tracker = build_tracker(cfg.tracking, rank=0, run_id=info["mlflow_run_id"])
+        tracking = dataclasses.replace(cfg.tracking, system_metrics=False)  # a few seconds of work
+        tracker = build_tracker(tracking, rank=0, run_id=info["mlflow_run_id"])
         tracker.log_summary(summary, int(info.get("step", 0)))
         tracker.close("FINISHED")
         print(f"  logged to MLflow run {info['mlflow_run_id']}")
