@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers import VisualBertConfig, VisualBertForPreTraining, VisualBertModel  # noqa: E402
+from transformers import VisualBertConfig, VisualBertForPreTraining  # noqa: E402
 
 from vlbert.config import DetectorConfig, ModelConfig  # noqa: E402
 from vlbert.data.batch import IGNORE_INDEX  # noqa: E402
