@@ -7,6 +7,11 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 OUT="${VLBERT_DEMO_OUT:-runs/demo}"
 start=$SECONDS
+if [ -d "$OUT" ]; then
+  # A new demo run starts from scratch (the MLflow store keeps the earlier runs).
+  echo "[vlbert] removing the previous demo output $OUT"
+  rm -rf "$OUT"
+fi
 "$VLBERT_PY" tools/make_demo_data.py --out demo_data --size 64
 "$VLBERT_PY" tools/pretrain_demo_detector.py --config configs/demo.yaml --out demo_data/detector.pth
 "$VLBERT_PY" tools/train.py --config configs/demo.yaml runtime.output_dir="$OUT" "$@"

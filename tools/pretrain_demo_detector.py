@@ -82,7 +82,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from vlbert.model.detector import RegionFeatureExtractor
 
     torch.manual_seed(args.seed)
-    detector_cfg = dataclasses.replace(cfg.detector, checkpoint="")
+    # Trained here from scratch, whatever the pretraining run then does with it (frozen or joint).
+    detector_cfg = dataclasses.replace(cfg.detector, checkpoint="", trainable=True)
     detector = RegionFeatureExtractor(detector_cfg).train()
 
     # Captions only, no MLM or RoI masking: the boxes and their class targets are what count.
