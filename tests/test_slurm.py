@@ -40,17 +40,6 @@ def slurm() -> SlurmCluster:
         yield cluster
 
 
-@pytest.fixture(scope="module")
-def demo_data(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(REPO))
-    from tools.make_demo_data import make_demo_data
-
-    root = tmp_path_factory.mktemp("slurm-demo")
-    # Two train shards: one per rank.
-    make_demo_data(root, train_shards=2, per_shard=16, val=8, size=64, book_files=1, docs_per_file=20, wiki_docs=20)
-    return root
-
-
 @dataclass
 class Job:
     id: int

@@ -37,13 +37,8 @@ DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "L
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(REPO))
-    from tools.make_demo_data import make_demo_data
-
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_data(root, train_shards=2, per_shard=16, val=8, size=64, book_files=1, docs_per_file=20, wiki_docs=20)
-    return root
+def data(demo_data) -> Path:
+    return demo_data
 
 
 def tiny_config(data: Path, out: Path, **overrides) -> dict:
