@@ -36,7 +36,11 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
+        # Object stores: fsspec finds s3fs by the s3:// protocol.
+        "s3": ["s3fs>=2024.6"],
         "test": [
+            "s3fs>=2024.6",
+            "moto[server]>=5.0",  # a real S3-protocol server on loopback for the object-store tests
             "pytest>=8",
             "pytest-timeout>=2.3",
             "webdataset>=0.2.90",  # baseline of bench/loader.py
