@@ -82,7 +82,9 @@ def assert_batches_equal(a, b):
             for name, vx in vars(px).items():
                 vy = getattr(py, name)
                 assert (vx is None) == (vy is None), name
-                if vx is not None:
+                if isinstance(vx, list):  # sample keys
+                    assert vx == vy, f"{part}.{name} differs"
+                elif vx is not None:
                     assert vx.shape == vy.shape and torch.equal(vx, vy), f"{part}.{name} differs"
 
 
@@ -190,7 +192,9 @@ def test_bad_caption_samples_are_skipped_and_counted(tmp_path, tokenizer):
     cfg = make_data("memory://unused").captions
     reader = CaptionReader(ShardStream(urls, 0, 1, 0, counter, shuffle=False, loop=False), cfg, MaskingConfig(),
                            tokenizer, seed=0, tag=1, train=True)
-    got = [s.key for s in reader]
+    keys = [s.key for s in reader]
+    assert all(k.startswith(urls[0] + "#") or k.startswith(urls[1] + "#") for k in keys)  # shard URL#key
+    got = [k.split("#", 1)[1] for k in keys]
     assert got[:6] == [f"g{i}" for i in range(6)]  # the good samples around the bad ones
     assert len(got) > 6 and got[6:] == [f"h{i}" for i in range(len(got) - 6)]  # b.tar up to the cut
     assert counter["corrupt_image"] == 2

@@ -19,6 +19,7 @@ from vlbert.data.shards import (
     Cursor,
     ShardStream,
     SkipCounter,
+    SourceUnusable,
     epoch_order,
     expand_urls,
     open_shard,
@@ -155,7 +156,7 @@ def test_one_shard_four_slots_never_starves(tmp_path):
 
 def test_empty_slot_raises_instead_of_hanging(tmp_path):
     urls = make_shards(str(tmp_path), 1, 2)  # 2 samples shared by 4 slots: slots 2, 3 get none
-    with pytest.raises(RuntimeError, match="no usable sample"):
+    with pytest.raises(SourceUnusable, match="too few samples for the slots: 1 shard.* shared by 4 slots"):
         keys(ShardStream(urls, 3, 4, seed=0, counter=SkipCounter()), 1)
 
 

@@ -7,7 +7,7 @@ classes, H/W = padded image height/width, L = text segment length.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -40,6 +40,7 @@ class CaptionBatch:
                                   (the chosen 15%, masked or kept)
     roi_targets:    float [B, R, C] class distribution of each box on the unmasked image,
                     or None when the shards carry none (the detector then provides it)
+    keys:           B strings ``<shard URL>#<sample key>``: which samples these are
     """
 
     input_ids: torch.Tensor
@@ -52,6 +53,7 @@ class CaptionBatch:
     roi_masked: torch.Tensor
     roi_labels_mask: torch.Tensor
     roi_targets: Optional[torch.Tensor] = None
+    keys: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -67,11 +69,13 @@ class TextBatch:
     input_ids:      long [B, L] after MLM masking, padded with 0
     attention_mask: bool [B, L]
     mlm_labels:     long [B, L] original id where chosen for MLM, else IGNORE_INDEX
+    keys:           B strings ``<source>:<shard URL>#<document>+<piece offset>`` where each segment starts
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     mlm_labels: torch.Tensor
+    keys: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -92,6 +96,12 @@ class PretrainBatch:
             captions=self.captions.to(device, non_blocking) if self.captions is not None else None,
             text=self.text.to(device, non_blocking) if self.text is not None else None,
         )
+
+    @property
+    def keys(self) -> dict[str, list[str]]:
+        """The keys of the samples in this micro-batch, by kind."""
+        return {"captions": list(self.captions.keys) if self.captions is not None else [],
+                "text": list(self.text.keys) if self.text is not None else []}
 
     @property
     def num_samples(self) -> int:

@@ -49,7 +49,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 class BadSample(Exception):
     """A sample that cannot be used. ``reason`` is a short counter name:
-    missing_image, corrupt_image, missing_caption, bad_caption (not UTF-8),
+    missing_image, corrupt_image, image_too_large (a decompression bomb), missing_caption, bad_caption (not UTF-8),
     empty_caption, bad_json, bad_boxes, bad_regions."""
 
     def __init__(self, reason: str, detail: str = ""):
@@ -108,12 +108,28 @@ def _decode_image(data: bytes, cfg: CaptionDataConfig) -> tuple[Image.Image, tup
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much smaller
             # (the result is never smaller than the target): several times faster on big photos.
             img.draft("RGB", (tw, th))
-        img = img.convert("RGB")  # forces the full decode: truncated or corrupt data fails here
+        img = _to_rgb(img)  # forces the full decode: truncated or corrupt data fails here
         if img.size != (tw, th):
             img = img.resize((tw, th), Image.BILINEAR)
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
+    except Image.DecompressionBombError as e:  # more pixels than PIL allows: refused before decoding
+        raise BadSample("image_too_large", str(e)) from None
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError)
         raise BadSample("corrupt_image", f"{type(e).__name__}: {e}") from None
     return img, size
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, 8 bits per channel. 16-bit and 32-bit integer greyscale (``I;16*``, ``I``)
+    is scaled to 8 bits first: PIL's own conversion clips it, turning most pixels white."""
+    if img.mode.startswith("I"):
+        pixels = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(pixels * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        pixels = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        top = 1.0 if pixels.max(initial=0) <= 1.0 else 255.0
+        img = Image.fromarray(np.clip(pixels * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 # --------------------------------------------------------------------------- boxes
@@ -325,5 +341,5 @@ def collate_captions(samples: list[CaptionSample], pad_to_multiple: int = 32) ->
     return CaptionBatch(
         input_ids=input_ids, attention_mask=attention_mask, mlm_labels=mlm_labels, images=images,
         image_sizes=image_sizes, boxes=boxes, box_mask=box_mask, roi_masked=roi_masked,
-        roi_labels_mask=roi_labels_mask, roi_targets=roi_targets,
+        roi_labels_mask=roi_labels_mask, roi_targets=roi_targets, keys=[s.key for s in samples],
     )

@@ -13,11 +13,14 @@ yields ``(index, key, payload, next_offset, next_index)`` for the samples with
   number for compressed ones (a compressed stream cannot seek).
 
 Problems that end a shard raise ``ShardError(reason)``; bad rows or members are
-counted in the counter (``counter.add(reason)``) and skipped.
+counted in the counter (``counter.add(reason)``) and skipped. A shard with no
+sample at all (0 bytes, an empty archive, 0 rows, no lines) raises
+``ShardError("empty_shard")`` when read from its start.
 """
 
 from __future__ import annotations
 
+import codecs
 import functools
 import gzip
 import io
@@ -87,16 +90,21 @@ def iter_tar(f, offset: int, index: int, stride: int, phase: int, counter):
     idx = index - 1
     long_name: Optional[str] = None
     ext_start: Optional[int] = None  # offset of a long-name/pax header owning the next member
+    at_start = offset == 0
     while True:
         hdr_pos = pos
         buf = f.read(TAR_BLOCK)
         if len(buf) == 0:  # end of file without the end-of-archive blocks: tolerated
+            if at_start and key is None:
+                raise ShardError("empty_shard", "0 bytes" if hdr_pos == 0 else "no members")
             break
         if len(buf) < TAR_BLOCK:
             raise ShardError("truncated_shard", f"short header at {hdr_pos}")
         try:
             ti = tarfile.TarInfo.frombuf(buf, "utf-8", "surrogateescape")
         except tarfile.EOFHeaderError:  # zero block: end of archive
+            if at_start and key is None:
+                raise ShardError("empty_shard", "an archive with no members") from None
             break
         except tarfile.HeaderError as e:
             raise ShardError("corrupt_shard", f"bad tar header at {hdr_pos}: {e}") from None
@@ -167,6 +175,8 @@ def iter_parquet(f, offset: int, index: int, stride: int, phase: int, counter):
         raise ShardError("corrupt_shard", str(e)) from None
     if "text" not in pf.schema_arrow.names:
         raise ShardError("bad_text_shard", f"no 'text' column (columns: {pf.schema_arrow.names})")
+    if offset == 0 and pf.metadata.num_rows == 0:
+        raise ShardError("empty_shard", "0 rows")
     row0 = 0
     for rg in range(pf.num_row_groups):
         n = pf.metadata.row_group(rg).num_rows
@@ -196,12 +206,14 @@ def iter_jsonl(f, offset: int, index: int, stride: int, phase: int, counter, by_
                 return
     else:
         f.seek(offset)
-    line_no = index
+    line_no, at_start = index, offset == 0
     try:
         for line in f:
             idx = line_no
             line_no += 1
             offset += 1 if by_line else len(line)
+            if idx == 0 and line.startswith(codecs.BOM_UTF8):  # a BOM written by some editors and tools
+                line = line[len(codecs.BOM_UTF8):]
             if idx % stride != phase or not line.strip():
                 continue
             try:
@@ -215,6 +227,8 @@ def iter_jsonl(f, offset: int, index: int, stride: int, phase: int, counter, by_
             text = _decode_text(obj.get("text") if isinstance(obj, dict) else None, counter)
             if text is not None:
                 yield idx, str(idx), text, offset, line_no
+        if at_start and line_no == 0:
+            raise ShardError("empty_shard", "no lines")
     except EOFError as e:  # a compressed stream cut short
         raise ShardError("truncated_shard", str(e)) from None
     except (zlib.error, gzip.BadGzipFile, _ZstdError) as e:  # BadGzipFile is an OSError: not transient

@@ -57,21 +57,37 @@ def fresh_worker_state(slot: int, text_sources: list[str]) -> dict:
 
 
 class CaptionReader:
-    """One slot's caption samples: records -> decoded ``CaptionSample``s; bad ones counted."""
+    """One slot's caption samples: records -> decoded ``CaptionSample``s; bad ones counted.
+    A sample's key is ``<shard URL>#<sample key>``."""
 
     def __init__(self, stream: ShardStream, cfg: CaptionDataConfig, masking: MaskingConfig, tokenizer,
                  seed: int, tag: int, train: bool):
         self.stream, self.cfg, self.masking, self.tokenizer = stream, cfg, masking, tokenizer
         self.seed, self.tag, self.train = seed, tag, train
+        stream.usable = self._usable
+
+    def _decode(self, rec):
+        return decode_caption_sample(rec.payload, f"{self.stream.urls[rec.shard]}#{rec.key}", self.cfg,
+                                     self.masking, self.tokenizer, record_rng(self.seed, self.tag, rec),
+                                     train=self.train)
+
+    def _usable(self, rec, counter: SkipCounter) -> bool:
+        try:
+            self._decode(rec)
+        except BadSample as e:
+            counter.add(e.reason)
+            return False
+        return True
 
     def __iter__(self):
         for rec in self.stream:
-            rng = record_rng(self.seed, self.tag, rec)
             try:
-                yield decode_caption_sample(rec.payload, rec.key, self.cfg, self.masking, self.tokenizer, rng,
-                                            train=self.train)
+                sample = self._decode(rec)
             except BadSample as e:
                 self.stream.counter.add(e.reason)
+                continue
+            self.stream.mark_delivered()
+            yield sample
 
 
 class PretrainDataset(IterableDataset):
@@ -96,13 +112,13 @@ class PretrainDataset(IterableDataset):
         cfg, slot = self.cfg, state["slot"]
         counter = SkipCounter(state["skips"])
 
-        def stream(urls, cursor):
+        def stream(urls, cursor, source):
             return ShardStream(urls, slot, self.num_slots, cfg.seed, counter, Cursor.from_dict(cursor),
-                               cfg.read_retries, cfg.retry_backoff_s)
+                               cfg.read_retries, cfg.retry_backoff_s, source=source)
 
         captions = None
         if self.captions_per_batch:
-            cap_stream = stream(self.caption_urls, state["captions"])
+            cap_stream = stream(self.caption_urls, state["captions"], "captions")
             captions = iter(CaptionReader(cap_stream, cfg.captions, self.masking, self.tokenizer, cfg.seed,
                                           TAG_CAPTIONS, train=True))
         names = sorted(self.text_urls)
@@ -111,7 +127,7 @@ class PretrainDataset(IterableDataset):
             pieces = WordPieces(self.tokenizer)
             for name in names:
                 st = state["text"][name]
-                segmenters[name] = TextSegmenter(stream(self.text_urls[name], st["cursor"]), pieces,
+                segmenters[name] = TextSegmenter(stream(self.text_urls[name], st["cursor"], f"text.{name}"), pieces,
                                                  cfg.text.segment_length, self.masking, cfg.seed, st)
             weights = np.array([cfg.text.sources[k].weight for k in names], dtype=np.float64)
             weights /= weights.sum()
@@ -260,7 +276,7 @@ class ValidationDataset(IterableDataset):
         p, n = (info.id, info.num_workers) if info is not None else (0, 1)
         stream = ShardStream(self.urls, self.rank * n + p, self.world_size * n, self.cfg.seed, SkipCounter(),
                              retries=self.cfg.read_retries, backoff_s=self.cfg.retry_backoff_s,
-                             shuffle=False, loop=False)
+                             shuffle=False, loop=False, source="validation")
         vcfg = dataclasses.replace(self.cfg.validation, flip_prob=0.0)
         samples = []
         for sample in CaptionReader(stream, vcfg, self.masking, self.tokenizer, self.cfg.seed, TAG_VALIDATION,

@@ -15,7 +15,15 @@ at the next record. Restoring a cursor seeks straight to that offset (the
 readers in ``formats.py`` say what the offset is for each file type).
 
 Bad input never stops the stream: it is skipped and counted in a
-``SkipCounter`` under a short reason name.
+``SkipCounter`` under a short reason name. An epoch in which every shard a
+slot received was unreadable, or gave only rejected samples, is counted
+(``empty_epoch``) and the slot moves on to the next epoch. Whether the source
+can give this slot anything at all is then checked by a *probe*: a read of the
+slot's share of every shard, without handing anything out, until one sample
+passes the consumer's ``usable`` test. A probe that finds none raises
+``SourceUnusable``, naming the source, the skip counts by reason, the
+members seen and the likely cause; it never loops forever. Consumers tell the
+stream that a record gave a sample with ``mark_delivered()``.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import fsspec
 import numpy as np
@@ -43,6 +51,22 @@ try:  # network errors of the async filesystems (http, gcs) that are not OSError
 except ImportError:  # pragma: no cover
     _ClientError = OSError
 TRANSIENT_ERRORS = (OSError, TimeoutError, _ClientError)
+TRANSIENT_HTTP_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+MAX_MEMBERS_SHOWN = 12
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a read error is worth a retry: network and OS errors, and the HTTP
+    errors of stores whose exceptions are not ``OSError`` (gcsfs' ``HttpError``
+    with a 5xx or 429 status)."""
+    if isinstance(error, TRANSIENT_ERRORS):
+        return True
+    status = getattr(error, "code", None) or getattr(error, "status", None)
+    return type(error).__name__ == "HttpError" and status in TRANSIENT_HTTP_STATUS
+
+
+class SourceUnusable(RuntimeError):
+    """A source that cannot give a slot any usable sample (raised by ``ShardStream``)."""
 
 
 class SkipCounter:
@@ -208,8 +232,14 @@ class ShardStream:
     been handed out it is that record's ``cursor``. Transient read errors are
     retried ``retries`` times with exponential backoff, reopening the shard and
     seeking to the cursor; a shard that keeps failing is skipped
-    (``failed_shard``), as are missing (``missing_shard``) and truncated
-    (``truncated_shard``) ones, keeping the good samples read before.
+    (``failed_shard``), as are missing (``missing_shard``), empty
+    (``empty_shard``) and truncated (``truncated_shard``) ones, keeping the good
+    samples read before.
+
+    ``source`` names the stream in messages (``"captions"``, ``"text.wiki"``).
+    ``usable(record, counter) -> bool`` is the consumer's test for the probe
+    (module docstring): it counts the reason of a record it rejects in
+    ``counter``. Without it every record counts as usable.
     """
 
     def __init__(
@@ -224,6 +254,8 @@ class ShardStream:
         backoff_s: float = 0.5,
         shuffle: bool = True,
         loop: bool = True,
+        source: str = "source",
+        usable: Optional[Callable[[Record], bool]] = None,
     ):
         if not urls:
             raise ValueError("ShardStream needs at least one shard URL")
@@ -234,32 +266,79 @@ class ShardStream:
         self.cursor = cursor or Cursor()
         self.retries, self.backoff_s = retries, backoff_s
         self.shuffle, self.loop = shuffle, loop
+        self.source = source
+        self.usable = usable
+        self.delivered = 0  # samples the consumer made from this stream's records
+        self._viable = False  # a probe found a usable sample: empty epochs are bad luck, not a dead source
+
+    def mark_delivered(self) -> None:
+        """Called by the consumer when a record gave a usable sample."""
+        self.delivered += 1
 
     def __iter__(self) -> Iterator[Record]:
         c = self.cursor
-        empty_epochs = 0
+        fruitless = 0  # consecutive epochs that delivered nothing
         while True:
             plan = slot_plan(len(self.urls), self.num_slots, self.slot, self.seed, c.epoch, self.shuffle)
-            full_epoch, produced = (c.pos == 0 and c.offset == 0), False
+            delivered_before = self.delivered
             while c.pos < len(plan.shards):
-                for rec in self._read_shard(plan.shards[c.pos], c, plan):
-                    produced = True
-                    yield rec
+                yield from self._read_shard(plan.shards[c.pos], c, plan, self.counter)
                 c = Cursor(c.epoch, c.pos + 1, 0, 0)
                 self.cursor = c
             if not self.loop:
                 return
-            empty_epochs = empty_epochs + 1 if (full_epoch and not produced) else 0
-            if empty_epochs:
-                raise RuntimeError(
-                    f"slot {self.slot}/{self.num_slots}: a whole epoch over {len(plan.shards)} shard(s) "
-                    f"gave no usable sample (first: {self.urls[plan.shards[0]]}); skips so far: "
-                    f"{self.counter.as_dict()}"
-                )
+            if self.delivered > delivered_before:
+                fruitless = 0
+            else:
+                fruitless += 1
+                self.counter.add("empty_epoch")
+                # Probe after 1, 2, 4, 8, ... fruitless epochs in a row: a viable source costs one
+                # cheap probe, a source that dies later (every shard deleted) is still caught.
+                if not self._viable or fruitless & (fruitless - 1) == 0:
+                    self._viable = self._probe(plan)
+                log.warning("%s, slot %d/%d: epoch %d gave no usable sample from its %d shard(s); next epoch",
+                            self.source, self.slot, self.num_slots, c.epoch, len(plan.shards))
             c = Cursor(c.epoch + 1, 0, 0, 0)
             self.cursor = c
 
-    def _read_shard(self, shard: int, c: Cursor, plan: SlotPlan) -> Iterator[Record]:
+    def _probe(self, plan: SlotPlan) -> bool:
+        """Read this slot's share of every shard (without handing anything out) until a
+        record passes ``usable``. True if one did; raises ``SourceUnusable`` otherwise."""
+        counter, records, members = SkipCounter(), 0, set()
+        for shard in range(len(self.urls)):
+            for rec in self._read_shard(shard, Cursor(), plan, counter, track=False):
+                records += 1
+                if isinstance(rec.payload, dict) and len(members) < MAX_MEMBERS_SHOWN:
+                    members.update("." + ext for ext in rec.payload)
+                if self.usable is None or self.usable(rec, counter):
+                    return True
+        raise SourceUnusable(self._unusable_message(plan, counter, records, members))
+
+    def _unusable_message(self, plan: SlotPlan, counter: SkipCounter, records: int, members: set) -> str:
+        n = len(self.urls)
+        where = f"{self.source!r} ({n} shard(s), first {self.urls[0]})"
+        share = "" if plan.stride == 1 else f" (this slot's share: every {plan.stride}-th sample, phase {plan.phase})"
+        skips = ", ".join(f"{k} {v}" for k, v in counter.as_dict().items()) or "none"
+        shard_errors = {k: v for k, v in counter.as_dict().items() if k.endswith("_shard")}
+        if records == 0 and sum(shard_errors.values()) >= n:
+            cause = "no shard could be read (" + ", ".join(f"{k} {v}" for k, v in shard_errors.items()) + ")"
+        elif records == 0 and plan.stride > 1:
+            cause = (f"too few samples for the slots: {n} shard(s) are shared by {self.num_slots} slots "
+                     f"(ranks x data.num_workers) and slot {self.slot}'s share of them is empty; use fewer "
+                     "workers or ranks, or more data")
+        elif records == 0:
+            cause = "the shards hold no samples"
+        else:
+            top = max(counter.as_dict().items(), key=lambda kv: kv[1], default=("", 0))[0]
+            cause = _LIKELY_CAUSES.get(top, f"every sample was rejected, most often as {top!r}")
+            if members:
+                cause += "; members seen: " + ", ".join(sorted(members))
+        return (f"source {where}: 0 of {records} samples read{share} were usable after a full pass over "
+                f"every shard (skips: {skips}); likely cause: {cause}")
+
+    def _read_shard(self, shard: int, c: Cursor, plan: SlotPlan, counter: SkipCounter,
+                    track: bool = True) -> Iterator[Record]:
+        """Records of one shard from cursor ``c``; ``track`` keeps ``self.cursor`` at the next record."""
         url = self.urls[shard]
         reader, compression = self.readers[shard]
         failures = 0
@@ -267,27 +346,45 @@ class ShardStream:
             try:
                 with open_shard(url, compression) as f:
                     for idx, key, payload, next_offset, next_index in reader(
-                        f, c.offset, c.index, plan.stride, plan.phase, self.counter
+                        f, c.offset, c.index, plan.stride, plan.phase, counter
                     ):
                         c = Cursor(c.epoch, c.pos, next_offset, next_index)
-                        self.cursor = c
+                        if track:
+                            self.cursor = c
                         failures = 0
                         yield Record(key, payload, shard, c.epoch, idx, c)
                 return
             except FileNotFoundError:
                 log.warning("shard %s is missing; skipped", url)
-                self.counter.add("missing_shard")
+                counter.add("missing_shard")
                 return
             except ShardError as e:
                 log.warning("shard %s: %s; rest of the shard skipped", url, e)
-                self.counter.add(e.reason)
+                counter.add(e.reason)
                 return
-            except TRANSIENT_ERRORS as e:
+            except Exception as e:
+                if not is_transient(e):
+                    raise
                 failures += 1
                 if failures > self.retries:
                     log.warning("shard %s failed %d times (%s); skipped", url, failures, e)
-                    self.counter.add("failed_shard")
+                    counter.add("failed_shard")
                     return
-                self.counter.add("read_retry")
+                counter.add("read_retry")
                 time.sleep(self.backoff_s * 2 ** (failures - 1))
 
+
+# Skip reason -> what usually causes a source to reject every sample for it.
+_LIKELY_CAUSES = {
+    "missing_caption": "the samples have no caption member (KEY.txt)",
+    "missing_image": "the samples have no image member (KEY.jpg, .jpeg, .png or .webp)",
+    "corrupt_image": "the images cannot be decoded",
+    "empty_caption": "every caption is empty",
+    "bad_json": "the JSON members (or JSON Lines rows) do not parse",
+    "bad_boxes": "the boxes in KEY.json are malformed",
+    "bad_regions": "KEY.regions.npy does not match the boxes",
+    "empty_text": "every document's text is empty",
+    "bad_text": "the text is not valid UTF-8 strings",
+    "no_tokens": "every document tokenises to nothing (only characters the tokenizer drops)",
+    "bad_text_shard": "the text shards have no 'text' column/field",
+}

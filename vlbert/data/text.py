@@ -33,10 +33,12 @@ TAG_TEXT = 2  # stream tag in record_rng: text masking
 
 @dataclass
 class TextSegment:
-    """input_ids int64 [L] (after masking), mlm_labels int64 [L]."""
+    """input_ids int64 [L] (after masking), mlm_labels int64 [L]; ``key`` names where the
+    segment starts: ``<source>:<shard URL>#<document index>+<piece offset>``."""
 
     input_ids: np.ndarray
     mlm_labels: np.ndarray
+    key: str = ""
 
 
 class WordPieces:
@@ -96,6 +98,21 @@ class TextSegmenter:
         self._cursor = Cursor.from_dict(state["cursor"])
         self._offset = int(state["offset"])
         self._iter: Optional[Iterator[TextSegment]] = None
+        stream.usable = self._usable
+
+    def _pieces(self, text: str, counter: SkipCounter) -> tuple[np.ndarray, np.ndarray]:
+        """Word pieces of a document; an empty result is counted (``bad_text``, ``no_tokens``)."""
+        try:
+            ids, starts = self.pieces(text)
+        except Exception:  # the Rust tokenizer rejects e.g. lone surrogates
+            counter.add("bad_text")
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+        if len(ids) == 0:
+            counter.add("no_tokens")
+        return ids, starts
+
+    def _usable(self, rec, counter: SkipCounter) -> bool:
+        return len(self._pieces(rec.payload, counter)[0]) > 0
 
     @property
     def counter(self) -> SkipCounter:
@@ -120,11 +137,9 @@ class TextSegmenter:
         before = self._cursor
         skip_first = self._offset
         for rec in self.stream:
-            try:
-                ids, starts = self.pieces(rec.payload)
-            except Exception:  # the Rust tokenizer rejects e.g. lone surrogates
-                self.counter.add("bad_text")
-                ids = np.zeros(0, dtype=np.int64)
+            ids, starts = self._pieces(rec.payload, self.counter)
+            if len(ids):
+                self.stream.mark_delivered()
             start = min(skip_first, len(ids))
             skip_first = 0
             if start < len(ids):
@@ -133,6 +148,7 @@ class TextSegmenter:
             while sum(len(d[2]) - d[4] for d in pending) >= n:
                 first = pending[0]
                 rng = record_rng(self.seed, TAG_TEXT, first[1], first[4])
+                key = f"{self.stream.source}:{self.stream.urls[first[1].shard]}#{first[1].index}+{first[4]}"
                 parts_ids, parts_starts, need = [], [], n
                 while need:
                     doc = pending[0]
@@ -147,9 +163,9 @@ class TextSegmenter:
                     self._cursor, self._offset = pending[0][0], pending[0][4]
                 else:
                     self._cursor, self._offset = before, 0
-                yield self._make(np.concatenate(parts_ids), np.concatenate(parts_starts), rng)
+                yield self._make(np.concatenate(parts_ids), np.concatenate(parts_starts), rng, key)
 
-    def _make(self, body: np.ndarray, body_starts: np.ndarray, rng: np.random.Generator) -> TextSegment:
+    def _make(self, body: np.ndarray, body_starts: np.ndarray, rng: np.random.Generator, key: str) -> TextSegment:
         p = self.pieces
         ids = np.concatenate([[p.cls_id], body, [p.sep_id]]).astype(np.int64)
         starts = np.concatenate([[False], body_starts, [False]])
@@ -159,7 +175,7 @@ class TextSegmenter:
         masked, labels = mask_tokens(
             ids, starts, special, p.vocab_size, p.mask_id, self.masking, rng, exclude_ids=p.special_ids
         )
-        return TextSegment(masked, labels)
+        return TextSegment(masked, labels, key)
 
 
 def collate_text(segments: list[TextSegment]) -> TextBatch:
@@ -174,4 +190,5 @@ def collate_text(segments: list[TextSegment]) -> TextBatch:
         ids[i, : len(s.input_ids)] = s.input_ids
         labels[i, : len(s.mlm_labels)] = s.mlm_labels
         mask[i, : len(s.input_ids)] = True
-    return TextBatch(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels))
+    return TextBatch(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels),
+                     keys=[s.key for s in segments])
