@@ -6,7 +6,8 @@
 
 Exit status: 0 when training finished or stopped cleanly on SIGTERM/SIGUSR1
 (a checkpoint was written; a requeued job resumes from it), 2 for a config
-error, 1 for any other failure.
+error, 1 for a data error (a source with no usable sample, no batch within
+data.wait_timeout_s) or any other failure.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlbert.config import ConfigError, load_config  # noqa: E402
+from vlbert.data.mixture import DataWaitTimeout  # noqa: E402
+from vlbert.data.shards import SourceUnusable  # noqa: E402
+
+DATA_ERRORS = (SourceUnusable, DataWaitTimeout)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -46,6 +51,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except DATA_ERRORS as e:  # a source with nothing usable, or a store that never answers
+        print(f"data error: {e}", file=sys.stderr)
+        return 1
     if result.preempted:
         print(f"stopped on {result.signal} at step {result.step}; checkpoint {result.checkpoint}", file=sys.stderr)
     return 0

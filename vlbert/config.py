@@ -111,6 +111,9 @@ class DataConfig:
     seed: int = 0
     read_retries: int = 3
     retry_backoff_s: float = 0.5
+    # Waiting for a batch: a warning every wait_warn_s, an error after wait_timeout_s (0 = no limit).
+    wait_warn_s: float = 60.0
+    wait_timeout_s: float = 900.0
 
 
 @dataclass
@@ -147,6 +150,8 @@ class RuntimeConfig:
     val_every: int = 0  # 0 = no periodic validation
     val_batches: int = 10
     seed: int = 0
+    # Write the keys of the samples each step consumed to <output_dir>/sample_keys/rank<r>.jsonl.
+    log_sample_keys: bool = False
 
 
 @dataclass
@@ -340,6 +345,8 @@ def validate(cfg: Config, source: str = "<config>", check_files: bool = True) ->
     _require(d.captions.short_side <= d.captions.max_long_side, source, "data.captions.short_side",
              "must not exceed data.captions.max_long_side")
     _require(d.num_workers >= 0, source, "data.num_workers", "must be >= 0")
+    _require(d.wait_warn_s > 0 and d.wait_timeout_s >= 0, source, "data.wait_warn_s",
+             "wait_warn_s must be positive and wait_timeout_s >= 0 (0 = no limit)")
     _require(bool(m.bert) or bool(d.tokenizer), source, "data.tokenizer",
              "set data.tokenizer when model.bert is empty (random init)")
     _require(o.lr > 0, source, "optim.lr", f"must be positive, got {o.lr}")

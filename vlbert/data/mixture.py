@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
-from typing import Iterator
+import queue
+import time
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -31,13 +34,20 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlbert.config import CaptionDataConfig, DataConfig, MaskingConfig
 from vlbert.data.batch import PretrainBatch
 from vlbert.data.captions import BadSample, collate_captions, decode_caption_sample
+from vlbert.data.prefetch import Prefetcher
 from vlbert.data.shards import Cursor, ShardStream, SkipCounter, expand_urls, record_rng
 from vlbert.data.text import TextSegmenter, WordPieces, collate_text
+
+log = logging.getLogger(__name__)
 
 TAG_CAPTIONS = 1  # record_rng stream tags: caption sample randomness
 TAG_MIX = 3  # choice of text source per batch
 TAG_VALIDATION = 4
 STATE_VERSION = 1
+
+
+class DataWaitTimeout(RuntimeError):
+    """No batch came from the data pipeline within ``data.wait_timeout_s``."""
 
 
 def _identity(x):
@@ -191,25 +201,59 @@ class PretrainStream:
         return self
 
     def __next__(self) -> PretrainBatch:
+        batch = self.next_batch()
+        assert batch is not None  # no stop predicate: never gives up
+        return batch
+
+    def next_batch(self, should_stop: Optional[Callable[[], bool]] = None) -> Optional[PretrainBatch]:
+        """The next batch, or None if ``should_stop()`` became true while waiting for it.
+
+        Batches are made in a background thread (which drives the DataLoader workers when
+        there are any), so the wait can be watched: a warning every ``data.wait_warn_s``
+        seconds, ``DataWaitTimeout`` after ``data.wait_timeout_s``. Errors of the pipeline
+        (``SourceUnusable``, a worker crash) are raised here.
+        """
         if self._iter is None:
-            dataset = self._make_dataset()
-            if self.num_workers:
-                os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenise alone
-                # Its own generator: starting workers must not draw from the global torch RNG,
-                # or dropout after a resume would differ from the uninterrupted run's.
-                loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                    collate_fn=_identity, prefetch_factor=2,
-                                    generator=torch.Generator().manual_seed(self.cfg.seed))
-                self._iter = iter(loader)
-            else:
-                self._iter = iter(dataset)
-        logical, batch, state = next(self._iter)
+            self._iter = Prefetcher(self._batches())
+        start = time.monotonic()
+        next_warning = self.cfg.wait_warn_s
+        while True:
+            try:
+                logical, batch, state = self._iter.get(timeout=Prefetcher.poll_s)
+                break
+            except queue.Empty:
+                pass
+            if should_stop is not None and should_stop():
+                return None
+            waited = time.monotonic() - start
+            if self.cfg.wait_timeout_s and waited >= self.cfg.wait_timeout_s:
+                raise DataWaitTimeout(
+                    f"rank {self.rank}: no batch from the data pipeline for {waited:.0f} s "
+                    f"(data.wait_timeout_s={self.cfg.wait_timeout_s:g}); the store may be unreachable or "
+                    f"very slow; skips so far: {self.skip_counts()}")
+            if waited >= next_warning:
+                log.warning("rank %d: waiting %.0f s for a batch (skips so far: %s)", self.rank, waited,
+                            self.skip_counts())
+                next_warning += self.cfg.wait_warn_s
         self._states[logical] = state
         self._next = (logical + 1) % self.n_logical
         return batch
 
+    def _batches(self) -> Iterator[tuple[int, PretrainBatch, dict]]:
+        dataset = self._make_dataset()
+        if not self.num_workers:
+            return iter(dataset)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenise alone
+        # Its own generator: starting workers must not draw from the global torch RNG,
+        # or dropout after a resume would differ from the uninterrupted run's.
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                            prefetch_factor=2, generator=torch.Generator().manual_seed(self.cfg.seed))
+        return iter(loader)
+
     def close(self) -> None:
         """Stop the workers (a later ``next`` starts them again from the current state)."""
+        if self._iter is not None:
+            self._iter.close()
         self._iter = None
 
     def state_dict(self) -> dict:
@@ -241,7 +285,7 @@ class PretrainStream:
             )
         self._states = copy.deepcopy(state["workers"])
         self._next = int(state["next_worker"])
-        self._iter = None
+        self.close()
 
     def skip_counts(self) -> dict[str, int]:
         """Inputs skipped so far by this rank, by reason (as of the batches handed out)."""

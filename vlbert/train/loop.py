@@ -2,9 +2,11 @@
 
 One optimizer step = ``optim.grad_accum`` micro-batches on every rank; each
 micro-batch holds ``captions_per_step / (world x accum)`` captioned images and
-``text_per_step / (world x accum)`` text segments. After every step the ranks
-all-reduce (stop flag, loss) in one call, so they all stop at the same step
-when any of them received SIGTERM/SIGUSR1.
+``text_per_step / (world x accum)`` text segments. Before every step each rank
+fetches the step's micro-batches (giving up the wait if SIGTERM/SIGUSR1
+arrives) and the ranks all-reduce their stop flags, so they all stop at the
+same step boundary, with a checkpoint, within seconds of the signal even while
+the data pipeline is waiting on a store.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from vlbert.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from vlbert.train.engine import (Engine, count_parameters, init_distributed, micro_batch_counts,
                                  resolve_deepspeed_config)
 from vlbert.train.metrics import Meter, batch_counts, memory_metrics, peak_flops
+from vlbert.train.sample_keys import SampleKeyLog
 from vlbert.train.environment import environment_tags
 from vlbert.train.signals import StopRequest
 from vlbert.train.tracking import build_tracker
@@ -79,7 +82,7 @@ def train(cfg: Config, on_step: Optional[Callable[[int, float], None]] = None) -
     is called on every rank after each step (and its checkpoint, if any).
 
     SIGTERM/SIGUSR1 are caught from here on (a signal during start-up stops the
-    run after its first step, with a checkpoint); the previous handlers come back
+    run before its first step, with a checkpoint); the previous handlers come back
     on return.
     """
     stop = StopRequest()
@@ -181,16 +184,25 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
         means, _ = vmeter.reduce()
         return {"val_" + k: v for k, v in means.items()}
 
-    def train_step() -> float:
-        """One optimizer step: ``grad_accum`` micro-batches; this rank's mean loss."""
+    def fetch_step() -> Optional[list]:
+        """This step's ``grad_accum`` micro-batches, or None if a stop was requested while waiting."""
+        batches = []
+        for _ in range(o.grad_accum):
+            batch = stream.next_batch(should_stop=lambda: stop.requested)
+            if batch is None:
+                return None
+            batches.append(batch)
+        return batches
+
+    def train_step(batches: list) -> float:
+        """One optimizer step over the micro-batches; this rank's mean loss."""
         nonlocal tokens_local
         loss = 0.0
-        for _ in range(o.grad_accum):
-            batch = next(stream)
+        for batch in batches:
             output = engine.step(batch)
             meter.add(output, batch)
             tokens_local += batch_counts(batch)[1]
-            loss += float(output.loss.detach()) / o.grad_accum
+            loss += float(output.loss.detach()) / len(batches)
         return loss
 
     # ---- fit
@@ -199,15 +211,29 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
     bar = tqdm(total=o.total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True,
                mininterval=1.0 if sys.stderr.isatty() else 30.0)
     train_seconds, interval_steps, status, batch_size = 0.0, 0, "FAILED", cfg.global_batch_size
+    saved_step = step if loaded is not None else -1
+    key_log = SampleKeyLog(out_dir, rank, resume_step=step) if r.log_sample_keys else None
     try:
         with logging_redirect_tqdm():  # log lines go above the bar
             while step < o.total_steps:
+                data_start = stream.state_dict()
+                batches = fetch_step()
+                # The ranks agree before the step's first collective, so a rank that gave up waiting
+                # for data on a stop request never leaves the others inside a collective.
+                if dist.any_rank(batches is None or stop.requested):
+                    stream.load_state_dict(data_start)  # this step's batches were not used
+                    result.preempted, result.signal = True, stop.signal or "peer"
+                    if saved_step != step:
+                        result.checkpoint, saved_step = save(), step
+                    log.warning("stopped at step %d on %s; checkpoint %s", step, result.signal, result.checkpoint)
+                    break
                 t0, lr = time.perf_counter(), engine.lr
-                local_loss = train_step()
+                local_loss = train_step(batches)
                 step += 1
                 samples_seen += cfg.global_batch_size
-                stop_votes, loss_sum = dist.all_sum([float(stop.requested), local_loss])  # ranks agree
-                loss = result.losses[step] = loss_sum / world
+                if key_log is not None:
+                    key_log.write(step, batches)
+                loss = result.losses[step] = dist.all_sum([local_loss])[0] / world
                 train_seconds += time.perf_counter() - t0
                 interval_steps += 1
                 bar.update(1)
@@ -223,20 +249,18 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
                                  metrics.get("loss", loss), lr, metrics["samples_per_s"])
                 if val_data is not None and step % r.val_every == 0:
                     tracker.log_metrics(validate(), step)
-                if step % r.checkpoint_every == 0 or step == o.total_steps or stop_votes > 0:
-                    result.checkpoint = save()
+                if step % r.checkpoint_every == 0 or step == o.total_steps:
+                    result.checkpoint, saved_step = save(), step
                 if on_step is not None:
                     on_step(step, loss)
-                if stop_votes > 0:
-                    result.preempted, result.signal = True, stop.signal or "peer"
-                    log.warning("stopped at step %d on %s; checkpoint %s", step, result.signal, result.checkpoint)
-                    break
         if not result.preempted:
             export_weights(engine, out_dir, rank, {"step": step, "mlflow_run_id": tracker.run_id})
         status = "KILLED" if result.preempted else "FINISHED"
     finally:
         bar.close()
         stream.close()
+        if key_log is not None:
+            key_log.close()
         tracker.close(status)
         engine.close()
     result.step, result.run_id, result.samples_seen = step, tracker.run_id, samples_seen

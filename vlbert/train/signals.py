@@ -1,8 +1,8 @@
 """Preemption: SIGTERM or SIGUSR1 asks the trainer to checkpoint and exit cleanly.
 
-The handler only records the request; the training loop checks it after each
-step, all ranks agree through an all-reduce (``dist.any_rank``), save a
-checkpoint at that same step and return. Slurm sends SIGTERM before killing a
+The handler only records the request; the training loop checks it before each
+step and while it waits for data, all ranks agree through an all-reduce
+(``dist.any_rank``), save a checkpoint at that same step and return. Slurm sends SIGTERM before killing a
 preempted job (and ``--signal=USR1@<s>`` before the time limit); the job is
 requeued and resumes from the checkpoint.
 """
@@ -34,7 +34,7 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         if self.signal is None:
             self.signal = signal.Signals(signum).name
-            log.warning("received %s: stopping after this step with a checkpoint", self.signal)
+            log.warning("received %s: stopping at the next step boundary with a checkpoint", self.signal)
 
     @property
     def requested(self) -> bool:

@@ -1,0 +1,62 @@
+"""Run an iterator in a background thread so that the consumer can wait for it with a time limit.
+
+The training loop must notice a stop request (SIGTERM/SIGUSR1) within seconds
+even while the data loader waits on a store or retries a shard, and must never
+wait for a batch without limit. ``Prefetcher.get(timeout)`` gives the next item,
+re-raises the iterator's exception, or raises ``queue.Empty`` when nothing came
+in time; the caller decides what to do between polls.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Iterator
+
+POLL_S = 0.25  # how often a blocked producer looks whether it was closed
+
+
+class Prefetcher:
+    """Pulls items from ``it`` in a daemon thread, one ahead of the consumer."""
+
+    poll_s = POLL_S  # a good interval for the consumer's own polling, too
+
+    def __init__(self, it: Iterator[Any], name: str = "vlbert-data"):
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(it,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, it: Iterator[Any]) -> None:
+        while not self._closed.is_set():
+            try:
+                item = ("item", next(it))
+            except StopIteration:
+                item = ("end", None)
+            except BaseException as e:  # handed to the consumer, raised there
+                item = ("error", e)
+            while not self._closed.is_set():
+                try:
+                    self._queue.put(item, timeout=POLL_S)
+                    break
+                except queue.Full:
+                    continue
+            if item[0] != "item":
+                return
+
+    def get(self, timeout: float) -> Any:
+        """The next item; ``StopIteration`` at the end; the iterator's own exception if it
+        raised; ``queue.Empty`` if nothing arrived within ``timeout`` seconds."""
+        kind, value = self._queue.get(timeout=timeout)
+        if kind == "end":
+            self._closed.set()
+            raise StopIteration
+        if kind == "error":
+            self._closed.set()
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Stop pulling. A producer blocked inside ``next(it)`` exits when that call returns
+        (it is a daemon thread: it never keeps the process alive)."""
+        self._closed.set()
