@@ -148,11 +148,12 @@ def _train_then_sigkill(cfg_path: str, kill_after: int, threads: int) -> None:
 def test_sigkill_and_resume_matches_an_uninterrupted_run(data, tmp_path):
     from vlbert.train.loop import train
 
-    straight_cfg = tiny_config(data, tmp_path / "straight", **{"tracking.experiment": "straight"})
+    keys_on = {"runtime.log_sample_keys": True}
+    straight_cfg = tiny_config(data, tmp_path / "straight", **{"tracking.experiment": "straight"}, **keys_on)
     straight = train(load_config(write_config(straight_cfg, tmp_path / "straight.yaml")))
     assert sorted(straight.losses) == [1, 2, 3, 4, 5, 6] and not straight.preempted
 
-    cfg = tiny_config(data, tmp_path / "killed", **{"tracking.experiment": "killed"})
+    cfg = tiny_config(data, tmp_path / "killed", **{"tracking.experiment": "killed"}, **keys_on)
     path = write_config(cfg, tmp_path / "killed.yaml")
     child = mp.get_context("spawn").Process(target=_train_then_sigkill, args=(str(path), 5, torch.get_num_threads()))
     child.start()
@@ -178,6 +179,18 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(data, tmp_path):
     assert hist["samples_seen"].values == [4.0 * s for s in range(1, 7)]
     assert hist["val_loss"].steps == [3, 6]
     assert hist["loss"].values[3:] == pytest.approx([resumed.losses[s] for s in (4, 5, 6)], rel=1e-6)
+
+    # The samples consumed: the same keys in the same order, each step once (the killed
+    # attempt's steps 4-5 were dropped on resume), and no caption twice within the epoch.
+    from vlbert.train.sample_keys import read_sample_keys
+
+    (want,) = read_sample_keys(tmp_path / "straight").values()
+    (got,) = read_sample_keys(tmp_path / "killed").values()
+    assert [line["step"] for line in got] == [1, 2, 3, 4, 5, 6]
+    assert got == want
+    captions = [k for line in got for k in line["captions"]]
+    assert len(captions) == 12 and len(set(captions)) == 12 and all(".tar#" in k for k in captions)
+    assert all(len(line["text"]) == 2 and all(k.startswith("text.") for k in line["text"]) for line in got)
 
 
 # --------------------------------------------------------------------------- launched
