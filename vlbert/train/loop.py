@@ -15,7 +15,6 @@ import json
 import logging
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vlbert.config import Config, check_deepspeed_config, flatten, save_config
@@ -31,6 +29,7 @@ from vlbert.train import dist
 from vlbert.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from vlbert.train.engine import (Engine, count_parameters, init_distributed, micro_batch_counts,
                                  resolve_deepspeed_config)
+from vlbert.train.progress import Progress
 from vlbert.train.metrics import Meter, batch_counts, memory_metrics, peak_flops
 from vlbert.train.sample_keys import SampleKeyLog
 from vlbert.train.environment import environment_tags
@@ -208,8 +207,8 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
     # ---- fit
     result = TrainResult(step=step, resumed_from=resumed_from)
     meter = Meter()
-    bar = tqdm(total=o.total_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    # Off a terminal the bar stays silent: the log line every runtime.log_every steps is the progress.
+    bar = Progress(o.total_steps, "train", initial=step, enabled=rank == 0)
     train_seconds, interval_steps, status, batch_size = 0.0, 0, "FAILED", cfg.global_batch_size
     saved_step = step if loaded is not None else -1
     key_log = SampleKeyLog(out_dir, rank, resume_step=step) if r.log_sample_keys else None
@@ -236,8 +235,7 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
                 loss = result.losses[step] = dist.all_sum([local_loss])[0] / world
                 train_seconds += time.perf_counter() - t0
                 interval_steps += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{interval_steps * batch_size / train_seconds:.1f}")
+                bar.update(1, loss=f"{loss:.4f}", samples_s=f"{interval_steps * batch_size / train_seconds:.1f}")
 
                 if step % r.log_every == 0 or step % cfg.tracking.log_every == 0 or step == o.total_steps:
                     metrics = log_metrics(lr, train_seconds, interval_steps)
