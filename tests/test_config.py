@@ -201,3 +201,12 @@ def test_inconsistent_values_are_named(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(ROOT / "configs/demo.yaml", [override])
     assert key in str(e.value)
+
+
+def test_a_moved_key_says_where_it_went(tmp_path):
+    from vlbert.config import ConfigError, load_config
+
+    path = tmp_path / "old.yaml"
+    path.write_text((ROOT / "configs/tiny.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"tracking.log_every is now runtime.log_every"):
+        load_config(path, ["tracking.log_every=5"])

@@ -73,7 +73,7 @@ def submit(slurm: SlurmCluster, data: Path, folder: Path) -> Job:
         f'data.text.sources.books.urls=["{data}/text/books-*.jsonl"]',
         f'data.text.sources.wiki.urls=["{data}/text/wiki-*.parquet"]',
         f"optim.total_steps={STEPS}", "runtime.checkpoint_every=2", "runtime.keep_last=2",
-        "tracking.experiment=slurm", "tracking.log_every=1",
+        "tracking.experiment=slurm",
         "data.num_workers=1",  # a DataLoader worker per rank: Slurm signals it too
         # Without dropout the losses depend only on the weights and the data, not on the
         # trainer's global torch RNG (which starting a DataLoader draws from).

@@ -60,7 +60,7 @@ def tiny_config(data: Path, out: Path, **overrides) -> dict:
         "optim": {"lr": 1e-3, "warmup_steps": 0, "total_steps": 6, "grad_clip": 1.0},
         "runtime": {"deepspeed_config": str(REPO / "ds_configs/cpu_zero2_fp32.json"), "output_dir": str(out),
                     "checkpoint_every": 3, "keep_last": 2, "log_every": 1, "val_every": 3, "val_batches": 2},
-        "tracking": {"experiment": "e2e", "tracking_uri": f"sqlite:///{out.parent / 'mlflow.db'}", "log_every": 1,
+        "tracking": {"experiment": "e2e", "tracking_uri": f"sqlite:///{out.parent / 'mlflow.db'}",
                      "system_metrics": False},
     }
     for key, value in overrides.items():

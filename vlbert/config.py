@@ -146,7 +146,7 @@ class RuntimeConfig:
     checkpoint_every: int = 1000
     keep_last: int = 3
     resume: bool = True
-    log_every: int = 10
+    log_every: int = 10  # steps between log lines and MLflow metrics
     val_every: int = 0  # 0 = no periodic validation
     val_batches: int = 10
     seed: int = 0
@@ -159,7 +159,6 @@ class TrackingConfig:
     experiment: str = "vlbert"
     run_name: str = ""
     tracking_uri: str = ""  # empty = $MLFLOW_TRACKING_URI, else a store in the working folder
-    log_every: int = 10
     system_metrics: bool = True
     enabled: bool = True
 
@@ -289,10 +288,17 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
+# Keys that moved: an old config gets a message saying where, not just "unknown key".
+MOVED_KEYS = {"tracking.log_every": "runtime.log_every (one cadence for the log line and MLflow)"}
+
+
 def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
+    moved = [f"{prefix}{k}" for k in unknown if f"{prefix}{k}" in MOVED_KEYS]
+    if moved:
+        raise ConfigError(f"{source}: {moved[0]} is now {MOVED_KEYS[moved[0]]}")
     if unknown:
         where = prefix.rstrip(".") or "top level"
         raise ConfigError(

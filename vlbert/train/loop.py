@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,8 @@ from vlbert.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from vlbert.train.engine import (Engine, count_parameters, init_distributed, micro_batch_counts,
                                  resolve_deepspeed_config)
 from vlbert.train.progress import Progress
-from vlbert.train.metrics import Meter, batch_counts, memory_metrics, peak_flops
+from vlbert.train.metrics import Meter, batch_counts, interval_metrics, peak_flops, total_skips
+from vlbert.train.state import TrainState
 from vlbert.train.sample_keys import SampleKeyLog
 from vlbert.train.environment import environment_tags
 from vlbert.train.signals import StopRequest
@@ -68,6 +68,41 @@ def export_weights(engine: Engine, out_dir: Path, rank: int, info: dict) -> None
         # Tied weights are separate copies here; safetensors refuses shared storage.
         save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"))
         (out_dir / "model.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def validate(engine: Engine, val_data, max_batches: int) -> dict[str, float]:
+    """Mean validation metrics over up to ``max_batches`` batches per rank, in lockstep."""
+    meter, it = Meter(), iter(val_data)
+    with engine.eval_mode():
+        for _ in range(max_batches):
+            batch = next(it, None)
+            if dist.any_rank(batch is None):  # every rank runs the same number of forwards
+                break
+            meter.add(engine.evaluate(batch), batch)
+    means, _ = meter.reduce()
+    return {"val_" + k: v for k, v in means.items()}
+
+
+def fetch_step(stream, micro_batches: int, stop: StopRequest) -> Optional[list]:
+    """One step's micro-batches, or None if a stop was requested while waiting for them."""
+    batches = []
+    for _ in range(micro_batches):
+        batch = stream.next_batch(should_stop=lambda: stop.requested)
+        if batch is None:
+            return None
+        batches.append(batch)
+    return batches
+
+
+def train_step(engine: Engine, meter: Meter, batches: list) -> tuple[float, float]:
+    """One optimizer step over the micro-batches: (this rank's mean loss, its tokens)."""
+    loss = tokens = 0.0
+    for batch in batches:
+        output = engine.step(batch)
+        meter.add(output, batch)
+        tokens += batch_counts(batch)[1]
+        loss += float(output.loss.detach()) / len(batches)
+    return loss, tokens
 
 
 def _setup_logging(rank: int) -> None:
@@ -123,19 +158,19 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
 
     # ---- resume: weights, optimizer, schedule, data position, RNG, counters, MLflow run
     seed_everything(r.seed + rank)  # masking and dropout differ per rank
-    step, samples_seen, tokens_local, run_id, resumed_from = 0, 0, 0, None, None
+    state, resumed_from = TrainState(), None
     loaded = checkpointer.load_latest(engine) if r.resume else None
     if loaded is not None:
-        step, samples_seen = loaded.meta["step"], loaded.meta["samples_seen"]
-        tokens_local, run_id = loaded.rank_state["tokens_local"], loaded.meta.get("mlflow_run_id")
+        state, resumed_from = TrainState.from_meta(loaded.meta), loaded.info.url
         stream.load_state_dict(loaded.rank_state["data"])
         set_rng_state(loaded.rank_state["rng"])
-        resumed_from = loaded.info.url
-        if engine.global_step != step:
-            raise RuntimeError(f"{resumed_from}: DeepSpeed is at step {engine.global_step}, the metadata says {step}")
+        if engine.global_step != state.step:
+            raise RuntimeError(f"{resumed_from}: DeepSpeed is at step {engine.global_step}, "
+                               f"the metadata says {state.step}")
+    state.layout = {"world_size": world, "num_workers": cfg.data.num_workers}
 
     # ---- tracking (rank 0): config, environment, artifacts
-    tracker = build_tracker(cfg.tracking, rank, run_id=run_id)
+    tracker = build_tracker(cfg.tracking, rank, run_id=state.mlflow_run_id)
     if rank == 0:
         tracker.log_params(flatten(cfg.to_dict()))
         tracker.set_tags({**environment_tags(world), "vlbert.zero_stage": str(engine.zero_stage),
@@ -143,116 +178,71 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
         tracker.log_text((out_dir / "config.yaml").read_text(), "config/config.yaml")
         tracker.log_text(json.dumps(ds_json, indent=2), "config/deepspeed.json")
     peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    meter, key_log = Meter(), SampleKeyLog(out_dir, rank, state.step) if r.log_sample_keys else None
 
     def save() -> str:
-        tokens_seen = int(dist.all_sum([tokens_local])[0])
-        meta = {"samples_seen": samples_seen, "tokens_seen": tokens_seen, "mlflow_run_id": tracker.run_id,
-                "zero_stage": engine.zero_stage, "precision": engine.precision, "config": cfg.to_dict()}
-        rank_state = {"data": stream.state_dict(), "rng": rng_state(), "tokens_local": tokens_local}
-        return checkpointer.save(engine, step, meta, rank_state)
+        state.mlflow_run_id = tracker.run_id
+        meta = {**state.to_meta(), "zero_stage": engine.zero_stage, "precision": engine.precision,
+                "config": cfg.to_dict()}
+        return checkpointer.save(engine, state.step, meta, {"data": stream.state_dict(), "rng": rng_state()})
 
-    def log_metrics(lr: float, seconds: float, steps: int) -> dict[str, float]:
-        """Means over the interval and ranks, throughput, counters (collective)."""
+    def interval(lr: float, seconds: float, steps: int) -> dict[str, float]:
+        """The interval's metrics, reduced over ranks (collective)."""
         means, counts = meter.reduce()
-        tokens_seen = dist.all_sum([tokens_local])[0]
-        skips: dict[str, int] = {}
-        for counter in dist.all_gather_object(stream.skip_counts()):
-            for reason, n in counter.items():
-                skips[reason] = skips.get(reason, 0) + n
-        seconds = max(seconds, 1e-9)
-        metrics = {**means, "lr": lr, "loss_scale": engine.loss_scale, "skipped_steps": engine.skipped_steps,
-                   "samples_per_s": counts["samples"] / seconds, "tokens_per_s": counts["tokens"] / seconds,
-                   "images_per_s": counts["images"] / seconds, "step_time_s": seconds / max(steps, 1),
-                   "samples_seen": samples_seen, "tokens_seen": tokens_seen, **memory_metrics()}
+        extra = {"lr": lr, "loss_scale": engine.loss_scale, "skipped_steps": engine.skipped_steps,
+                 "samples_seen": state.samples_seen, "tokens_seen": state.tokens_seen}
         if engine.grad_norm is not None:
-            metrics["grad_norm"] = engine.grad_norm
-        if peak:
-            metrics["mfu"] = 6 * flops_params * metrics["tokens_per_s"] / (peak * world)
-        metrics.update({"data_skips/" + re.sub(r"[^\w.\- /]", "_", k): v for k, v in skips.items()})
-        return metrics
-
-    def validate() -> dict[str, float]:
-        """Mean validation metrics over up to ``val_batches`` batches per rank, in lockstep."""
-        vmeter, it = Meter(), iter(val_data)
-        with engine.eval_mode():
-            for _ in range(r.val_batches):
-                batch = next(it, None)
-                if dist.any_rank(batch is None):  # every rank runs the same number of forwards
-                    break
-                vmeter.add(engine.evaluate(batch), batch)
-        means, _ = vmeter.reduce()
-        return {"val_" + k: v for k, v in means.items()}
-
-    def fetch_step() -> Optional[list]:
-        """This step's ``grad_accum`` micro-batches, or None if a stop was requested while waiting."""
-        batches = []
-        for _ in range(o.grad_accum):
-            batch = stream.next_batch(should_stop=lambda: stop.requested)
-            if batch is None:
-                return None
-            batches.append(batch)
-        return batches
-
-    def train_step(batches: list) -> float:
-        """One optimizer step over the micro-batches; this rank's mean loss."""
-        nonlocal tokens_local
-        loss = 0.0
-        for batch in batches:
-            output = engine.step(batch)
-            meter.add(output, batch)
-            tokens_local += batch_counts(batch)[1]
-            loss += float(output.loss.detach()) / len(batches)
-        return loss
+            extra["grad_norm"] = engine.grad_norm
+        skips = total_skips(dist.all_gather_object(stream.skip_counts()))
+        return interval_metrics(means, counts, seconds, steps, extra, skips, flops_params, peak, world)
 
     # ---- fit
-    result = TrainResult(step=step, resumed_from=resumed_from)
-    meter = Meter()
+    result = TrainResult(step=state.step, resumed_from=resumed_from)
     # Off a terminal the bar stays silent: the log line every runtime.log_every steps is the progress.
-    bar = Progress(o.total_steps, "train", initial=step, enabled=rank == 0)
-    train_seconds, interval_steps, status, batch_size = 0.0, 0, "FAILED", cfg.global_batch_size
-    saved_step = step if loaded is not None else -1
-    key_log = SampleKeyLog(out_dir, rank, resume_step=step) if r.log_sample_keys else None
+    bar = Progress(o.total_steps, "train", initial=state.step, enabled=rank == 0)
+    seconds, steps_in_interval, status = 0.0, 0, "FAILED"
+    saved_step = state.step if loaded is not None else -1
     try:
         with logging_redirect_tqdm():  # log lines go above the bar
-            while step < o.total_steps:
+            while state.step < o.total_steps:
                 data_start = stream.state_dict()
-                batches = fetch_step()
+                batches = fetch_step(stream, o.grad_accum, stop)
                 # The ranks agree before the step's first collective, so a rank that gave up waiting
                 # for data on a stop request never leaves the others inside a collective.
                 if dist.any_rank(batches is None or stop.requested):
                     stream.load_state_dict(data_start)  # this step's batches were not used
                     result.preempted, result.signal = True, stop.signal or "peer"
-                    if saved_step != step:
-                        result.checkpoint, saved_step = save(), step
-                    log.warning("stopped at step %d on %s; checkpoint %s", step, result.signal, result.checkpoint)
+                    if saved_step != state.step:
+                        result.checkpoint, saved_step = save(), state.step
+                    log.warning("stopped at step %d on %s; checkpoint %s", state.step, result.signal,
+                                result.checkpoint)
                     break
                 t0, lr = time.perf_counter(), engine.lr
-                local_loss = train_step(batches)
-                step += 1
-                samples_seen += cfg.global_batch_size
+                local_loss, local_tokens = train_step(engine, meter, batches)
+                loss_sum, tokens = dist.all_sum([local_loss, local_tokens])
+                state.advance(cfg.global_batch_size, int(tokens))
+                loss = result.losses[state.step] = loss_sum / world
+                seconds += time.perf_counter() - t0
+                steps_in_interval += 1
+                bar.update(1, loss=f"{loss:.4f}", samples_s=f"{steps_in_interval * cfg.global_batch_size / seconds:.1f}")
                 if key_log is not None:
-                    key_log.write(step, batches)
-                loss = result.losses[step] = dist.all_sum([local_loss])[0] / world
-                train_seconds += time.perf_counter() - t0
-                interval_steps += 1
-                bar.update(1, loss=f"{loss:.4f}", samples_s=f"{interval_steps * batch_size / train_seconds:.1f}")
+                    key_log.write(state.step, batches)
 
-                if step % r.log_every == 0 or step % cfg.tracking.log_every == 0 or step == o.total_steps:
-                    metrics = log_metrics(lr, train_seconds, interval_steps)
-                    train_seconds, interval_steps = 0.0, 0
-                    if step % cfg.tracking.log_every == 0 or step == o.total_steps:
-                        tracker.log_metrics(metrics, step)
-                    if rank == 0 and step % r.log_every == 0:
-                        log.info("step %d/%d loss %.4f lr %.3g %.1f samples/s", step, o.total_steps,
+                if state.step % r.log_every == 0 or state.step == o.total_steps:
+                    metrics = interval(lr, seconds, steps_in_interval)
+                    seconds, steps_in_interval = 0.0, 0
+                    tracker.log_metrics(metrics, state.step)
+                    if rank == 0:
+                        log.info("step %d/%d loss %.4f lr %.3g %.1f samples/s", state.step, o.total_steps,
                                  metrics.get("loss", loss), lr, metrics["samples_per_s"])
-                if val_data is not None and step % r.val_every == 0:
-                    tracker.log_metrics(validate(), step)
-                if step % r.checkpoint_every == 0 or step == o.total_steps:
-                    result.checkpoint, saved_step = save(), step
+                if val_data is not None and state.step % r.val_every == 0:
+                    tracker.log_metrics(validate(engine, val_data, r.val_batches), state.step)
+                if state.step % r.checkpoint_every == 0 or state.step == o.total_steps:
+                    result.checkpoint, saved_step = save(), state.step
                 if on_step is not None:
-                    on_step(step, loss)
+                    on_step(state.step, loss)
         if not result.preempted:
-            export_weights(engine, out_dir, rank, {"step": step, "mlflow_run_id": tracker.run_id})
+            export_weights(engine, out_dir, rank, {"step": state.step, "mlflow_run_id": tracker.run_id})
         status = "KILLED" if result.preempted else "FINISHED"
     finally:
         bar.close()
@@ -261,6 +251,6 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
             key_log.close()
         tracker.close(status)
         engine.close()
-    result.step, result.run_id, result.samples_seen = step, tracker.run_id, samples_seen
-    result.tokens_seen = int(dist.all_sum([tokens_local])[0])
+    result.step, result.run_id = state.step, tracker.run_id
+    result.samples_seen, result.tokens_seen = state.samples_seen, state.tokens_seen
     return result

@@ -11,8 +11,9 @@ devices (and CPUs) get no MFU.
 
 from __future__ import annotations
 
+import re
 import resource
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -108,3 +109,38 @@ def memory_metrics() -> dict[str, float]:
     if torch.cuda.is_available():
         return {"peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
     return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux
+
+
+def metric_name(key: str) -> str:
+    """A name MLflow accepts: letters, digits, ``_ - . / space``; anything else becomes ``_``."""
+    return re.sub(r"[^\w.\- /]", "_", key)
+
+
+def total_skips(per_rank: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Skip counts by reason, summed over ranks."""
+    out: dict[str, int] = {}
+    for counts in per_rank:
+        for reason, n in counts.items():
+            out[reason] = out.get(reason, 0) + n
+    return dict(sorted(out.items()))
+
+
+def mfu(flops_params: int, tokens_per_s: float, peak: Optional[float], world: int) -> Optional[float]:
+    """Model FLOPs utilisation (module docstring); None without a known peak."""
+    return 6 * flops_params * tokens_per_s / (peak * world) if peak else None
+
+
+def interval_metrics(means: dict[str, float], counts: dict[str, int], seconds: float, steps: int,
+                     extra: dict[str, float], skips: dict[str, int], flops_params: int, peak: Optional[float],
+                     world: int) -> dict[str, float]:
+    """The metrics logged once per interval: the task means, throughput, MFU, memory,
+    ``extra`` (lr, counters, engine figures) and ``data_skips/<reason>``."""
+    seconds = max(seconds, 1e-9)
+    metrics = {**means, **extra, "samples_per_s": counts["samples"] / seconds,
+               "tokens_per_s": counts["tokens"] / seconds, "images_per_s": counts["images"] / seconds,
+               "step_time_s": seconds / max(steps, 1), **memory_metrics()}
+    value = mfu(flops_params, metrics["tokens_per_s"], peak, world)
+    if value is not None:
+        metrics["mfu"] = value
+    metrics.update({"data_skips/" + metric_name(k): v for k, v in skips.items()})
+    return metrics
