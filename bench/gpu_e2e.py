@@ -38,7 +38,8 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vlbert.config import DataConfig, DetectorConfig, ModelConfig, OptimConfig, load_deepspeed_json  # noqa: E402
+from vlbert.config import DataConfig, DetectorConfig, ModelConfig, OptimConfig  # noqa: E402
+from vlbert.train.ds_config import load_deepspeed_json  # noqa: E402
 from vlbert.data.batch import IGNORE_INDEX, CaptionBatch, PretrainBatch, TextBatch  # noqa: E402
 from vlbert.model.embeddings import VisualInputs  # noqa: E402
 from vlbert.model.pretraining import VLBertForPretraining  # noqa: E402
@@ -258,7 +259,8 @@ class TorchTrainer:
 
 class DeepSpeedTrainer:
     def __init__(self, model, s: Shapes, ds_config: str, device):
-        from vlbert.train.engine import Engine, init_distributed, resolve_deepspeed_config
+        from vlbert.train.ds_config import resolve_deepspeed_config
+        from vlbert.train.engine import Engine, init_distributed
         world = init_distributed().world_size
         raw = load_deepspeed_json(ds_config)
         bf16_buffers = raw.get("bf16", {}).get("enabled") and "buffer_dtype" not in raw.get("data_types", {})

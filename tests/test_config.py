@@ -10,11 +10,12 @@ import yaml
 from vlbert.config import (
     Config,
     ConfigError,
-    check_deepspeed_config,
     flatten,
     load_config,
     save_config,
 )
+
+from vlbert.train.ds_config import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -67,7 +68,7 @@ def test_recipe_numbers_follow_the_paper():
 @pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.name)
 def test_every_deepspeed_json_validates(path):
     cfg = load_config(ROOT / "configs/base_e2e.yaml", [f"runtime.deepspeed_config={path.relative_to(ROOT)}"])
-    ds = check_deepspeed_config(cfg)
+    ds = deepspeed_config(cfg.runtime.deepspeed_config, cfg.data, cfg.optim, world_size=1, cuda=True)
     assert ds["zero_optimization"]["stage"] in (1, 2, 3)
     assert not (ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"))
 
@@ -148,12 +149,18 @@ def test_missing_files(tmp_path):
         load_config(ROOT / "configs/demo.yaml", ["runtime.deepspeed_config=ds_configs/missing.json"])
 
 
+def resolved_ds(config: Path, ds_path: Path) -> dict:
+    """Load a run config naming ``ds_path``, then read and check the JSON as a run does."""
+    cfg = load_config(config, [f"runtime.deepspeed_config={ds_path}"])
+    return deepspeed_config(cfg.runtime.deepspeed_config, cfg.data, cfg.optim, world_size=1, cuda=True)
+
+
 def test_batch_size_mismatch_with_deepspeed_json(tmp_path):
     ds = json.loads((ROOT / "ds_configs/zero2_bf16.json").read_text())
     ds["train_batch_size"] = 512
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     with pytest.raises(ConfigError) as e:
-        load_config(ROOT / "configs/base_e2e.yaml", [f"runtime.deepspeed_config={tmp_path / 'ds.json'}"])
+        resolved_ds(ROOT / "configs/base_e2e.yaml", tmp_path / "ds.json")
     msg = str(e.value)
     assert "train_batch_size is 512" in msg and "256" in msg and "ds.json" in msg
 
@@ -163,7 +170,7 @@ def test_batch_size_that_agrees_or_auto_is_accepted(tmp_path):
     for value in (256, "auto"):
         ds["train_batch_size"] = value
         (tmp_path / "ds.json").write_text(json.dumps(ds))
-        load_config(ROOT / "configs/base_e2e.yaml", [f"runtime.deepspeed_config={tmp_path / 'ds.json'}"])
+        resolved_ds(ROOT / "configs/base_e2e.yaml", tmp_path / "ds.json")
 
 
 def test_deepspeed_json_must_not_define_the_optimizer(tmp_path):
@@ -171,13 +178,13 @@ def test_deepspeed_json_must_not_define_the_optimizer(tmp_path):
     ds["optimizer"] = {"type": "Adam", "params": {"lr": 1e-4}}
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     with pytest.raises(ConfigError, match="defines 'optimizer'"):
-        load_config(ROOT / "configs/base_e2e.yaml", [f"runtime.deepspeed_config={tmp_path / 'ds.json'}"])
+        resolved_ds(ROOT / "configs/base_e2e.yaml", tmp_path / "ds.json")
 
 
 def test_broken_json_and_yaml(tmp_path):
     (tmp_path / "ds.json").write_text("{ not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        load_config(ROOT / "configs/demo.yaml", [f"runtime.deepspeed_config={tmp_path / 'ds.json'}"])
+        resolved_ds(ROOT / "configs/demo.yaml", tmp_path / "ds.json")
     (tmp_path / "bad.yaml").write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")

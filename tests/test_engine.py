@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from vlbert.config import ConfigError, DataConfig, OptimConfig
-from vlbert.train.engine import (Engine, count_parameters, init_distributed, micro_batch_counts, param_groups,
-                                 resolve_deepspeed_config)
+from vlbert.train.ds_config import micro_batch_counts, resolve_deepspeed_config
+from vlbert.train.engine import Engine, count_parameters, init_distributed, param_groups
 from vlbert.train.schedule import warmup_linear_decay
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.filterwarnings("ignore::FutureWarning")]

@@ -110,7 +110,8 @@ def test_real_model_overfits_a_fixed_batch(data, tmp_path):
 
     from vlbert.data.mixture import build_pretrain_stream
     from vlbert.model.pretraining import VLBertForPretraining
-    from vlbert.train.engine import Engine, init_distributed, resolve_deepspeed_config
+    from vlbert.train.ds_config import resolve_deepspeed_config
+    from vlbert.train.engine import Engine, init_distributed
 
     init_distributed()
     cfg = load_config(write_config(tiny_config(data, tmp_path / "out"), tmp_path / "c.yaml"),

@@ -12,7 +12,6 @@ Each component receives only its own part (``cfg.model``, ``cfg.data``, ...).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import types
 import typing
@@ -187,8 +186,9 @@ class Config:
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check_files: bool = True) -> Config:
     """Read a YAML config, apply ``key=value`` overrides, convert and validate.
 
-    ``check_files`` also checks that referenced local files (the DeepSpeed
-    JSON) exist and agree with the config.
+    ``check_files`` also checks that the DeepSpeed JSON it names exists; its
+    contents are read and checked where the run starts
+    (``vlbert.train.ds_config``): loading a config reads no other file.
     """
     source = str(path) if path is not None else "<defaults>"
     raw: dict[str, Any] = {}
@@ -366,56 +366,8 @@ def validate(cfg: Config, source: str = "<config>", check_files: bool = True) ->
     _require(r.checkpoint_every > 0 and r.keep_last >= 1 and r.log_every > 0, source, "runtime.checkpoint_every",
              "checkpoint_every and log_every must be positive and keep_last >= 1")
     if check_files:
-        check_deepspeed_config(cfg, source)
-
-
-def load_deepspeed_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: DeepSpeed config file not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
-
-
-def check_deepspeed_config(cfg: Config, source: str = "<config>") -> dict[str, Any]:
-    """Check the DeepSpeed JSON named by ``runtime.deepspeed_config`` against the config.
-
-    Batch sizes, accumulation and clipping live in our config; the JSON may
-    leave them out or say "auto", and where it states them they must agree.
-    The optimizer and schedule are ours (parameter groups without weight decay
-    on biases and LayerNorm), so the JSON must not define them.
-    """
-    path = cfg.runtime.deepspeed_config
-    where = f"{source}: runtime.deepspeed_config ({path})"
-    if not os.path.isfile(path):
-        raise ConfigError(f"{where}: file not found")
-    ds = load_deepspeed_json(path)
-    if not isinstance(ds, dict):
-        raise ConfigError(f"{where}: expected a JSON object")
-    expected = {
-        "train_batch_size": cfg.global_batch_size,
-        "gradient_accumulation_steps": cfg.optim.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
-    }
-    for key, want in expected.items():
-        got = ds.get(key, "auto")
-        if got != "auto" and got != want:
-            raise ConfigError(
-                f"{where}: {key} is {got} but the config gives {want} "
-                f"(data.captions_per_step + data.text_per_step, optim.grad_accum, optim.grad_clip); "
-                f"remove it from the JSON or set it to \"auto\""
-            )
-    for key in ("optimizer", "scheduler"):
-        if key in ds:
-            raise ConfigError(f"{where}: defines '{key}'; the optimizer and schedule come from the optim section")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{where}: zero_optimization.stage must be 0-3, got {stage}")
-    if ds.get("bf16", {}).get("enabled") and ds.get("fp16", {}).get("enabled"):
-        raise ConfigError(f"{where}: bf16 and fp16 are both enabled")
-    return ds
+        _require(os.path.isfile(r.deepspeed_config), source, f"runtime.deepspeed_config ({r.deepspeed_config})",
+                 "file not found")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

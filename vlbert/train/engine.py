@@ -3,8 +3,6 @@
 - ``init_distributed()``: the process group (NCCL on GPUs, gloo on CPUs). Under
   ``torchrun``/``deepspeed``/``srun`` it reads the usual environment; a plain
   ``python tools/train.py`` gets a one-process group on a free loopback port.
-- ``resolve_deepspeed_config()``: the DeepSpeed JSON completed from our config
-  (batch sizes, accumulation, clipping), so that the two can never disagree.
 - ``Engine``: AdamW with BERT's parameter groups (no weight decay on biases and
   normalisation weights), linear warmup then linear decay to 0, and DeepSpeed
   for ZeRO 1-3, bf16/fp16 (dynamic loss scaling as the JSON says), gradient
@@ -25,7 +23,6 @@ plain DeepSpeed types its files hold (``DEEPSPEED_SAFE_GLOBALS``).
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import logging
 import os
@@ -46,7 +43,8 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # 
 from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
 from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
-from vlbert.config import ConfigError, DataConfig, OptimConfig  # noqa: E402
+from vlbert.config import OptimConfig  # noqa: E402
+from vlbert.train.ds_config import offload_device  # noqa: E402
 from vlbert.train.schedule import warmup_linear_decay  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -116,58 +114,6 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
 
 
-# --------------------------------------------------------------------------- config
-
-
-def micro_batch_counts(data: DataConfig, optim: OptimConfig, world_size: int) -> tuple[int, int]:
-    """(captions, text segments) per micro-batch on each rank."""
-    per = world_size * optim.grad_accum
-    for key, n in (("data.captions_per_step", data.captions_per_step), ("data.text_per_step", data.text_per_step)):
-        if n % per:
-            raise ConfigError(
-                f"{key} = {n} must be divisible by world size x optim.grad_accum = {world_size} x "
-                f"{optim.grad_accum} = {per} (each rank takes the same share of every micro-batch)"
-            )
-    return data.captions_per_step // per, data.text_per_step // per
-
-
-def resolve_deepspeed_config(ds: dict[str, Any], data: DataConfig, optim: OptimConfig, world_size: int,
-                             source: str = "deepspeed config") -> dict[str, Any]:
-    """A copy of the DeepSpeed JSON with batch sizes, accumulation and clipping from
-    our config filled in where missing or "auto"; a stated value that differs
-    raises ConfigError."""
-    ds = copy.deepcopy(ds)
-    captions, text = micro_batch_counts(data, optim, world_size)
-    wanted = {
-        "train_batch_size": data.captions_per_step + data.text_per_step,
-        "train_micro_batch_size_per_gpu": captions + text,
-        "gradient_accumulation_steps": optim.grad_accum,
-        "gradient_clipping": optim.grad_clip,
-    }
-    for key, want in wanted.items():
-        got = ds.get(key, "auto")
-        if got == "auto":
-            ds[key] = want
-        elif got != want:
-            raise ConfigError(f"{source}: {key} is {got} but the config and world size ({world_size}) give {want}")
-    for key in ("optimizer", "scheduler"):
-        if key in ds:
-            raise ConfigError(f"{source}: defines '{key}'; the optimizer and schedule come from the optim section")
-    ds.setdefault("zero_allow_untested_optimizer", True)  # our client AdamW under ZeRO
-    ds.setdefault("steps_per_print", 10**9)  # progress is ours
-    if not torch.cuda.is_available():
-        if ds.get("fp16", {}).get("enabled"):
-            raise ConfigError(f"{source}: fp16 needs a GPU; on CPU use an fp32 or bf16 DeepSpeed config")
-        if _offload_device(ds):
-            raise ConfigError(f"{source}: ZeRO offload needs a GPU; on CPU use a config without offload")
-    return ds
-
-
-def _offload_device(ds: dict[str, Any]) -> Optional[str]:
-    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")
-    return device if device in ("cpu", "nvme") else None
-
-
 # --------------------------------------------------------------------------- optimizer
 
 
@@ -220,7 +166,7 @@ class Engine:
         self.optim_cfg = optim
         groups = param_groups(model, optim.weight_decay)
         kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
-        if _offload_device(ds_config):
+        if offload_device(ds_config):
             from deepspeed.ops.adam import DeepSpeedCPUAdam  # the optimizer ZeRO-Offload requires
 
             optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)

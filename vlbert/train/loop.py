@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from vlbert.config import Config, check_deepspeed_config, flatten, save_config
+from vlbert.config import Config, flatten, save_config
 from vlbert.train import dist
 from vlbert.train.checkpoint import Checkpointer, rng_state, set_rng_state
-from vlbert.train.engine import (Engine, count_parameters, init_distributed, micro_batch_counts,
-                                 resolve_deepspeed_config)
+from vlbert.train.ds_config import deepspeed_config, micro_batch_counts
+from vlbert.train.engine import Engine, count_parameters, init_distributed
 from vlbert.train.progress import Progress
 from vlbert.train.metrics import Meter, batch_counts, interval_metrics, peak_flops, total_skips
 from vlbert.train.state import TrainState
@@ -136,7 +136,7 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
     info = init_distributed()
     rank, world = info.rank, info.world_size
     _setup_logging(rank)
-    ds_json = resolve_deepspeed_config(check_deepspeed_config(cfg), cfg.data, o, world, r.deepspeed_config)
+    ds_json = deepspeed_config(r.deepspeed_config, cfg.data, o, world)
     captions_mb, text_mb = micro_batch_counts(cfg.data, o, world)
     out_dir = Path(r.output_dir)
     if rank == 0:
