@@ -218,7 +218,10 @@ def record_rng(seed: int, tag: int, rec: Record, *extra: int) -> np.random.Gener
 @contextlib.contextmanager
 def open_shard(url: str, compression: Optional[str] = None):
     """Open a shard for reading through fsspec with large read-ahead blocks."""
-    with fsspec.open(url, "rb", block_size=BLOCK_SIZE, cache_type=CACHE_TYPE) as f:
+    # The file system's open, not fsspec.open: the latter hands extra keywords to the file
+    # system's constructor, which s3fs passes on to botocore (a TypeError on every read).
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb", block_size=BLOCK_SIZE, cache_type=CACHE_TYPE) as f:
         yield decompressed(f, compression)
 
 
