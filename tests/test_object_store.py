@@ -36,13 +36,14 @@ from s3_server import (CREDENTIALS, FaultProxy, MotoS3, clear_s3_caches, fresh_s
 from test_mixture import assert_batches_equal, take
 from vlbert.config import CaptionDataConfig, DataConfig, MaskingConfig, TextDataConfig, TextSourceConfig
 from vlbert.data.mixture import build_pretrain_stream
-from vlbert.data.shards import Cursor, ShardStream, SkipCounter, SourceUnusable, is_transient, slot_plan
+from vlbert.data.shards import ShardStream, SkipCounter, SourceUnusable, is_transient, slot_plan
 
 pytestmark = [pytest.mark.s3, pytest.mark.timeout(120), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
 REPO = Path(__file__).resolve().parents[1]
 N_SHARDS, PER_SHARD = 4, 8
-WAIT_S = 60  # longest wait for a subprocess to reach the point where it is killed
+WAIT_S = 90  # longest wait for a subprocess to reach the point where it is killed (it imports torch)
+SUBPROCESS_TIMEOUT = pytest.mark.timeout(240)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -173,7 +174,7 @@ def test_stream_from_s3_equals_the_same_shards_on_disk(readonly, corpus, tokeniz
     # a slot's epoch holds 32 / workers samples: its batches of 4 captions go past it
     n, k = (10, 4) if workers == 2 else (10, 7)
 
-    def run(root):
+    def run(root, resume):
         cfg = data_config(root, captions)
         cfg.num_workers = workers
         stream = build_pretrain_stream(cfg, MaskingConfig(), tokenizer, 0, 1, captions_per_batch=4,
@@ -182,16 +183,19 @@ def test_stream_from_s3_equals_the_same_shards_on_disk(readonly, corpus, tokeniz
         state = json.loads(json.dumps(stream.state_dict()))
         rest = take(stream, n - k)
         stream.close()
+        assert stream.skip_counts() == {}
+        if not resume:
+            return stream.caption_urls, first + rest, None
         resumed = build_pretrain_stream(cfg, MaskingConfig(), tokenizer, 0, 1, captions_per_batch=4,
                                         text_per_batch=3)
         resumed.load_state_dict(state)
         again = take(resumed, n - k)
         resumed.close()
-        assert stream.skip_counts() == {} and resumed.skip_counts() == {}
+        assert resumed.skip_counts() == {}
         return stream.caption_urls, first + rest, again
 
-    urls, s3_batches, s3_again = run(bucket.url)
-    local_urls, local_batches, _ = run(str(corpus))
+    urls, s3_batches, s3_again = run(bucket.url, resume=True)
+    local_urls, local_batches, _ = run(str(corpus), resume=False)
     assert urls == [f"{bucket.url}/cc/{i:05d}.tar" for i in range(N_SHARDS)]
     assert [u.replace(str(corpus), bucket.url) for u in local_urls] == urls
     assert_batches_equal(s3_batches, as_s3(local_batches, corpus, bucket.url))
@@ -199,7 +203,8 @@ def test_stream_from_s3_equals_the_same_shards_on_disk(readonly, corpus, tokeniz
     seen = caption_keys(s3_batches)
     assert len(seen) == 40 and len(set(seen)) == N_SHARDS * PER_SHARD  # every sample, then epoch 1 began
     assert {k.split("#")[0] for k in seen} == set(urls)
-    assert all(k.startswith((f"text.books:{bucket.url}/", f"text.wiki:{bucket.url}/")) for b in s3_batches for k in b.text.keys)
+    text_sources = (f"text.books:{bucket.url}/", f"text.wiki:{bucket.url}/")
+    assert all(k.startswith(text_sources) for b in s3_batches for k in b.text.keys)
 
 
 def test_text_shards_from_s3_read_and_resume_like_local_ones(readonly, corpus):
@@ -438,24 +443,25 @@ print("saved")
 """
 
 
-def run_until_stalled(args: list[str], proxy: FaultProxy, stall_at, cwd: Path) -> None:
-    """Run ``args`` with S3 through ``proxy``; SIGKILL it as soon as a request matching ``stall_at`` hangs."""
+def run_until_stalled(args: list[str], proxy: FaultProxy, stall_at, cwd: Path, log: Path) -> None:
+    """Run ``args`` (output to ``log``) with S3 through ``proxy``; SIGKILL it as soon as a request
+    matching ``stall_at`` hangs there."""
     proxy.stall(stall_at)
     env = {**os.environ, **s3_env(proxy.endpoint), "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + WAIT_S
         while not proxy.stalled.wait(0.2):
             if proc.poll() is not None or time.monotonic() > deadline:
-                out = proc.stdout.read().decode(errors="replace") if proc.poll() is not None else ""
-                pytest.fail(f"{args[1:3]} never reached the stall point (rc {proc.poll()}):\n{out[-3000:]}")
+                tail = log.read_text(errors="replace")[-3000:]
+                pytest.fail(f"{args[1:3]} never reached the stall point in {WAIT_S} s (rc {proc.poll()}):\n{tail}")
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-        proc.stdout.close()
 
 
 def nth_match(pattern: str, n: int):
@@ -470,6 +476,7 @@ def nth_match(pattern: str, n: int):
     return nth
 
 
+@SUBPROCESS_TIMEOUT
 @pytest.mark.parametrize("killed_at, nth, newest_complete", [
     ("step-000002/ds/", 2, 1),  # mid-upload: one DeepSpeed file there, the other not
     ("step-000002/COMPLETE", 1, 1),  # every file uploaded, the marker not
@@ -487,7 +494,8 @@ def test_checkpoint_upload_killed_midway_is_never_chosen(bucket, tmp_path, kille
     script = tmp_path / "save.py"
     script.write_text(SAVE_SCRIPT)
     with FaultProxy(bucket.endpoint) as proxy:
-        run_until_stalled([sys.executable, str(script), root, "2"], proxy, nth_match(killed_at, nth), tmp_path)
+        run_until_stalled([sys.executable, str(script), root, "2"], proxy, nth_match(killed_at, nth), tmp_path,
+                          tmp_path / "save.log")
     uploaded = bucket.ls("ckpt/step-000002/ds")
     assert len(uploaded) == (1 if nth == 2 else 2)  # how far the killed process got
     assert ("COMPLETE" in bucket.ls("ckpt/step-000002")) == (newest_complete == 2)
@@ -521,6 +529,7 @@ data:
 """
 
 
+@SUBPROCESS_TIMEOUT
 def test_extract_regions_to_s3_resumes_after_a_kill(bucket, tmp_path):
     """Killed while publishing its second output shard (the copy of ``.partial`` to the final
     name hangs): the rerun skips the finished shard, redoes the other, and leaves no ``.partial``."""
@@ -540,7 +549,7 @@ def test_extract_regions_to_s3_resumes_after_a_kill(bucket, tmp_path):
             "--output", f"{bucket.url}/out", "--device", "cpu", "--num-proposals", "20", "--batch-size", "4"]
     with FaultProxy(bucket.endpoint) as proxy:
         run_until_stalled([sys.executable, "-m", "tools.extract_regions", *args], proxy,
-                          path_matches(r"/out/s1\.tar$"), REPO)
+                          path_matches(r"/out/s1\.tar$"), REPO, tmp_path / "extract.log")
     assert bucket.ls("out") == ["s0.tar", "s1.tar.partial"]  # killed between writing and publishing s1
     fs = fresh_s3(bucket.endpoint)
     first = fs.cat_file(f"{bucket.name}/out/s0.tar")
