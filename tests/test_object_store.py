@@ -381,6 +381,18 @@ def test_gcsfs_http_errors_are_transient_by_status():
     assert not is_transient(ValueError("bad"))
 
 
+def test_botocore_connection_errors_are_transient():
+    """What s3fs raises once botocore's retries are spent on a dead connection is not an OSError."""
+    from botocore.exceptions import (ClientError, ConnectionClosedError, EndpointConnectionError,
+                                     ParamValidationError)
+
+    assert not isinstance(ConnectionClosedError(endpoint_url="http://x"), OSError)
+    assert is_transient(ConnectionClosedError(endpoint_url="http://x"))
+    assert is_transient(EndpointConnectionError(endpoint_url="http://x"))
+    assert not is_transient(ParamValidationError(report="bad key"))
+    assert not is_transient(ClientError({"Error": {"Code": "AccessDenied"}}, "GetObject"))
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
