@@ -55,11 +55,19 @@ TRANSIENT_HTTP_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MAX_MEMBERS_SHOWN = 12
 
 
+# botocore's connection errors (what s3fs raises once its and botocore's retries are spent:
+# ConnectionClosedError, EndpointConnectionError, ...) are not OSError; matched by name, so
+# that reading a local shard does not import botocore.
+BOTOCORE_TRANSIENT = frozenset({"HTTPClientError", "ConnectionError"})
+
+
 def is_transient(error: BaseException) -> bool:
-    """Whether a read error is worth a retry: network and OS errors, and the HTTP
-    errors of stores whose exceptions are not ``OSError`` (gcsfs' ``HttpError``
-    with a 5xx or 429 status)."""
+    """Whether a read error is worth a retry: network and OS errors, and the network
+    errors of stores whose exceptions are not ``OSError`` (botocore's connection
+    errors under s3fs; gcsfs' ``HttpError`` with a 5xx or 429 status)."""
     if isinstance(error, TRANSIENT_ERRORS):
+        return True
+    if any(c.__module__ == "botocore.exceptions" and c.__name__ in BOTOCORE_TRANSIENT for c in type(error).__mro__):
         return True
     status = getattr(error, "code", None) or getattr(error, "status", None)
     return type(error).__name__ == "HttpError" and status in TRANSIENT_HTTP_STATUS
@@ -218,7 +226,10 @@ def record_rng(seed: int, tag: int, rec: Record, *extra: int) -> np.random.Gener
 @contextlib.contextmanager
 def open_shard(url: str, compression: Optional[str] = None):
     """Open a shard for reading through fsspec with large read-ahead blocks."""
-    with fsspec.open(url, "rb", block_size=BLOCK_SIZE, cache_type=CACHE_TYPE) as f:
+    # The file system's open, not fsspec.open: the latter hands extra keywords to the file
+    # system's constructor, which s3fs passes on to botocore (a TypeError on every read).
+    fs, path = fsspec.core.url_to_fs(url)
+    with fs.open(path, "rb", block_size=BLOCK_SIZE, cache_type=CACHE_TYPE) as f:
         yield decompressed(f, compression)
 
 
