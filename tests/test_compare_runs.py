@@ -447,3 +447,24 @@ def test_cli_long_run_in_embedded_store(jobs):
     row = next(line for line in text.splitlines() if line.startswith("| last step |"))
     assert row.split("|")[2].strip() == str(LONG_STEPS - 1)
     assert "| param " not in text  # a single run: nothing differs
+
+
+@pytest.mark.timeout(180)
+def test_default_finds_the_demo_run_and_shows_its_probe_figures(tmp_path, capsys):
+    """The README's first comparison command after the demo: no --experiment given."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    t = _tracker(uri, "vlbert-demo", "demo")
+    _log_config(t, "demo")
+    for step in range(1, 4):
+        t.log_metrics(_metrics(step, 1.0), step)
+    t.log_summary({"probe_colour_acc_with_image": 0.956, "probe_colour_acc_blanked": 0.204}, 3)
+    t.close("FINISHED", timeout_s=60)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tools.compare_runs import main
+
+    assert main(["--tracking-uri", uri, "--plot", ""]) == 0
+    out = capsys.readouterr().out
+    assert "demo" in out
+    row = next(line for line in out.splitlines() if "probe_colour_acc_with_image" in line)
+    assert "0.956" in row
+    assert "0.204" in next(line for line in out.splitlines() if "probe_colour_acc_blanked" in line)

@@ -1,5 +1,6 @@
 """Compare MLflow runs of vlbert: a table of what differs and how they did, and their curves.
 
+    vlbert-compare                                          # every run in the store
     vlbert-compare --experiment vlbert                      # all runs of an experiment
     vlbert-compare --run-ids 3f2a... 9c1e... --plot cmp.png --table-out cmp.md
     vlbert-compare --names base-lr1e-4 base-lr2e-4 --tracking-uri http://mlflow:5000
@@ -9,12 +10,12 @@
 Store: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the
 working folder (as training uses). Runs: by ``--run-ids``, or by ``--names`` and/or
 ``--filter`` (MLflow search syntax), within ``--experiment`` when given (else in every
-experiment); with none of these, all runs of experiment ``vlbert``. Runs without metrics
+experiment); with none of these, every run in the store. Runs without metrics
 are left out with a warning, or are an error when asked for by id or name.
 
 Prints a table (one row per field, one column per run): run id, status, the config
 parameters whose values differ between the runs, final and best value of each loss,
-accuracy, throughput, MFU, samples seen, last step and wall time. Writes the curves
+accuracy, throughput, MFU, samples seen, the demo's probe figures, last step and wall time. Writes the curves
 of all runs (loss vs step and vs samples seen, throughput and learning rate vs step)
 to ``--plot`` (PNG) and the table to ``--table-out`` (.csv or .md). A resumed run is
 one curve; runs that FAILED or are RUNNING are named so in the table and the legend.
@@ -58,7 +59,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                    "else sqlite:///mlflow.db in the working folder)")
     p.add_argument("--experiment", "-e", action="append", default=None,
-                   help="experiment name (repeatable; default: vlbert, or every experiment with --names/--filter)")
+                   help="experiment name (repeatable; default: every experiment)")
     p.add_argument("--run-ids", nargs="+", default=None, metavar="ID", help="compare exactly these runs")
     p.add_argument("--names", nargs="+", default=None, metavar="NAME", help="runs with these run names")
     p.add_argument("--filter", default=None, metavar="EXPR",
@@ -105,8 +106,9 @@ def check_store(uri: str, timeout_s: float) -> None:
 def select_runs(tracking, uri: str, args: argparse.Namespace) -> list:
     if args.run_ids:
         return tracking.fetch_runs(uri, run_ids=args.run_ids)
-    # Names and filters look in every experiment unless one is named; nothing at all: "vlbert".
-    experiments = args.experiment or (None if args.names or args.filter else ["vlbert"])
+    # Without --experiment every experiment is searched: after the demo a new user's runs are in
+    # "vlbert-demo", a pretraining run's in "vlbert" (or whatever tracking.experiment says).
+    experiments = args.experiment or None
     where = f"experiment {', '.join(experiments)}" if experiments else "any experiment"
     runs = tracking.fetch_runs(uri, experiment=experiments, names=args.names, filter_string=args.filter)
     if args.names:

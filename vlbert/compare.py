@@ -152,6 +152,9 @@ MAIN_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("peak_gpu_mem_gb", "max"),
     MetricSpec("samples_seen"),
     MetricSpec("tokens_seen"),
+    # Figures logged after training (tools/probe_colours.py on the demo).
+    MetricSpec("probe_colour_acc_with_image"),
+    MetricSpec("probe_colour_acc_blanked"),
 )
 # Metrics the tool fetches in full for every run (the table, and the x axis of "loss vs samples").
 FETCH_KEYS: tuple[str, ...] = tuple(dict.fromkeys([m.key for m in MAIN_METRICS] + ["lr"]))
