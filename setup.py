@@ -13,11 +13,11 @@ setup(
     packages=find_packages(include=["vlbert", "vlbert.*"]) + ["vlbert_tools"],
     package_dir={"vlbert_tools": "tools"},
     install_requires=[
-        # CPU hosts install the CPU build 2.13.0 first (the Makefile does); GPU hosts a CUDA build.
+        # CPU hosts install the CPU build 2.13.0 first (scripts/env.sh does); GPU hosts a CUDA build.
         # The upper bound keeps pip from replacing it with a newer multi-GB CUDA build.
         "torch>=2.4,<2.15",
         # mmdet 3.3 asserts mmcv >= 2.0.0rc4 and < 2.2.0 at import; 2.1.0 is the last release in that
-        # range. mmcv has no wheel for current torch: it is compiled with its ops (see the Makefile).
+        # range. mmcv has no wheel for current torch: it is compiled with its ops (see scripts/env.sh).
         "mmcv>=2.0.0,<2.2.0",
         "mmdet==3.3.0",  # the last 3.x release; 3.x is the API detector.py is written against
         "mmengine>=0.10.4,<0.11",

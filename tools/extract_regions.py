@@ -9,7 +9,7 @@ the resize and box-selection defaults come from ``data.captions`` (short side,
 long side, ``min_box_score``, ``min_boxes``, ``max_boxes``) and can be overridden.
 
 Every input shard ``<dir>/NAME.tar`` becomes ``<output>/NAME.tar`` with the same
-samples in the same order, each with (DESIGN.md section 3):
+samples in the same order, each with (docs/design.md section 4):
 - ``KEY.json``: the input JSON plus ``boxes`` [[x1, y1, x2, y2], ...] in pixels of the
   stored image, ``box_scores`` [...] (best first), ``width``/``height`` of the stored image;
 - ``KEY.regions.npy``: float16 [n_boxes, num_classes], the detector's class

@@ -1,4 +1,4 @@
-"""Turn a Conceptual Captions download into checked caption shards (DESIGN.md section 3).
+"""Turn a Conceptual Captions download into checked caption shards (docs/design.md section 4).
 
 From the TSV and a folder of downloaded images:
 

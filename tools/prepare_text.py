@@ -1,7 +1,7 @@
 """Turn raw text dumps into text shards, or check dumps as they are.
 
 Text shards are Parquet files with a ``text`` column, one document per row
-(DESIGN.md section 3). Inputs (local paths or any fsspec URL, globs and brace
+(docs/design.md section 4). Inputs (local paths or any fsspec URL, globs and brace
 ranges allowed):
 
   *.txt[.gz|.zst]          one document per blank-line-separated block

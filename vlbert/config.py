@@ -71,7 +71,7 @@ class DetectorConfig:
 
 @dataclass
 class CaptionDataConfig:
-    """Captioned-image shards (WebDataset tar layout, DESIGN.md section 3)."""
+    """Captioned-image shards (WebDataset tar layout, docs/design.md section 4)."""
 
     urls: list[str] = field(default_factory=list)
     short_side: int = 600

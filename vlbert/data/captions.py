@@ -1,6 +1,6 @@
 """Captioned-image samples: decode one WebDataset sample, collate a batch.
 
-A sample is the files of one key in a caption shard (DESIGN.md section 3):
+A sample is the files of one key in a caption shard (docs/design.md section 4):
 ``{"jpg": bytes, "txt": bytes, "json": bytes, "regions.npy": bytes}``.
 ``decode_caption_sample`` turns it into a ``CaptionSample`` of NumPy arrays;
 ``collate_captions`` pads a list of them into a ``CaptionBatch``.

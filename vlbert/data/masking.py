@@ -1,4 +1,4 @@
-"""Masking for the two pretraining tasks (DESIGN.md section 4).
+"""Masking for the two pretraining tasks (docs/design.md section 5.2).
 
 ``mask_tokens`` is the masked-language-modelling corruption shared by caption
 and text-only samples; ``choose_rois`` picks the RoIs of masked-RoI

@@ -1,4 +1,4 @@
-"""VL-BERT input embeddings: token + visual + segment + position (DESIGN.md section 4).
+"""VL-BERT input embeddings: token + visual + segment + position (docs/design.md section 5.1).
 
 One sequence per sample::
 
@@ -32,7 +32,8 @@ KIND_PAD, KIND_TEXT, KIND_ROI, KIND_END = 0, 1, 2, 3
 
 
 def geometry_embedding(boxes: torch.Tensor, image_sizes: torch.Tensor, freqs: int = 256) -> torch.Tensor:
-    """Sinusoidal embedding of box corners, as in the VL-BERT reference code.
+    """Sinusoidal embedding of box corners, as the VL-BERT paper describes (the reference
+    code embeds centre and size instead; docs/design.md section 5.1).
 
     boxes:       float [B, R, 4] (x1, y1, x2, y2) in pixels
     image_sizes: [B, 2] (height, width) in pixels

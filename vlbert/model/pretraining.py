@@ -1,6 +1,6 @@
 """VL-BERT pretraining: detector + encoder + MLM head (tied) + masked-RoI head -> losses.
 
-Tasks (DESIGN.md section 4), summed with equal weight when present in a batch:
+Tasks (docs/design.md section 5.2), summed with equal weight when present in a batch:
 - masked language modelling on captions, with the image in the sequence;
 - masked RoI classification: soft cross-entropy against the detector's class
   distribution of each chosen box on the unmasked image;
