@@ -107,13 +107,13 @@ def detector_preset(name: str) -> dict[str, Any]:
     """DetectorConfig field values of the named published architecture.
 
     ``butd_r101_vg``: the "bottom-up attention" Faster R-CNN ResNet-101 C4 trained
-    on Visual Genome (Anderson et al. 2018; DESIGN.md section 6) as VL-BERT uses it:
-    1600 classes + background, Caffe stem pool, res5 at stride 1 with dilation 2
-    (14x14 RoI features, average-pooled to 2048), RoIAlign 14x14 without the
-    half-pixel shift and one sample per bin (VL-BERT's op; ``roi_op: pool`` gives the
-    Caffe network's RoIPool), RPN with a 512-channel conv and 12 anchors (scales
-    4, 8, 16, 32 x ratios 0.5, 1, 2 at stride 16, Caffe geometry), BGR input minus
-    the Caffe means, std 1.
+    on Visual Genome (Anderson et al. 2018; DESIGN.md section 6): 1600 classes +
+    background, the Caffe network's stem pool (pad 0, size rounded up; VL-BERT's copy
+    padded by 1), res5 at stride 1 with dilation 2 (14x14 RoI features, average-pooled
+    to 2048), RoIAlign 14x14 without the half-pixel shift and one sample per bin
+    (VL-BERT's op; ``roi_op: pool`` gives the Caffe network's RoIPool), RPN with a
+    512-channel conv and 12 anchors (scales 4, 8, 16, 32 x ratios 0.5, 1, 2 at stride
+    16, Caffe geometry and order), BGR input minus the Caffe means, std 1.
     """
     if name == "butd_r101_vg":
         return dict(

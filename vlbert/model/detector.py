@@ -118,7 +118,8 @@ class CaffeAnchorGenerator(AnchorGenerator):
         hs = torch.round(ws * ratios.double())
         ws = (ws[:, None] * scales.double()[None, :]).reshape(-1)
         hs = (hs[:, None] * scales.double()[None, :]).reshape(-1)
-        anchors = torch.stack([ctr - 0.5 * (ws - 1), ctr - 0.5 * (hs - 1), ctr + 0.5 * (ws - 1), ctr + 0.5 * (hs - 1)], -1)
+        half_w, half_h = 0.5 * (ws - 1), 0.5 * (hs - 1)
+        anchors = torch.stack([ctr - half_w, ctr - half_h, ctr + half_w, ctr + half_h], -1)
         return anchors.float()
 
 
