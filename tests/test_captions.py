@@ -258,3 +258,33 @@ def test_decode_then_collate(tok):
     b = collate_captions(samples)
     assert b.images.shape == (4, 3, 128, 128) and b.image_sizes[-1].tolist() == [128, 64]
     assert b.roi_targets.shape == (4, 2, 15) and (b.roi_targets[:, 0] == 0).all()
+
+
+def test_joint_budget_trims_the_longer_side_like_the_reference():
+    from vlbert.data.captions import joint_budget
+
+    assert joint_budget(20, 101, 0) == (20, 101)  # no cap
+    assert joint_budget(20, 30, 64) == (20, 30)  # under the cap
+    assert joint_budget(20, 101, 64) == (20, 44)  # boxes are the longer side: only they lose
+    assert joint_budget(40, 40, 64) == (32, 32)
+    assert joint_budget(60, 3, 8) == (5, 3)
+    assert joint_budget(3, 1, 4) == (3, 1)  # the floor: [CLS] word [SEP] + the whole image
+
+
+def test_sequence_cap_keeps_top_scoring_boxes_and_sep(tok):
+    boxes = [[i, i, i + 20, i + 20] for i in range(8)]
+    scores = [0.6, 0.9, 0.55, 0.99, 0.7, 0.8, 0.65, 0.75]
+    regions = np.eye(8, 9, dtype=np.float16)  # row i is class i
+    meta = {"boxes": boxes, "box_scores": scores}
+    cfg = CaptionDataConfig(**{**CFG.__dict__, "max_sequence_length": 10, "max_caption_tokens": 12})
+    full = _decode(_files(meta=meta, regions=regions), tok)
+    capped = _decode(_files(meta=meta, regions=regions), tok, cfg=cfg)
+    assert len(full.input_ids) + len(full.boxes) > 10
+    assert len(capped.input_ids) + len(capped.boxes) == 10
+    t, r = len(capped.input_ids), len(capped.boxes)
+    # the whole-image box, then the best-scoring detections: 3 (0.99), 1 (0.9), 5 (0.8), ...
+    assert capped.roi_targets[1:].argmax(1).tolist() == [3, 1, 5, 7, 4, 6, 0, 2][: r - 1]
+    np.testing.assert_array_equal(capped.boxes, full.boxes[:r])
+    assert capped.input_ids[-1] == tok.sep_token_id and capped.input_ids[0] == tok.cls_token_id
+    np.testing.assert_array_equal(capped.input_ids[:-1], full.input_ids[: t - 1])
+    assert len(capped.mlm_labels) == t and len(capped.roi_masked) == r

@@ -217,3 +217,38 @@ def test_a_moved_key_says_where_it_went(tmp_path):
     path.write_text((ROOT / "configs/tiny.yaml").read_text())
     with pytest.raises(ConfigError, match=r"tracking.log_every is now runtime.log_every"):
         load_config(path, ["tracking.log_every=5"])
+
+
+def test_e2e_recipes_use_the_visual_genome_preset_and_fixed_targets():
+    for name in ("base_e2e", "large_e2e"):
+        det = load_config(ROOT / f"configs/{name}.yaml").detector
+        assert det.preset == "butd_r101_vg"
+        assert (det.depth, det.num_classes, det.res5_dilation, det.caffe_stem_pool, det.bgr) == (101, 1601, 2, True, True)
+        assert det.pixel_mean == [102.9801, 115.9465, 122.7717] and det.pixel_std == [1.0, 1.0, 1.0]
+        assert (det.rpn_channels, det.anchor_scales, det.roi_sampling_ratio, det.roi_aligned) == (
+            512, [4.0, 8.0, 16.0, 32.0], 1, False)
+        assert det.trainable and det.roi_targets == "precomputed"
+    assert load_config(ROOT / "configs/base_e2e.yaml").data.captions.max_sequence_length == 64
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"detector.preset: unknown detector preset 'butd'; valid presets: butd_r101_vg"):
+        load_config(ROOT / "configs/base_e2e.yaml", ["detector.preset=butd"])
+
+
+def test_preset_values_yield_to_the_section_and_overrides():
+    cfg = load_config(ROOT / "configs/base_e2e.yaml", ["detector.roi_op=pool", "detector.depth=50"])
+    assert (cfg.detector.roi_op, cfg.detector.depth, cfg.detector.res5_dilation) == ("pool", 50, 2)
+
+
+def test_targets_from_a_trainable_detector_fail_at_config_load():
+    with pytest.raises(ConfigError, match="detector.roi_targets: 'detector' .* would drift"):
+        load_config(ROOT / "configs/base_e2e.yaml", ["detector.roi_targets=detector"])
+    cfg = load_config(ROOT / "configs/base_e2e.yaml", ["detector.roi_targets=detector", "detector.trainable=false"])
+    assert cfg.detector.roi_targets == "detector"
+    with pytest.raises(ConfigError, match="detector.roi_targets"):
+        load_config(ROOT / "configs/base_e2e.yaml", ["detector.roi_targets=online"])
+    with pytest.raises(ConfigError, match="detector.res5_dilation"):
+        load_config(ROOT / "configs/base_e2e.yaml", ["detector.res5_dilation=3"])
+    with pytest.raises(ConfigError, match="max_sequence_length"):
+        load_config(ROOT / "configs/base_e2e.yaml", ["data.captions.max_sequence_length=2"])

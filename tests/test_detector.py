@@ -236,7 +236,46 @@ def test_normalize_rgb_and_bgr():
     rgb = make().normalize(img).view(3)
     mean, std = torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375])
     torch.testing.assert_close(rgb, (torch.tensor([10.0, 20, 30]) - mean) / std)
-    torch.testing.assert_close(make(bgr=True).normalize(img).view(3), rgb.flip(0))
+    # BGR: channels reversed first; mean and std are given in the network's (BGR) order.
+    bgr = make(bgr=True, pixel_mean=[102.9801, 115.9465, 122.7717], pixel_std=[1.0, 1.0, 1.0]).normalize(img)
+    torch.testing.assert_close(bgr.view(3), torch.tensor([30.0, 20, 10]) - torch.tensor([102.9801, 115.9465, 122.7717]))
+
+
+def test_caffe_roi_pool_matches_mmcv_definition_on_edges():
+    """CaffeRoIPool (CPU) against the loop of Caffe's kernel, incl. boxes over the border and x.5 rounding."""
+    import math
+
+    from vlbert.model.detector import CaffeRoIPool
+
+    g = torch.Generator().manual_seed(0)
+    feat = torch.randn(2, 3, 5, 7, generator=g)
+    rois = torch.tensor([[0, 0, 0, 111, 79], [1, 8, 24, 40, 56], [0, -20, 30, 200, 300], [1, 50, 10, 52, 12]])
+    got = CaffeRoIPool(4, 1 / 16)(feat, rois.float())
+    for n, (b, *box) in enumerate(rois.tolist()):
+        x1, y1, x2, y2 = (int(math.copysign(math.floor(abs(v / 16) + 0.5), v)) for v in box)
+        rw, rh = max(x2 - x1 + 1, 1), max(y2 - y1 + 1, 1)
+        for i in range(4):
+            hs, he = (min(max(f + y1, 0), 5) for f in (math.floor(i * rh / 4), math.ceil((i + 1) * rh / 4)))
+            for j in range(4):
+                ws, we = (min(max(f + x1, 0), 7) for f in (math.floor(j * rw / 4), math.ceil((j + 1) * rw / 4)))
+                want = feat[b, :, hs:he, ws:we].amax((-2, -1)) if he > hs and we > ws else torch.zeros(3)
+                torch.testing.assert_close(got[n, :, i, j], want)
+
+
+def test_butd_preset_detector_shapes():
+    from vlbert.config import detector_preset
+
+    torch.manual_seed(0)
+    det = RegionFeatureExtractor(DetectorConfig(**{**detector_preset("butd_r101_vg"), "depth": 50,
+                                                   "num_classes": NUM_CLASSES})).eval()
+    assert det.detector.rpn_head.num_base_priors == 12 and det.detector.rpn_head.rpn_conv.out_channels == 512
+    assert det.detector.backbone.maxpool.ceil_mode and det.detector.backbone.maxpool.padding == 0
+    rois = torch.tensor([[0.0, 0, 0, 64, 64]])
+    res5 = det._res5(torch.zeros(1, 1024, 4, 4), rois)
+    assert res5.shape == (1, 2048, 14, 14)  # dilated res5 keeps the 14x14 RoI grid
+    with torch.no_grad():
+        feats = det(images(1), torch.tensor([[[0.0, 0, 64, 64]]]), torch.ones(1, 1, dtype=torch.bool))
+    assert feats.shape == (1, 1, 2048)
 
 
 def test_frozen_batchnorm_matches_batchnorm_and_runs_in_bf16():

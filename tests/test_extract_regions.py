@@ -107,3 +107,39 @@ def test_extracted_shards_decode_with_the_caption_reader(shards):
     assert sample.roi_targets.shape == (sample.boxes.shape[0], NUM_CLASSES)
     np.testing.assert_allclose(sample.roi_targets[1:].sum(1), 1.0, atol=5e-3)
     assert (sample.boxes[:, 2] <= 48).all() and (sample.boxes[:, 3] <= 36).all()
+
+
+def test_extract_regions_with_the_visual_genome_preset(shards):
+    """The butd_r101_vg architecture (depth 50) with a converted Caffe-layout (MILVLG) checkpoint whose
+    classifier favours the Caffe background class 0: regions are 1601-way with background LAST, the
+    column the training code and the caption reader take as the detector's order."""
+    import torch
+
+    from test_detector_convert import detectron2_checkpoint
+    from tools import convert_detector
+    from vlbert.config import load_config
+
+    weights = detectron2_checkpoint("bua_caffe", attributes=False)
+    weights["roi_heads.box_predictor.cls_score.bias"][0] = 16.0  # Caffe's background
+    weights["roi_heads.box_predictor.cls_score.bias"][7] = 12.0  # Caffe's class 7 = our class 6
+    source = shards / "bua.pth"
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in weights.items()}}, source)
+    (shards / "cfg.yaml").write_text(CONFIG.replace("detector: {depth: 18, num_classes: 5}",
+                                                    "detector: {preset: butd_r101_vg, depth: 50}"))
+    det_cfg = load_config(shards / "cfg.yaml", check_files=False).detector
+    convert_detector.convert_file(str(source), str(shards / "butd.pth"), det_cfg)
+    stats = main(["--config", str(shards / "cfg.yaml"), "--input", str(shards / "in" / "s0.tar"),
+                  "--output", str(shards / "out"), "--device", "cpu", "--num-proposals", "6", "--batch-size", "2",
+                  "--set", f"detector.checkpoint={shards / 'butd.pth'}"])
+    assert stats["samples_written"] == 2
+    for files in read(shards / "out" / "s0.tar").values():
+        meta = json.loads(files["json"])
+        regions = np.load(io.BytesIO(files["regions.npy"]), allow_pickle=False).astype(np.float32)
+        assert 2 <= len(meta["boxes"]) == len(meta["box_scores"]) == len(regions) <= 5
+        assert regions.shape[1] == 1601
+        np.testing.assert_allclose(regions.sum(1), 1.0, atol=5e-3)
+        assert (regions.argmax(1) == 1600).all()  # background is the last column
+        fg = regions[:, :1600]
+        assert (fg.argmax(1) == 6).all()  # the foreground order is kept (Caffe class 7 -> 6)
+        # box scores are foreground scores: never the background's probability
+        assert max(meta["box_scores"]) <= fg.max() + 1e-3

@@ -15,10 +15,10 @@ from vlbert.model.pretraining import PretrainingOutput, VLBertForPretraining
 V, C = 60, 5  # vocab, detector classes
 
 
-def tiny_cfgs(checkpointing=False, bert=""):
+def tiny_cfgs(checkpointing=False, bert="", **detector_kw):
     model = ModelConfig(bert=bert, vocab_size=V, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                         max_position_embeddings=64, geometry_freqs=8, activation_checkpointing=checkpointing)
-    detector = DetectorConfig(depth=18, num_classes=C, activation_checkpointing=checkpointing)
+    detector = DetectorConfig(depth=18, num_classes=C, activation_checkpointing=checkpointing, **detector_kw)
     return model, detector
 
 
@@ -112,11 +112,13 @@ def test_losses_equal_hand_computation():
         assert out.loss.item() == pytest.approx(total.item(), rel=1e-6)
 
 
-def test_roi_targets_default_to_detector_on_unmasked_image(monkeypatch):
+def test_roi_targets_default_to_frozen_copy_on_unmasked_image(monkeypatch):
     model = make_model().eval()
+    assert model.target_detector is not None
+    assert not any(p.requires_grad for p in model.target_detector.parameters())
     c = caption_batch(with_targets=False)
     seen = []
-    real = model.detector.class_probs
+    real = model.target_detector.class_probs
 
     def spy(images, boxes, box_mask):
         seen.append(images.clone())
@@ -124,7 +126,8 @@ def test_roi_targets_default_to_detector_on_unmasked_image(monkeypatch):
         seen.append(probs)
         return probs
 
-    monkeypatch.setattr(model.detector, "class_probs", spy)
+    monkeypatch.setattr(model.target_detector, "class_probs", spy)
+    monkeypatch.setattr(model.detector, "class_probs", lambda *a: pytest.fail("the trained detector gave targets"))
     with torch.no_grad():
         out = model(PretrainBatch(captions=c))
     assert len(seen) == 2 and torch.equal(seen[0], c.images)  # the unmasked image
@@ -139,6 +142,42 @@ def test_roi_targets_default_to_detector_on_unmasked_image(monkeypatch):
     assert len(seen) == 2  # given targets: the detector is not asked
     assert out.roi_loss.item() == pytest.approx(given.roi_loss.item(), rel=1e-6)
     assert out.roi_loss.item() != pytest.approx(one_hot.roi_loss.item(), rel=1e-3)
+
+
+def test_online_targets_do_not_drift_while_the_detector_trains():
+    model = make_model()
+    c = caption_batch(with_targets=False)
+    before = model.target_detector.class_probs(c.images, c.boxes, c.box_mask)
+    # Move the detector as training would (its box head is frozen; change the trainable res4 and
+    # also the box head here, so that its own distributions certainly move).
+    with torch.no_grad():
+        for p in model.detector.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        model.detector.detector.roi_head.bbox_head.fc_cls.bias.add_(1.0 * torch.arange(C))
+    moved = model.detector.class_probs(c.images, c.boxes, c.box_mask)
+    after = model.target_detector.class_probs(c.images, c.boxes, c.box_mask)
+    assert not torch.allclose(moved, before, atol=1e-3)
+    torch.testing.assert_close(after, before)
+    model.train()
+    assert not model.target_detector.training
+    # The copy is in the state dict, so a resumed run keeps the initial detector's targets.
+    assert any(k.startswith("target_detector.") for k in model.state_dict())
+
+
+def test_precomputed_targets_required_raises_on_a_batch_without_them():
+    torch.manual_seed(0)
+    model = VLBertForPretraining(*tiny_cfgs(roi_targets="precomputed"))
+    assert model.target_detector is None
+    with pytest.raises(ValueError, match="extract_regions"):
+        model(PretrainBatch(captions=caption_batch(with_targets=False)))
+    model(PretrainBatch(captions=caption_batch(with_targets=True)))  # with regions.npy: fine
+
+
+def test_targets_from_the_trained_detector_are_refused():
+    with pytest.raises(ValueError, match="drift"):
+        VLBertForPretraining(*tiny_cfgs(roi_targets="detector"))
+    model = VLBertForPretraining(*tiny_cfgs(roi_targets="detector", trainable=False))  # a frozen detector may
+    assert model.target_detector is None
 
 
 def test_no_masked_tokens_gives_zero_not_nan():

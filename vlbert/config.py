@@ -52,21 +52,76 @@ class ModelConfig:
 
 @dataclass
 class DetectorConfig:
-    """The MMDetection Faster R-CNN ResNet C4 that makes one feature per box."""
+    """The MMDetection Faster R-CNN ResNet C4 that makes one feature per box.
 
+    ``preset`` names a published architecture whose settings become this
+    section's defaults (keys set in the same section still win); see
+    ``detector_preset``. Without a preset the defaults are MMDetection's
+    ``faster-rcnn_r50-caffe-c4`` layout.
+    """
+
+    preset: str = ""  # "" or one of DETECTOR_PRESETS
     depth: int = 101
-    checkpoint: str = ""  # path or URL of an MMDetection checkpoint; empty = random init
+    checkpoint: str = ""  # path or URL of a detector state dict (tools/convert_detector.py); empty = random init
     num_classes: int = 1601  # classes of the box head (Visual Genome detector: 1601)
     roi_size: int = 14
     frozen_stages: int = 1  # 1 = stem and res2 frozen, as in the paper
     freeze_batchnorm: bool = True  # statistics and affine parameters
     trainable: bool = True  # False freezes the whole detector
     activation_checkpointing: bool = False
+    # Input normalisation, in the network's channel order: RGB, or BGR when ``bgr``
+    # (the image's channels are reversed first, then (x - mean) / std).
     pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
-    # Caffe-style checkpoints (Detectron, bottom-up attention) expect BGR input: the
-    # image is normalised with the RGB mean/std above, then its channels are reversed.
     bgr: bool = False
+    # Stem max-pool: False = kernel 3, stride 2, pad 1 (PyTorch/MMDetection); True = Caffe's
+    # pad 0 with the output size rounded up (the bottom-up-attention network).
+    caffe_stem_pool: bool = False
+    # res5 (the RoI head): dilation 1 = stride 2, RoI features roi_size -> roi_size/2;
+    # dilation 2 = stride 1 with dilated 3x3 convs, roi_size kept (bottom-up attention, VL-BERT).
+    res5_dilation: int = 1
+    # RoI op on res4: "align" (mmcv RoIAlign) or "pool" (Caffe RoIPool, max over rounded bins).
+    roi_op: str = "align"
+    roi_sampling_ratio: int = 0  # RoIAlign samples per bin side; 0 = adaptive
+    roi_aligned: bool = True  # RoIAlign half-pixel shift (False = the legacy/VL-BERT op)
+    # RPN: anchors at stride 16 of sizes 16 x scale and height/width ratios, ratio-major order
+    # (anchor index = ratio_index * len(scales) + scale_index, Caffe's order).
+    rpn_channels: int = 0  # channels of the RPN's 3x3 conv; 0 = those of res4
+    anchor_scales: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0, 16.0, 32.0])
+    anchor_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    # Caffe's box arithmetic: anchors from py-faster-rcnn's generate_anchors (rounded
+    # sizes, centre 7.5) and widths x2 - x1 + 1 when decoding RPN deltas.
+    caffe_boxes: bool = False
+    # Where masked-RoI targets come from for samples without ``regions.npy``:
+    #   "precomputed": nowhere: such a batch is an error (run tools/extract_regions.py first);
+    #   "frozen_copy": a frozen copy of the detector as loaded, never the one being trained;
+    #   "detector": the detector itself, allowed only when it is not trainable.
+    roi_targets: str = "frozen_copy"
+
+
+DETECTOR_PRESETS = ("butd_r101_vg",)
+
+
+def detector_preset(name: str) -> dict[str, Any]:
+    """DetectorConfig field values of the named published architecture.
+
+    ``butd_r101_vg``: the "bottom-up attention" Faster R-CNN ResNet-101 C4 trained
+    on Visual Genome (Anderson et al. 2018; DESIGN.md section 6): 1600 classes +
+    background, the Caffe network's stem pool (pad 0, size rounded up; VL-BERT's copy
+    padded by 1), res5 at stride 1 with dilation 2 (14x14 RoI features, average-pooled
+    to 2048), RoIAlign 14x14 without the half-pixel shift and one sample per bin
+    (VL-BERT's op; ``roi_op: pool`` gives the Caffe network's RoIPool), RPN with a
+    512-channel conv and 12 anchors (scales 4, 8, 16, 32 x ratios 0.5, 1, 2 at stride
+    16, Caffe geometry and order), BGR input minus the Caffe means, std 1.
+    """
+    if name == "butd_r101_vg":
+        return dict(
+            depth=101, num_classes=1601, roi_size=14, res5_dilation=2, caffe_stem_pool=True,
+            roi_op="align", roi_sampling_ratio=1, roi_aligned=False,
+            rpn_channels=512, anchor_scales=[4.0, 8.0, 16.0, 32.0], anchor_ratios=[0.5, 1.0, 2.0],
+            caffe_boxes=True, bgr=True, pixel_mean=[102.9801, 115.9465, 122.7717], pixel_std=[1.0, 1.0, 1.0],
+        )
+    raise ValueError(f"unknown detector preset {name!r}; valid presets: {', '.join(DETECTOR_PRESETS)}")
 
 
 @dataclass
@@ -81,6 +136,11 @@ class CaptionDataConfig:
     min_boxes: int = 10
     max_boxes: int = 100
     min_box_score: float = 0.5
+    # Joint cap on caption tokens ([CLS] and [SEP] included) + RoIs (the whole-image box
+    # included); 0 = no cap. Over the cap, the longer of the two loses one element at a
+    # time (the lowest-scoring box, or the last word before [SEP]), as the reference does
+    # with its cap of 64.
+    max_sequence_length: int = 0
 
 
 @dataclass
@@ -205,9 +265,23 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
             raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     for item in overrides:
         _apply_override(raw, item)
+    where = source + (" + overrides" if overrides else "")
+    _apply_detector_preset(raw, where)
     cfg = _build(Config, raw, prefix="", source=source + (" + overrides" if overrides else ""))
     validate(cfg, source, check_files=check_files)
     return cfg
+
+
+def _apply_detector_preset(raw: dict[str, Any], source: str) -> None:
+    """Fill the detector section from its ``preset``; keys written in the section win."""
+    section = raw.get("detector")
+    if not isinstance(section, dict) or not section.get("preset"):
+        return
+    try:
+        values = detector_preset(str(section["preset"]))
+    except ValueError as e:
+        raise ConfigError(f"{source}: detector.preset: {e}") from None
+    raw["detector"] = {**values, **section}
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
@@ -330,6 +404,10 @@ def validate(cfg: Config, source: str = "<config>", check_files: bool = True) ->
              f"expected -1..4, got {cfg.detector.frozen_stages}")
     _require(len(cfg.detector.pixel_mean) == 3 and len(cfg.detector.pixel_std) == 3, source,
              "detector.pixel_mean", "pixel_mean and pixel_std need 3 values each")
+    validate_detector(cfg.detector, source)
+    _require(d.captions.max_sequence_length == 0 or d.captions.max_sequence_length >= 4, source,
+             "data.captions.max_sequence_length",
+             f"0 (no cap) or at least 4 ([CLS] word [SEP] + the whole-image box), got {d.captions.max_sequence_length}")
     for name in ("mlm_prob", "mlm_mask_frac", "mlm_random_frac", "roi_prob", "roi_mask_frac"):
         v = getattr(k, name)
         _require(0.0 <= v <= 1.0, source, f"masking.{name}", f"expected a probability in [0, 1], got {v}")
@@ -368,6 +446,25 @@ def validate(cfg: Config, source: str = "<config>", check_files: bool = True) ->
     if check_files:
         _require(os.path.isfile(r.deepspeed_config), source, f"runtime.deepspeed_config ({r.deepspeed_config})",
                  "file not found")
+
+
+def validate_detector(det: DetectorConfig, source: str = "<config>") -> None:
+    """Rules of the detector section alone (also used by tools that read only it)."""
+    _require(det.res5_dilation in (1, 2), source, "detector.res5_dilation", f"expected 1 or 2, got {det.res5_dilation}")
+    _require(det.roi_op in ("align", "pool"), source, "detector.roi_op", f"expected align or pool, got {det.roi_op!r}")
+    _require(det.roi_sampling_ratio >= 0, source, "detector.roi_sampling_ratio", "must be >= 0")
+    _require(det.rpn_channels >= 0, source, "detector.rpn_channels", "must be >= 0 (0 = res4 channels)")
+    _require(bool(det.anchor_scales) and bool(det.anchor_ratios)
+             and all(v > 0 for v in det.anchor_scales + det.anchor_ratios), source, "detector.anchor_scales",
+             "anchor_scales and anchor_ratios need at least one positive value each")
+    _require(det.res5_dilation == 2 or det.roi_size % 2 == 0, source, "detector.roi_size",
+             f"must be even when res5 halves it (res5_dilation 1), got {det.roi_size}")
+    _require(det.roi_targets in ("precomputed", "frozen_copy", "detector"), source, "detector.roi_targets",
+             f"expected precomputed, frozen_copy or detector, got {det.roi_targets!r}")
+    _require(not (det.roi_targets == "detector" and det.trainable), source, "detector.roi_targets",
+             "'detector' takes masked-RoI targets from the detector being trained, so they would drift; "
+             "with detector.trainable use 'precomputed' (regions.npy from tools/extract_regions.py) "
+             "or 'frozen_copy'")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

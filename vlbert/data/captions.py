@@ -18,7 +18,8 @@ Conventions:
   ``min_box_score`` are kept, topped up to ``min_boxes`` with the best of the
   others and cut to ``max_boxes``, by descending score (without
   ``box_scores``: the first ``max_boxes`` in file order). So a sample carries at
-  most ``max_boxes + 1`` RoIs.
+  most ``max_boxes + 1`` RoIs. With ``max_sequence_length``, caption tokens + RoIs
+  are capped jointly (``joint_budget``): the lowest-scoring boxes and the last words go.
 - The image stays uint8 RGB, ``[3, h, w]``; normalisation runs on the device.
 - Masking is applied whether or not ``train``; ``train=False`` only turns off
   the random flip (validation measures the same masked losses; pass a
@@ -202,6 +203,24 @@ def _load_regions(data: bytes, n_boxes: int) -> np.ndarray:
     return regions
 
 
+def joint_budget(n_tokens: int, n_rois: int, cap: int) -> tuple[int, int]:
+    """(tokens kept, RoIs kept) under a joint cap, as the reference VL-BERT truncates.
+
+    While the total exceeds ``cap`` the longer of the two loses one element (the RoIs
+    on a tie go to the text), never below 3 tokens ([CLS] word [SEP]) and 1 RoI (the
+    whole image). ``cap`` 0 keeps everything.
+    """
+    t, r = n_tokens, n_rois
+    if cap <= 0:
+        return t, r
+    while t + r > cap and (t > 3 or r > 1):
+        if (r > t and r > 1) or t <= 3:
+            r -= 1
+        else:
+            t -= 1
+    return t, r
+
+
 # --------------------------------------------------------------------------- caption
 
 
@@ -276,6 +295,12 @@ def decode_caption_sample(
             raise BadSample("bad_regions", "non-finite class scores")
 
     input_ids, mlm_labels = encode_caption(text, tokenizer, cfg.max_caption_tokens, masking, rng)
+    n_tokens, n_rois = joint_budget(len(input_ids), len(boxes), cfg.max_sequence_length)
+    if n_tokens < len(input_ids):  # keep [SEP]
+        input_ids = np.concatenate([input_ids[: n_tokens - 1], input_ids[-1:]])
+        mlm_labels = np.concatenate([mlm_labels[: n_tokens - 1], mlm_labels[-1:]])
+    boxes = boxes[:n_rois]  # best-scoring first (select_boxes)
+    roi_targets = roi_targets[:n_rois] if roi_targets is not None else None
     roi_masked, roi_labels_mask = choose_rois(len(boxes), masking, rng)
     return CaptionSample(
         key=key, input_ids=input_ids, mlm_labels=mlm_labels, image=pixels, boxes=boxes,

@@ -9,6 +9,12 @@ a ``BBoxHead``. Parameter names are mmdet's (``backbone.*``, ``rpn_head.*``,
 
 Shapes: B images, R box slots, H/W padded image size, C = ``cfg.num_classes``.
 
+Architecture options (``DetectorConfig``; the ``butd_r101_vg`` preset sets them to the
+published Visual Genome network): Caffe stem pool, dilated res5 at stride 1, the RoI op
+(mmcv RoIAlign, or Caffe's RoIPool), RPN width, anchors (Caffe geometry and order),
+BGR input. ``tools/convert_detector.py`` (``vlbert.model.detector_convert``) turns the
+published checkpoints into this module's state dict.
+
 Class distributions: ``cfg.num_classes`` counts every output of the box
 classifier *including* background (the Visual Genome detector: 1600 objects +
 background = 1601). mmdet's head is therefore built with ``num_classes - 1``
@@ -29,8 +35,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from mmcv.ops import RoIPool as MmcvRoIPool
 from mmcv.ops import batched_nms
 from mmdet.models.backbones import ResNet
+from mmdet.models.task_modules.prior_generators import AnchorGenerator
 from mmdet.registry import MODELS
 from mmdet.structures.bbox import bbox2roi
 from mmdet.utils import register_all_modules
@@ -38,6 +46,7 @@ from mmengine.config import ConfigDict
 from mmengine.logging import MMLogger
 
 from vlbert.config import DetectorConfig
+from vlbert.model.detector_convert import BOX_DELTA_STDS, HEAD_PREFIXES
 
 # Checkpoint keys we may lack or ignore: the box regressor is never used (regions
 # are RPN proposals, as in bottom-up attention), and mask heads are not built.
@@ -47,10 +56,17 @@ _STRIPPED_PREFIXES = ("module.", "detector.")
 
 
 def _mmdet_config(cfg: DetectorConfig) -> ConfigDict:
-    """The faster-rcnn_r50-caffe-c4 model dict, sized by ``cfg``."""
+    """The faster-rcnn_r50-caffe-c4 model dict, shaped by ``cfg``."""
     expansion = ResNet.arch_settings[cfg.depth][0].expansion
     res4, res5 = 256 * expansion, 512 * expansion
     norm_cfg = dict(type="BN", requires_grad=not cfg.freeze_batchnorm)
+    dilated = cfg.res5_dilation == 2
+    rpn_coder = "LegacyDeltaXYWHBBoxCoder" if cfg.caffe_boxes else "DeltaXYWHBBoxCoder"
+    if cfg.roi_op == "align":
+        roi_layer = dict(type="RoIAlign", output_size=cfg.roi_size, sampling_ratio=cfg.roi_sampling_ratio,
+                         aligned=cfg.roi_aligned)
+    else:  # replaced by CaffeRoIPool after the build (mmcv's op has no CPU kernel)
+        roi_layer = dict(type="RoIPool", output_size=cfg.roi_size)
     return ConfigDict(
         type="FasterRCNN",
         backbone=dict(
@@ -58,25 +74,25 @@ def _mmdet_config(cfg: DetectorConfig) -> ConfigDict:
             out_indices=(2,), frozen_stages=-1,  # freezing is ours (``_frozen_modules``), incl. res5
             norm_cfg=norm_cfg, norm_eval=cfg.freeze_batchnorm, style="caffe"),
         rpn_head=dict(
-            type="RPNHead", in_channels=res4, feat_channels=res4,
-            anchor_generator=dict(type="AnchorGenerator", scales=[2, 4, 8, 16, 32], ratios=[0.5, 1.0, 2.0],
-                                  strides=[16]),
-            bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[1.0] * 4),
+            type="RPNHead", in_channels=res4, feat_channels=cfg.rpn_channels or res4,
+            anchor_generator=dict(type="AnchorGenerator", scales=list(cfg.anchor_scales),
+                                  ratios=list(cfg.anchor_ratios), strides=[16]),
+            bbox_coder=dict(type=rpn_coder, target_means=[0.0] * 4, target_stds=[1.0] * 4),
             loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=True, loss_weight=1.0),
             loss_bbox=dict(type="L1Loss", loss_weight=1.0)),
         roi_head=dict(
             type="StandardRoIHead",
-            shared_head=dict(type="ResLayer", depth=cfg.depth, stage=3, stride=2, dilation=1, style="caffe",
-                             norm_cfg=norm_cfg, norm_eval=cfg.freeze_batchnorm),
-            bbox_roi_extractor=dict(
-                type="SingleRoIExtractor",
-                roi_layer=dict(type="RoIAlign", output_size=cfg.roi_size, sampling_ratio=0),
-                out_channels=res4, featmap_strides=[16]),
+            shared_head=dict(type="ResLayer", depth=cfg.depth, stage=3, stride=1 if dilated else 2,
+                             dilation=cfg.res5_dilation, style="caffe", norm_cfg=norm_cfg,
+                             norm_eval=cfg.freeze_batchnorm),
+            bbox_roi_extractor=dict(type="SingleRoIExtractor", roi_layer=roi_layer, out_channels=res4,
+                                    featmap_strides=[16]),
             bbox_head=dict(
-                type="BBoxHead", with_avg_pool=True, roi_feat_size=cfg.roi_size // 2, in_channels=res5,
-                num_classes=cfg.num_classes - 1,
-                bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4,
-                                target_stds=[0.1, 0.1, 0.2, 0.2]),
+                type="BBoxHead", with_avg_pool=True, roi_feat_size=cfg.roi_size if dilated else cfg.roi_size // 2,
+                in_channels=res5, num_classes=cfg.num_classes - 1,
+                # Deltas are predicted divided by these (Detectron convention); the converter
+                # rescales checkpoints whose deltas are raw (Caffe).
+                bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=list(BOX_DELTA_STDS)),
                 reg_class_agnostic=False,
                 loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False, loss_weight=1.0),
                 loss_bbox=dict(type="L1Loss", loss_weight=1.0))),
@@ -85,6 +101,66 @@ def _mmdet_config(cfg: DetectorConfig) -> ConfigDict:
             rpn=dict(nms_pre=6000, max_per_img=1000, nms=dict(type="nms", iou_threshold=0.7), min_bbox_size=0),
             rcnn=dict(score_thr=0.05, nms=dict(type="nms", iou_threshold=0.5), max_per_img=100)),
     )
+
+
+class CaffeAnchorGenerator(AnchorGenerator):
+    """Anchors exactly as py-faster-rcnn's ``generate_anchors`` (the Caffe network's).
+
+    Base box (0, 0, base-1, base-1); per ratio r (height / width) the width is
+    round(sqrt(base^2 / r)) and the height round(width * r), both then times each
+    scale; corners centre -/+ (size - 1) / 2. Ratio-major order, as mmdet's.
+    """
+
+    def gen_single_level_base_anchors(self, base_size, scales: Tensor, ratios: Tensor, center=None) -> Tensor:
+        size = float(base_size) ** 2
+        ctr = (float(base_size) - 1) / 2
+        ws = torch.round(torch.sqrt(size / ratios.double()))
+        hs = torch.round(ws * ratios.double())
+        ws = (ws[:, None] * scales.double()[None, :]).reshape(-1)
+        hs = (hs[:, None] * scales.double()[None, :]).reshape(-1)
+        half_w, half_h = 0.5 * (ws - 1), 0.5 * (hs - 1)
+        anchors = torch.stack([ctr - half_w, ctr - half_h, ctr + half_w, ctr + half_h], -1)
+        return anchors.float()
+
+
+class CaffeRoIPool(nn.Module):
+    """Caffe's RoIPooling: max over bins of the RoI rounded to the feature grid.
+
+    feat [B, C, H, W], rois [N, 5] (batch index, x1, y1, x2, y2 in pixels) -> [N, C, S, S].
+    Start/end = round(coord * scale), size = max(end - start + 1, 1); bin i covers rows
+    floor(i * size / S) .. ceil((i + 1) * size / S) - 1 from the start, clipped to the
+    map; an empty bin gives 0. On CUDA mmcv's kernel (the same definition) runs.
+    """
+
+    def __init__(self, output_size: int, spatial_scale: float):
+        super().__init__()
+        self.output_size, self.spatial_scale = (output_size, output_size), spatial_scale
+        self.cuda_op = MmcvRoIPool(output_size, spatial_scale)
+
+    def forward(self, feat: Tensor, rois: Tensor) -> Tensor:
+        if feat.is_cuda:
+            return self.cuda_op(feat, rois)
+        S, (H, W) = self.output_size[0], feat.shape[-2:]
+        out = feat.new_zeros(len(rois), feat.shape[1], S, S)
+        def c_round(x: Tensor) -> Tensor:  # C's round(): halves away from zero (torch.round: to even)
+            return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+        start = c_round(rois[:, 1:3] * self.spatial_scale)
+        end = c_round(rois[:, 3:5] * self.spatial_scale)
+        size = (end - start + 1).clamp(min=1) / S  # [N, 2] bin size (x, y)
+        i = torch.arange(S, dtype=feat.dtype, device=feat.device)
+        lo = (torch.floor(i[None, None] * size[..., None]) + start[..., None]).long()  # [N, 2, S]
+        hi = (torch.ceil((i[None, None] + 1) * size[..., None]) + start[..., None]).long()
+        xs, ys = torch.arange(W, device=feat.device), torch.arange(H, device=feat.device)
+        for n, roi in enumerate(rois):
+            cols = (xs >= lo[n, 0, :, None].clamp(0, W)) & (xs < hi[n, 0, :, None].clamp(0, W))  # [S, W]
+            rows = (ys >= lo[n, 1, :, None].clamp(0, H)) & (ys < hi[n, 1, :, None].clamp(0, H))  # [S, H]
+            f = feat[int(roi[0])]  # [C, H, W]
+            # Max over the columns of each x-bin, then over the rows of each y-bin.
+            by_col = f[:, :, None, :].masked_fill(~cols[None, None], float("-inf")).amax(-1)  # [C, H, S]
+            by_bin = by_col[:, None].masked_fill(~rows[None, :, :, None], float("-inf")).amax(2)  # [C, S, S]
+            out[n] = torch.where(torch.isfinite(by_bin), by_bin, torch.zeros_like(by_bin))
+        return out
 
 
 def zero_masked_regions(images: Tensor, boxes: Tensor, masked: Tensor) -> Tensor:
@@ -146,9 +222,15 @@ def _freeze_batchnorms(root: nn.Module) -> None:
 
 
 def read_state_dict(url: str) -> dict[str, Tensor]:
+    """The state dict of ``read_checkpoint(url)``."""
+    return read_checkpoint(url)[0]
+
+
+def read_checkpoint(url: str) -> tuple[dict[str, Tensor], dict]:
     """Read a checkpoint through fsspec; only tensors and plain containers are accepted.
 
-    Accepts ``{"state_dict": {...}}`` (MMDetection/mmengine) or a bare state dict.
+    Accepts ``{"state_dict": {...}, "meta": {...}}`` (MMDetection/mmengine, and what
+    tools/convert_detector.py writes) or a bare state dict. Returns (state dict, meta).
     """
     with fsspec.open(url, "rb") as f:
         data = f.read()
@@ -159,14 +241,16 @@ def read_state_dict(url: str) -> dict[str, Tensor]:
             f"{url}: refused to load: not a plain tensor checkpoint (torch.load weights_only=True). "
             f"Re-save it as torch.save(ckpt['state_dict'], path). Cause: {e}"
         ) from e
+    meta = {}
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise ValueError(f"{url}: expected a state dict of tensors or {{'state_dict': ...}}, got {type(obj).__name__}")
     for prefix in _STRIPPED_PREFIXES:
         if obj and all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix):]: v for k, v in obj.items()}
-    return obj
+    return obj, meta
 
 
 class RegionFeatureExtractor(nn.Module):
@@ -176,11 +260,12 @@ class RegionFeatureExtractor(nn.Module):
         super().__init__()
         if cfg.num_classes < 2:
             raise ValueError(f"detector.num_classes counts background too; need >= 2, got {cfg.num_classes}")
-        if cfg.roi_size % 2:
+        if cfg.roi_size % 2 and cfg.res5_dilation == 1:
             raise ValueError(f"detector.roi_size must be even (res5 halves it), got {cfg.roi_size}")
         self.cfg = cfg
         register_all_modules(init_default_scope=True)
         self.detector = MODELS.build(_mmdet_config(cfg))
+        self._apply_architecture(cfg)
         logger = MMLogger.get_current_instance()
         level = logger.level
         logger.setLevel(logging.WARNING)  # init_weights reports every parameter at INFO
@@ -192,9 +277,23 @@ class RegionFeatureExtractor(nn.Module):
         self.num_classes = cfg.num_classes
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
+        # False after loading a backbone-only checkpoint: the RPN and box head are random.
+        self.has_heads = True
         if cfg.checkpoint:
             self.load_checkpoint(cfg.checkpoint)
         self._freeze()
+
+    def _apply_architecture(self, cfg: DetectorConfig) -> None:
+        """The options mmdet's config dicts cannot express, set on the built modules."""
+        if cfg.caffe_stem_pool:
+            self.detector.backbone.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0, ceil_mode=True)
+        if cfg.caffe_boxes:
+            rpn = self.detector.rpn_head
+            rpn.prior_generator = CaffeAnchorGenerator(
+                strides=[16], scales=list(cfg.anchor_scales), ratios=list(cfg.anchor_ratios))
+        if cfg.roi_op == "pool":
+            extractor = self.detector.roi_head.bbox_roi_extractor
+            extractor.roi_layers = nn.ModuleList([CaffeRoIPool(cfg.roi_size, 1 / 16)])
 
     # ------------------------------------------------------------------ freezing
 
@@ -241,9 +340,10 @@ class RegionFeatureExtractor(nn.Module):
     # ------------------------------------------------------------------ pieces
 
     def normalize(self, images: Tensor) -> Tensor:
-        """uint8 [B, 3, H, W] RGB -> float [B, 3, H, W], on the images' device."""
-        x = (images.float() - self.pixel_mean) / self.pixel_std
+        """uint8 [B, 3, H, W] RGB -> float [B, 3, H, W] (BGR when ``cfg.bgr``), on the images' device."""
+        x = images.float()
         x = x.flip(1) if self.cfg.bgr else x
+        x = (x - self.pixel_mean) / self.pixel_std
         # In the dtype of the convolutions: bf16/fp16 when the engine has cast the weights.
         return x.to(self.detector.backbone.conv1.weight.dtype)
 
@@ -322,9 +422,18 @@ class RegionFeatureExtractor(nn.Module):
         (row-major over ``box_mask``), with gradients; for training the detector's classifier
         (``box_head_parameters``), as a detector is trained before VL-BERT pretraining."""
         self._check(images, boxes, box_mask)
+        self._require_heads("box_logits")
         feat = self.res4(self.normalize(images))
         cls_score, _ = self.detector.roi_head.bbox_head(self._res5(feat, self._rois(boxes, box_mask)))
         return cls_score
+
+    def _require_heads(self, what: str) -> None:
+        if not self.has_heads:
+            raise RuntimeError(
+                f"{what}: the detector checkpoint {self.cfg.checkpoint} holds only the backbone and res5 "
+                f"(VL-BERT's ResNet file has no RPN or box head), so there are no detections or class "
+                f"distributions; extract regions with a full checkpoint (README: Getting the Visual Genome "
+                f"detector) and train with detector.roi_targets: precomputed")
 
     def box_head_parameters(self) -> list[nn.Parameter]:
         """The box classifier's parameters (frozen during VL-BERT pretraining)."""
@@ -361,6 +470,7 @@ class RegionFeatureExtractor(nn.Module):
         """
         if not 1 <= min_boxes <= max_boxes:
             raise ValueError(f"need 1 <= min_boxes <= max_boxes, got {min_boxes}, {max_boxes}")
+        self._require_heads("detect")
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
         B, _, H, W = images.shape
@@ -378,14 +488,18 @@ class RegionFeatureExtractor(nn.Module):
         return [_select_regions(p, q, score_thr, min_boxes, max_boxes, nms_iou) for p, q in zip(proposals, probs)]
 
     def load_checkpoint(self, url: str) -> None:
-        """Load MMDetection weights from a path or any fsspec URL (see ``read_state_dict``).
+        """Load MMDetection weights from a path or any fsspec URL (see ``read_checkpoint``).
 
         Raises ValueError naming missing, unexpected and mis-shaped keys, except
-        keys of parts we never use (box regressor, mask heads).
+        keys of parts we never use (box regressor, mask heads), and the RPN and box
+        head when the checkpoint's meta says ``parts: backbone`` (then ``has_heads``
+        is False and ``detect``/``class_probs`` refuse to run).
         """
-        state = read_state_dict(url)
+        state, meta = read_checkpoint(url)
+        backbone_only = meta.get("parts") == "backbone"
+        ignored_missing = _IGNORED_MISSING + (HEAD_PREFIXES if backbone_only else ())
         own = self.detector.state_dict()
-        missing = [k for k in own if k not in state and not k.startswith(_IGNORED_MISSING)
+        missing = [k for k in own if k not in state and not k.startswith(ignored_missing)
                    and not k.endswith("num_batches_tracked")]
         unexpected = [k for k in state if k not in own and not k.startswith(_IGNORED_UNEXPECTED)]
         mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -397,6 +511,7 @@ class RegionFeatureExtractor(nn.Module):
             raise ValueError(f"{url}: checkpoint does not fit detector depth={self.cfg.depth} "
                              f"num_classes={self.cfg.num_classes}: " + "; ".join(parts))
         self.detector.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+        self.has_heads = not backbone_only
 
 
 def _select_regions(boxes: Tensor, probs: Tensor, score_thr: float, min_boxes: int, max_boxes: int,

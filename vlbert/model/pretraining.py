@@ -12,8 +12,10 @@ Heads run only on the positions that carry a label.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -96,11 +98,24 @@ class VLBertForPretraining(nn.Module):
 
     ``cfg.bert`` non-empty: the encoder (and the MLM head's transform and bias,
     when the checkpoint has them) start from that BERT checkpoint.
+
+    Masked-RoI targets are the detector's class distributions on the unmasked image,
+    fixed for the whole run. Batches carry them (``regions.npy``); for batches without,
+    ``detector_cfg.roi_targets`` decides: "precomputed" raises, "frozen_copy" uses
+    ``target_detector``, a frozen copy of the detector as loaded (part of the state dict,
+    so a resumed run keeps the initial weights), and "detector" the detector itself
+    (only allowed when it is frozen). The moving detector never gives targets.
     """
 
     def __init__(self, model_cfg: ModelConfig, detector_cfg: DetectorConfig):
         super().__init__()
         self.detector = RegionFeatureExtractor(detector_cfg)
+        self.roi_targets = detector_cfg.roi_targets
+        if self.roi_targets == "detector" and detector_cfg.trainable:
+            raise ValueError("detector.roi_targets 'detector' with a trainable detector: the targets would drift")
+        self.target_detector: Optional[RegionFeatureExtractor] = None
+        if self.roi_targets == "frozen_copy" and detector_cfg.trainable:
+            self.target_detector = copy.deepcopy(self.detector).requires_grad_(False).eval()
         bert_config, state = load_bert_checkpoint(model_cfg.bert) if model_cfg.bert else (None, {})
         self.vlbert = VLBertModel(model_cfg, self.detector.out_channels, bert_config)
         if state:
@@ -141,9 +156,7 @@ class VLBertForPretraining(nn.Module):
 
         b, r = (c.roi_labels_mask & c.box_mask).nonzero(as_tuple=True)
         logits = self.roi_head(hidden[b, out.layout.roi_index[b, r]])
-        targets = c.roi_targets
-        if targets is None:
-            targets = self.detector.class_probs(c.images, c.boxes, c.box_mask)  # unmasked image, no grad
+        targets = c.roi_targets if c.roi_targets is not None else self._online_targets(c)
         if targets.shape[:2] != c.box_mask.shape or targets.shape[-1] != logits.shape[-1]:
             raise ValueError(
                 f"roi_targets {tuple(targets.shape)} do not match boxes {tuple(c.box_mask.shape)} "
@@ -151,6 +164,22 @@ class VLBertForPretraining(nn.Module):
             )
         roi_loss, roi_acc = soft_cross_entropy(logits, targets[b, r])
         return mlm, (roi_loss, roi_acc, b.new_tensor(b.shape[0]))
+
+    def _online_targets(self, c: CaptionBatch) -> torch.Tensor:
+        """Class distributions of a batch without ``regions.npy``, from a detector that does not train."""
+        if self.roi_targets == "precomputed":
+            raise ValueError(
+                "a caption batch has no masked-RoI targets (some sample lacks regions.npy) and "
+                "detector.roi_targets is 'precomputed': run tools/extract_regions.py over the shards, "
+                "or set detector.roi_targets: frozen_copy")
+        source = self.target_detector if self.target_detector is not None else self.detector
+        return source.class_probs(c.images, c.boxes, c.box_mask)  # unmasked image, no grad
+
+    def train(self, mode: bool = True) -> "VLBertForPretraining":
+        super().train(mode)
+        if self.target_detector is not None:
+            self.target_detector.eval()
+        return self
 
     def _text(self, t: TextBatch):
         out = self.vlbert(t.input_ids, t.attention_mask)

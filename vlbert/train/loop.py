@@ -148,7 +148,7 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
     seed_everything(r.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer or cfg.model.bert)
     model = VLBertForPretraining(cfg.model, cfg.detector)
-    flops_params = count_parameters(model, skip_prefixes=("detector.",))
+    flops_params = count_parameters(model, skip_prefixes=("detector.", "target_detector."))
     engine = Engine(model, o, ds_json)
     stream = build_pretrain_stream(cfg.data, cfg.masking, tokenizer, rank, world, captions_mb, text_mb)
     val_data = None
