@@ -196,7 +196,7 @@ def _metrics(step: int, scale: float, offset: float = 0.0) -> dict[str, float]:
 
 
 def _tracker(uri: str, experiment: str, name: str = "", run_id=None, queue_size: int = 10000):
-    from vlbert.train.tracking import MlflowTracker
+    from vlbert.tracking import MlflowTracker
 
     cfg = TrackingConfig(experiment=experiment, run_name=name, tracking_uri=uri, system_metrics=False)
     tracker = MlflowTracker(cfg, run_id=run_id, queue_size=queue_size)
@@ -281,8 +281,8 @@ def jobs(tmp_path_factory):
         ids["base"] = base.run_id
 
         # Resumed: the first attempt logs steps 0..59 and dies (never closed); the second
-        # continues the same run from its step-40 checkpoint. Its tracker is told to log
-        # steps 40..59 again (as a tracker without step de-duplication would), so the store
+        # continues the same run from its step-40 checkpoint. Its tracker logs
+        # steps 40..59 again as summaries (never de-duplicated, as a naive tracker would), so the store
         # holds repeated steps; the first attempt's values there include the lowest loss
         # (0.01 at step 50), which must NOT survive: the last value per step wins.
         first = _tracker(uri, "cmp", "resumed")
@@ -296,10 +296,9 @@ def jobs(tmp_path_factory):
         time.sleep(0.01)  # later timestamps for the second attempt
         second = _tracker(uri, "cmp", "resumed", run_id=first.run_id)
         assert second.run_id == first.run_id
-        second.skip_through = 39
         _log_config(second, "resumed", **{"optim.lr": 2e-4})
-        for step in range(40, 100):
-            second.log_metrics(_metrics(step, 2.0), step)
+        for step in range(40, 100):  # 40..59 as summaries: never de-duplicated
+            (second.log_summary if step < 60 else second.log_metrics)(_metrics(step, 2.0), step)
         second.close("FINISHED")
         ids["resumed"] = second.run_id
 

@@ -91,7 +91,7 @@ def free_port() -> int:
 
 
 def histories(cfg: dict, keys=("loss",)):
-    from vlbert.train.tracking import fetch_metric_histories, fetch_runs
+    from vlbert.tracking import fetch_metric_histories, fetch_runs
 
     uri = cfg["tracking"]["tracking_uri"]
     (run,) = fetch_runs(uri, experiment=cfg["tracking"]["experiment"])

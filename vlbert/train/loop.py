@@ -32,7 +32,7 @@ from vlbert.train.engine import (Engine, count_parameters, init_distributed, mic
 from vlbert.train.metrics import Meter, batch_counts, memory_metrics, peak_flops
 from vlbert.train.environment import environment_tags
 from vlbert.train.signals import StopRequest
-from vlbert.train.tracking import build_tracker
+from vlbert.tracking import build_tracker
 
 log = logging.getLogger("vlbert.train")
 
@@ -121,11 +121,12 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
 
     # ---- resume: weights, optimizer, schedule, data position, RNG, counters, MLflow run
     seed_everything(r.seed + rank)  # masking and dropout differ per rank
-    step, samples_seen, tokens_local, run_id, resumed_from = 0, 0, 0, None, None
+    step, samples_seen, tokens_local, run_id, run_key, resumed_from = 0, 0, 0, None, None, None
     loaded = checkpointer.load_latest(engine) if r.resume else None
     if loaded is not None:
         step, samples_seen = loaded.meta["step"], loaded.meta["samples_seen"]
         tokens_local, run_id = loaded.rank_state["tokens_local"], loaded.meta.get("mlflow_run_id")
+        run_key = loaded.meta.get("mlflow_run_key")
         stream.load_state_dict(loaded.rank_state["data"])
         set_rng_state(loaded.rank_state["rng"])
         resumed_from = loaded.info.url
@@ -133,7 +134,9 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
             raise RuntimeError(f"{resumed_from}: DeepSpeed is at step {engine.global_step}, the metadata says {step}")
 
     # ---- tracking (rank 0): config, environment, artifacts
-    tracker = build_tracker(cfg.tracking, rank, run_id=run_id)
+    # The MLflow run may not exist yet (store down): the checkpoint keeps its key until it does.
+    tracker = build_tracker(cfg.tracking, rank, run_id=run_id, run_key=run_key,
+                            spool_dir=cfg.tracking.spool_dir or str(out_dir / "mlflow_spool"))
     if rank == 0:
         tracker.log_params(flatten(cfg.to_dict()))
         tracker.set_tags({**environment_tags(world), "vlbert.zero_stage": str(engine.zero_stage),
@@ -145,7 +148,7 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
     def save() -> str:
         tokens_seen = int(dist.all_sum([tokens_local])[0])
         meta = {"samples_seen": samples_seen, "tokens_seen": tokens_seen, "mlflow_run_id": tracker.run_id,
-                "zero_stage": engine.zero_stage, "precision": engine.precision, "config": cfg.to_dict()}
+                "mlflow_run_key": tracker.run_key, "zero_stage": engine.zero_stage, "precision": engine.precision, "config": cfg.to_dict()}
         rank_state = {"data": stream.state_dict(), "rng": rng_state(), "tokens_local": tokens_local}
         return checkpointer.save(engine, step, meta, rank_state)
 
@@ -232,7 +235,8 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
                     log.warning("stopped at step %d on %s; checkpoint %s", step, result.signal, result.checkpoint)
                     break
         if not result.preempted:
-            export_weights(engine, out_dir, rank, {"step": step, "mlflow_run_id": tracker.run_id})
+            export_weights(engine, out_dir, rank, {"step": step, "mlflow_run_id": tracker.run_id,
+                                                     "mlflow_run_key": tracker.run_key})
         status = "KILLED" if result.preempted else "FINISHED"
     finally:
         bar.close()
