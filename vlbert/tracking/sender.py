@@ -101,6 +101,11 @@ class Sender:
             records = self.spool.pending(page)
             if not records:
                 return True
+            new_runs = [k for k in dict.fromkeys(r.run_key for r in records) if k not in self._runs]
+            if new_runs:
+                for key in new_runs:
+                    self.reach(key)
+                continue  # reaching a run forgets the records it already has: read them again
             i = 0
             while i < len(records):
                 group = self._group(records, i)
