@@ -128,6 +128,8 @@ class MlflowTracker(NullTracker):
         self._flushes: list[_Control] = []
         self._closing: Optional[_Control] = None
         self._lock = threading.Lock()
+        self._closed = False
+        self._unsent_text = ""
         spool = Spool(self.spool_dir)
         entry = spool.ensure_run(self.run_key, self.uri, cfg.experiment, cfg.run_name, run_id,
                                  int(time.time() * 1000))
@@ -198,8 +200,9 @@ class MlflowTracker(NullTracker):
     def close(self, status: str = "FINISHED", timeout_s: Optional[float] = None) -> None:
         """Mark the run ``status`` (a spooled record too), wait up to ``timeout_s`` (default
         ``tracking.drain_timeout_s``) for the spool to empty, report what is left."""
-        if not self._sender.is_alive():
+        if self._closed:
             return
+        self._closed = True
         timeout_s = self.cfg.drain_timeout_s if timeout_s is None else timeout_s
         control = _Control("close", status, time.monotonic() + timeout_s)
         try:
@@ -211,6 +214,11 @@ class MlflowTracker(NullTracker):
             self._wake.set()
         self._spooler.join(10.0 + timeout_s)
         self._sender.join(10.0 + max(0.0, control.deadline - time.monotonic()))
+        if self._sender.is_alive():  # stuck in a call to the store: what it holds stays spooled
+            log.warning("MLflow store %s did not answer within %.0f s; closing without it", self.uri, timeout_s)
+            spool = Spool(self.spool_dir)
+            self.unsent, self._unsent_text = spool.count(), spool.describe()
+            spool.close()
         self._report()
         self._spool_lock.release()
 
