@@ -131,6 +131,9 @@ class MlflowTracker(NullTracker):
         self._closed = False
         self._unsent_text = ""
         spool = Spool(self.spool_dir)
+        known = spool.run_by_id(run_id) if run_id and not run_key else None
+        if known is not None:  # a checkpoint without a key: the spool knows the run under one
+            self.run_key = known.key
         entry = spool.ensure_run(self.run_key, self.uri, cfg.experiment, cfg.run_name, run_id,
                                  int(time.time() * 1000))
         if run_id and entry.run_id != run_id:
