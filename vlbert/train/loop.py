@@ -241,7 +241,8 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
     finally:
         bar.close()
         stream.close()
-        tracker.close(status)
+        # Preempted: the requeued attempt sends what is left in the spool; do not spend the grace time on it.
+        tracker.close(status, timeout_s=min(5.0, cfg.tracking.drain_timeout_s) if result.preempted else None)
         engine.close()
     result.step, result.run_id, result.samples_seen = step, tracker.run_id, samples_seen
     result.tokens_seen = int(dist.all_sum([tokens_local])[0])
