@@ -286,3 +286,20 @@ def test_crash_after_the_store_took_a_batch_does_not_send_it_twice(tmp_path, sql
     assert second.send_pending() and second.sent == 2
     run_id = spool.run("k").run_id
     assert fetch_metric_histories(uri, run_id, ["loss"])["loss"].steps == list(range(1, 8))
+
+
+def test_replay_refuses_a_spool_in_use_or_missing(tmp_path, capsys):
+    from vlbert.tracking.replay import main
+    from vlbert.tracking.spool import SpoolLock
+
+    Spool(tmp_path / "spool").close()
+    held = SpoolLock(tmp_path / "spool")  # a trainer still running there
+    try:
+        assert main([str(tmp_path / "spool")]) == 2
+        assert "in use by another process" in capsys.readouterr().err
+    finally:
+        held.release()
+    assert main([str(tmp_path / "nothing")]) == 2
+    assert "no tracking spool" in capsys.readouterr().err and not (tmp_path / "nothing").exists()
+    assert main([str(tmp_path / "spool")]) == 0  # free and empty: nothing to send
+    assert "sent 0 records; 0 left" in capsys.readouterr().out

@@ -13,16 +13,19 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 from vlbert.tracking.sender import Sender, StoreUnavailable
-from vlbert.tracking.spool import Spool, SpoolBusy, SpoolLock
+from vlbert.tracking.spool import DB_NAME, Spool, SpoolBusy, SpoolLock
 
 
 def replay(spool_dir: str, tracking_uri: Optional[str] = None, timeout_s: float = 300.0,
            retry_max_s: float = 30.0) -> tuple[int, int]:
     """Send the spool in ``spool_dir``; (records sent, records left). Raises ``SpoolBusy``,
     ``FileNotFoundError``."""
+    if not (Path(spool_dir) / DB_NAME).is_file():  # before the lock, which would make the folder
+        raise FileNotFoundError(f"no tracking spool at {Path(spool_dir) / DB_NAME}")
     lock = SpoolLock(spool_dir)
     try:
         spool = Spool(spool_dir, create=False)
