@@ -315,8 +315,8 @@ class MlflowTracker(NullTracker):
                         pause = min(self.cfg.retry_max_s, FIRST_RETRY_S * 2 ** (failures - 1))
                         next_try = time.monotonic() + pause * random.uniform(0.8, 1.0)
                         self._warn("send", "MLflow tracking unavailable at %s (%s); training continues, %d records "
-                                   "spooled in %s, retrying (every %.0f s at most)", self.uri, e, spool.count(), self.spool_dir,
-                                   self.cfg.retry_max_s)
+                                   "spooled in %s, retrying (every %.0f s at most)", self.uri, e, spool.count(),
+                                   self.spool_dir, self.cfg.retry_max_s)
                     self._reached.set()
                 first = spool.first_seq()
                 with self._lock:

@@ -148,7 +148,8 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
     def save() -> str:
         tokens_seen = int(dist.all_sum([tokens_local])[0])
         meta = {"samples_seen": samples_seen, "tokens_seen": tokens_seen, "mlflow_run_id": tracker.run_id,
-                "mlflow_run_key": tracker.run_key, "zero_stage": engine.zero_stage, "precision": engine.precision, "config": cfg.to_dict()}
+                "mlflow_run_key": tracker.run_key, "zero_stage": engine.zero_stage, "precision": engine.precision,
+                "config": cfg.to_dict()}
         rank_state = {"data": stream.state_dict(), "rng": rng_state(), "tokens_local": tokens_local}
         return checkpointer.save(engine, step, meta, rank_state)
 
