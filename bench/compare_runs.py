@@ -30,7 +30,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")  # the baseline is s
 
 from vlbert.compare import FETCH_KEYS, RunView, continuous_curve, plot_runs  # noqa: E402
 from vlbert.config import TrackingConfig  # noqa: E402
-from vlbert.train import tracking  # noqa: E402
+from vlbert import tracking  # noqa: E402
 
 KEYS = [k for k in FETCH_KEYS if not k.startswith("val_")]
 

@@ -161,14 +161,12 @@ def test_cli_imports_as_script_and_as_vlbert_tools(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- end to end (real server)
 
-import os  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import urllib.request  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from mlflow_server import MlflowServer, free_port  # noqa: E402
 
 from vlbert.config import Config, TrackingConfig, flatten  # noqa: E402
 
@@ -177,12 +175,6 @@ TOOL = [sys.executable, str(REPO / "tools" / "compare_runs.py")]
 KEYS = ("loss", "mlm_caption_loss", "roi_loss", "mlm_text_loss", "mlm_caption_acc", "mlm_text_acc", "roi_acc",
         "lr", "grad_norm", "samples_per_s", "tokens_per_s", "images_per_s", "mfu", "samples_seen")
 LONG_STEPS = 20_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _metrics(step: int, scale: float, offset: float = 0.0) -> dict[str, float]:
@@ -196,7 +188,7 @@ def _metrics(step: int, scale: float, offset: float = 0.0) -> dict[str, float]:
 
 
 def _tracker(uri: str, experiment: str, name: str = "", run_id=None, queue_size: int = 10000):
-    from vlbert.train.tracking import MlflowTracker
+    from vlbert.tracking import MlflowTracker
 
     cfg = TrackingConfig(experiment=experiment, run_name=name, tracking_uri=uri, system_metrics=False)
     tracker = MlflowTracker(cfg, run_id=run_id, queue_size=queue_size)
@@ -213,30 +205,8 @@ def _log_config(tracker, name: str, **overrides) -> None:
     tracker.log_params(flatten(cfg.to_dict()))
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and its workers: one process group
-        try:
-            proc.wait(2)
-        except subprocess.TimeoutExpired:  # nothing to save: do not wait for a graceful shutdown
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-
-
 def _start_tool(*args: str) -> subprocess.Popen:
     return subprocess.Popen(TOOL + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_health(uri: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            urllib.request.urlopen(uri + "/health", timeout=2).close()
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("mlflow server did not start:\n" + log_path.read_text()[-3000:])
-            time.sleep(0.3)
 
 
 @pytest.fixture(scope="module")
@@ -248,18 +218,12 @@ def jobs(tmp_path_factory):
     imports overlap with the server's start and the logging (the tests read the results).
     """
     tmp = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = open(tmp / "server.log", "wb")
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
-         "--default-artifact-root", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner/consumer processes
+    server = MlflowServer(tmp).start()
+    uri = server.uri
     procs: dict[str, subprocess.Popen] = {}
     try:
         # While the server starts: a closed port, and the long run in its own SQLite store.
-        procs["unreachable"] = _start_tool("--tracking-uri", f"http://127.0.0.1:{_free_port()}", "--experiment",
+        procs["unreachable"] = _start_tool("--tracking-uri", f"http://127.0.0.1:{free_port()}", "--experiment",
                                            "cmp", "--timeout", "3", "--plot", "")
         sqlite_uri = f"sqlite:///{tmp}/long.db"
         t = _tracker(sqlite_uri, "long", "long-run", queue_size=LONG_STEPS + 10)
@@ -270,7 +234,7 @@ def jobs(tmp_path_factory):
         t.close("FINISHED", timeout_s=120)
         procs["long"] = _start_tool("--tracking-uri", sqlite_uri, "--experiment", "long", "--plot",
                                     str(tmp / "long.png"), "--table-out", str(tmp / "long.md"))
-        _wait_health(uri, server, tmp / "server.log")
+        server.wait()
 
         ids = {}
         base = _tracker(uri, "cmp", "base")
@@ -281,8 +245,8 @@ def jobs(tmp_path_factory):
         ids["base"] = base.run_id
 
         # Resumed: the first attempt logs steps 0..59 and dies (never closed); the second
-        # continues the same run from its step-40 checkpoint. Its tracker is told to log
-        # steps 40..59 again (as a tracker without step de-duplication would), so the store
+        # continues the same run from its step-40 checkpoint. Its tracker logs
+        # steps 40..59 again as summaries (never de-duplicated, as a naive tracker would), so the store
         # holds repeated steps; the first attempt's values there include the lowest loss
         # (0.01 at step 50), which must NOT survive: the last value per step wins.
         first = _tracker(uri, "cmp", "resumed")
@@ -296,10 +260,9 @@ def jobs(tmp_path_factory):
         time.sleep(0.01)  # later timestamps for the second attempt
         second = _tracker(uri, "cmp", "resumed", run_id=first.run_id)
         assert second.run_id == first.run_id
-        second.skip_through = 39
         _log_config(second, "resumed", **{"optim.lr": 2e-4})
-        for step in range(40, 100):
-            second.log_metrics(_metrics(step, 2.0), step)
+        for step in range(40, 100):  # 40..59 as summaries: never de-duplicated
+            (second.log_summary if step < 60 else second.log_metrics)(_metrics(step, 2.0), step)
         second.close("FINISHED")
         ids["resumed"] = second.run_id
 
@@ -339,8 +302,7 @@ def jobs(tmp_path_factory):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        _stop(server)
-        log.close()
+        server.stop()
 
 
 def _csv_table(path: Path) -> dict[str, dict[str, str]]:

@@ -18,7 +18,7 @@ def test_train_exports_weights_and_the_probe_logs_to_the_run(tmp_path):
     sys.path.insert(0, str(REPO))
     from tools.make_demo_data import make_demo_data
 
-    from vlbert.train.tracking import fetch_metric_histories, fetch_runs
+    from vlbert.tracking import fetch_metric_histories, fetch_runs
 
     data = tmp_path / "demo"
     make_demo_data(data, train_shards=1, per_shard=16, val=12, size=64, book_files=1, docs_per_file=10,

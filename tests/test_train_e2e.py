@@ -91,7 +91,7 @@ def free_port() -> int:
 
 
 def histories(cfg: dict, keys=("loss",)):
-    from vlbert.train.tracking import fetch_metric_histories, fetch_runs
+    from vlbert.tracking import fetch_metric_histories, fetch_runs
 
     uri = cfg["tracking"]["tracking_uri"]
     (run,) = fetch_runs(uri, experiment=cfg["tracking"]["experiment"])
@@ -192,6 +192,45 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(data, tmp_path):
     captions = [k for line in got for k in line["captions"]]
     assert len(captions) == 12 and len(set(captions)) == 12 and all(".tar#" in k for k in captions)
     assert all(len(line["text"]) == 2 and all(k.startswith("text.") for k in line["text"]) for line in got)
+
+
+@pytest.mark.integration
+@pytest.mark.mlflow_server
+def test_killed_while_the_tracking_server_is_down_then_resumed_after_it_is_back(data, tmp_path):
+    """The MLflow run does not exist when the step-3 checkpoint is written (server down) nor when
+    the trainer dies at step 5; the resumed trainer creates it and it holds every step once."""
+    from mlflow_server import MlflowServer
+
+    from vlbert.tracking.spool import Spool
+    from vlbert.train.loop import train
+
+    server = MlflowServer(tmp_path / "server")  # nothing listens on its port yet
+    cfg = tiny_config(data, tmp_path / "down", **{"tracking.experiment": "down", "tracking.tracking_uri": server.uri,
+                                                  "tracking.retry_max_s": 0.5})
+    path = write_config(cfg, tmp_path / "down.yaml")
+    child = mp.get_context("spawn").Process(target=_train_then_sigkill, args=(str(path), 5, torch.get_num_threads()))
+    child.start()
+    child.join(240)
+    assert child.exitcode == -signal.SIGKILL
+    ckpts, spool = tmp_path / "down" / "checkpoints", tmp_path / "down" / "mlflow_spool"
+    meta = yaml.safe_load((ckpts / "step-000003" / "meta.json").read_text())
+    assert meta["mlflow_run_id"] is None and meta["mlflow_run_key"]
+    assert Spool(spool).count("metrics") == 6  # steps 1-5 and the validation at 3, on disk
+
+    with server:
+        server.start().wait()
+        resumed = train(load_config(path))
+        run, hist = histories(cfg, ("loss", "samples_seen", "val_loss"))
+    assert resumed.resumed_from.endswith("step-000003") and resumed.step == 6
+    assert run.run_id == resumed.run_id and run.status == "FINISHED"
+    assert run.params["optim.lr"] == str(cfg["optim"]["lr"]) and run.tags["vlbert.world_size"] == "1"
+    assert hist["loss"].steps == [1, 2, 3, 4, 5, 6]  # once each: 4 and 5 from the killed attempt
+    assert hist["samples_seen"].values == [4.0 * s for s in range(1, 7)]
+    assert hist["val_loss"].steps == [3, 6]
+    assert hist["loss"].values[5] == pytest.approx(resumed.losses[6], rel=1e-6)
+    last = yaml.safe_load((ckpts / "step-000006" / "meta.json").read_text())
+    assert last["mlflow_run_id"] == run.run_id and last["mlflow_run_key"] == meta["mlflow_run_key"]
+    assert Spool(spool).count() == 0
 
 
 # --------------------------------------------------------------------------- launched

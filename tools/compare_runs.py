@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "120")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    from vlbert.train import tracking  # imports mlflow (slow): only after the arguments are fine
+    from vlbert import tracking  # imports mlflow (slow): only after the arguments are fine
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     check_store(uri, args.timeout)
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Console entry point (``vlbert-compare``): exit status 0, or 1 with a one-line error."""
-    from vlbert.train.tracking import TrackingError  # mlflow itself is imported only when used
+    from vlbert.tracking.common import TrackingError  # mlflow itself is imported only when used
 
     args = parse_args(argv)
     try:

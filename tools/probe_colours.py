@@ -48,7 +48,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from vlbert.data.mixture import build_validation_stream
     from vlbert.model.pretraining import VLBertForPretraining
     from vlbert.probe import colour_fill_accuracy
-    from vlbert.train.tracking import build_tracker
+    from vlbert.tracking import build_tracker
 
     out_dir = Path(cfg.runtime.output_dir)
     weights = Path(args.weights or out_dir / "model.safetensors")
@@ -91,12 +91,17 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     info_path = out_dir / "model.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
-    if cfg.tracking.enabled and info.get("mlflow_run_id"):
+    if cfg.tracking.enabled and (info.get("mlflow_run_id") or info.get("mlflow_run_key")):
         tracking = dataclasses.replace(cfg.tracking, system_metrics=False)  # a few seconds of work
-        tracker = build_tracker(tracking, rank=0, run_id=info["mlflow_run_id"])
+        # The training run's spool: what training left unsent goes first, then the summary.
+        tracker = build_tracker(tracking, rank=0, run_id=info.get("mlflow_run_id"), run_key=info.get("mlflow_run_key"),
+                                spool_dir=cfg.tracking.spool_dir or str(out_dir / "mlflow_spool"))
         tracker.log_summary(summary, int(info.get("step", 0)))
         tracker.close("FINISHED")
-        print(f"  logged to MLflow run {info['mlflow_run_id']}")
+        if tracker.unsent:
+            print(f"  MLflow unavailable: the summary waits in {tracker.spool_dir} (see the warning above)")
+        else:
+            print(f"  logged to MLflow run {tracker.run_id}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Compare tracked runs: the pure logic behind ``tools/compare_runs.py``.
 
-Nothing here talks to MLflow (only ``vlbert/train/tracking.py`` does); the CLI
+Nothing here talks to MLflow (only ``vlbert/tracking`` does); the CLI
 fetches runs and metric histories and hands them over as :class:`RunView`.
 
 - :func:`continuous_curve` merges a resumed run's history (the same MLflow run,

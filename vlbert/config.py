@@ -220,6 +220,11 @@ class TrackingConfig:
     tracking_uri: str = ""  # empty = $MLFLOW_TRACKING_URI, else a store in the working folder
     system_metrics: bool = True
     enabled: bool = True
+    # What the store could not take yet waits in a local spool (vlbert/tracking/spool.py):
+    spool_dir: str = ""  # empty = <runtime.output_dir>/mlflow_spool
+    spool_max_records: int = 100_000  # metric records kept; past it new ones are dropped and counted
+    retry_max_s: float = 60.0  # the longest pause between two tries of a store that fails
+    drain_timeout_s: float = 60.0  # at the end, how long training waits for the spool to empty
 
 
 @dataclass
@@ -443,6 +448,9 @@ def validate(cfg: Config, source: str = "<config>", check_files: bool = True) ->
              f"must divide the global batch {cfg.global_batch_size}")
     _require(r.checkpoint_every > 0 and r.keep_last >= 1 and r.log_every > 0, source, "runtime.checkpoint_every",
              "checkpoint_every and log_every must be positive and keep_last >= 1")
+    t = cfg.tracking
+    _require(t.spool_max_records >= 1 and t.retry_max_s > 0 and t.drain_timeout_s >= 0, source,
+             "tracking.spool_max_records", "spool_max_records and retry_max_s must be positive, drain_timeout_s >= 0")
     if check_files:
         _require(os.path.isfile(r.deepspeed_config), source, f"runtime.deepspeed_config ({r.deepspeed_config})",
                  "file not found")

@@ -1,4 +1,4 @@
-"""Training: DeepSpeed engine, checkpoints, MLflow tracking and the loop.
+"""Training: DeepSpeed engine, checkpoints and the loop (tracking: ``vlbert.tracking``).
 
 ``train`` and friends are imported lazily so that ``import vlbert.train.checkpoint``
 does not pull in DeepSpeed or MLflow.
@@ -12,9 +12,9 @@ _EXPORTS = {
     "Engine": "vlbert.train.engine",
     "init_distributed": "vlbert.train.engine",
     "Checkpointer": "vlbert.train.checkpoint",
-    "build_tracker": "vlbert.train.tracking",
-    "fetch_runs": "vlbert.train.tracking",
-    "fetch_metric_histories": "vlbert.train.tracking",
+    "build_tracker": "vlbert.tracking",
+    "fetch_runs": "vlbert.tracking",
+    "fetch_metric_histories": "vlbert.tracking",
 }
 __all__ = sorted(_EXPORTS)
 

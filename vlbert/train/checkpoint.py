@@ -5,7 +5,7 @@ Layout under ``root`` (a local folder or a URL such as ``s3://bucket/run/ckpt``)
     step-000123/
       ds/             DeepSpeed's files: model, ZeRO-partitioned optimizer, schedule, step counters
       rank-00000.json one per rank: data pipeline state, RNG states, rank-local counters
-      meta.json       step, samples/tokens seen, MLflow run id, world size, ...
+      meta.json       step, samples/tokens seen, MLflow run id and key, world size, ...
       COMPLETE        written last: {"step", "files": {relative path: size}}
     latest            "step-000123", written after the folder is published
 

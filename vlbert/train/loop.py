@@ -34,7 +34,7 @@ from vlbert.train.state import TrainState
 from vlbert.train.sample_keys import SampleKeyLog
 from vlbert.train.environment import environment_tags
 from vlbert.train.signals import StopRequest
-from vlbert.train.tracking import build_tracker
+from vlbert.tracking import build_tracker
 
 log = logging.getLogger("vlbert.train")
 
@@ -170,7 +170,9 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
     state.layout = {"world_size": world, "num_workers": cfg.data.num_workers}
 
     # ---- tracking (rank 0): config, environment, artifacts
-    tracker = build_tracker(cfg.tracking, rank, run_id=state.mlflow_run_id)
+    # The MLflow run may not exist yet (store down): the checkpoint keeps its key until it does.
+    tracker = build_tracker(cfg.tracking, rank, run_id=state.mlflow_run_id, run_key=state.mlflow_run_key,
+                            spool_dir=cfg.tracking.spool_dir or str(out_dir / "mlflow_spool"))
     if rank == 0:
         tracker.log_params(flatten(cfg.to_dict()))
         tracker.set_tags({**environment_tags(world), "vlbert.zero_stage": str(engine.zero_stage),
@@ -181,7 +183,7 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
     meter, key_log = Meter(), SampleKeyLog(out_dir, rank, state.step) if r.log_sample_keys else None
 
     def save() -> str:
-        state.mlflow_run_id = tracker.run_id
+        state.mlflow_run_id, state.mlflow_run_key = tracker.run_id, tracker.run_key
         meta = {**state.to_meta(), "zero_stage": engine.zero_stage, "precision": engine.precision,
                 "config": cfg.to_dict()}
         return checkpointer.save(engine, state.step, meta, {"data": stream.state_dict(), "rng": rng_state()})
@@ -242,14 +244,16 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
                 if on_step is not None:
                     on_step(state.step, loss)
         if not result.preempted:
-            export_weights(engine, out_dir, rank, {"step": state.step, "mlflow_run_id": tracker.run_id})
+            export_weights(engine, out_dir, rank, {"step": state.step, "mlflow_run_id": tracker.run_id,
+                                                     "mlflow_run_key": tracker.run_key})
         status = "KILLED" if result.preempted else "FINISHED"
     finally:
         bar.close()
         stream.close()
         if key_log is not None:
             key_log.close()
-        tracker.close(status)
+        # Preempted: the requeued attempt sends what is left in the spool; do not spend the grace time on it.
+        tracker.close(status, timeout_s=min(5.0, cfg.tracking.drain_timeout_s) if result.preempted else None)
         engine.close()
     result.step, result.run_id = state.step, tracker.run_id
     result.samples_seen, result.tokens_seen = state.samples_seen, state.tokens_seen

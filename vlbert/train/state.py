@@ -14,6 +14,7 @@ class TrainState:
     samples_seen:  captioned images + text segments consumed, all ranks
     tokens_seen:   sequence elements (words, RoIs) consumed, all ranks
     mlflow_run_id: the MLflow run this run logs to (None until one exists)
+    mlflow_run_key: the tracker's client-side key of that run (known before the run exists)
     layout:        {"world_size", "num_workers"} of the attempt that saved it
     """
 
@@ -21,6 +22,7 @@ class TrainState:
     samples_seen: int = 0
     tokens_seen: int = 0
     mlflow_run_id: Optional[str] = None
+    mlflow_run_key: Optional[str] = None
     layout: dict[str, int] = field(default_factory=dict)
 
     def advance(self, samples: int, tokens: int) -> None:
@@ -39,4 +41,4 @@ class TrainState:
     def from_meta(cls, meta: dict[str, Any]) -> "TrainState":
         return cls(step=int(meta["step"]), samples_seen=int(meta.get("samples_seen", 0)),
                    tokens_seen=int(meta.get("tokens_seen", 0)), mlflow_run_id=meta.get("mlflow_run_id"),
-                   layout=dict(meta.get("layout", {})))
+                   mlflow_run_key=meta.get("mlflow_run_key"), layout=dict(meta.get("layout", {})))
