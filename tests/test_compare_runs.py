@@ -430,3 +430,7 @@ def test_default_finds_the_demo_run_and_shows_its_probe_figures(tmp_path, capsys
     row = next(line for line in out.splitlines() if "probe_colour_acc_with_image" in line)
     assert "0.956" in row
     assert "0.204" in next(line for line in out.splitlines() if "probe_colour_acc_blanked" in line)
+    # A wrong experiment name: the error lists the ones there are.
+    assert main(["--tracking-uri", uri, "--experiment", "vlbert", "--plot", ""]) == 1
+    err = capsys.readouterr().err
+    assert "experiment 'vlbert' not found" in err and "experiments there: Default, vlbert-demo" in err, err

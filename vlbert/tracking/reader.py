@@ -65,7 +65,9 @@ def fetch_runs(tracking_uri: str, experiment: Union[str, Sequence[str], None] = 
             for name in exp_names:
                 exp = client.get_experiment_by_name(name)
                 if exp is None:
-                    raise TrackingError(f"experiment {name!r} not found in {tracking_uri}")
+                    known = sorted(e.name for e in client.search_experiments())
+                    raise TrackingError(f"experiment {name!r} not found in {tracking_uri}; experiments there: "
+                                        f"{', '.join(known) or 'none'}")
                 exp_ids.append(exp.experiment_id)
         runs, token = [], None
         while exp_ids:
