@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from vlbert.config import DataConfig, DetectorConfig, ModelConfig, OptimConfig  # noqa: E402
 from vlbert.train.ds_config import load_deepspeed_json  # noqa: E402
-from vlbert.data.batch import IGNORE_INDEX, CaptionBatch, PretrainBatch, TextBatch  # noqa: E402
+from vlbert.batch import IGNORE_INDEX, CaptionBatch, PretrainBatch, TextBatch  # noqa: E402
 from vlbert.model.embeddings import VisualInputs  # noqa: E402
 from vlbert.model.pretraining import VLBertForPretraining  # noqa: E402
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from transformers import VisualBertConfig, VisualBertForPreTraining  # noqa: E402
 
 from vlbert.config import DetectorConfig, ModelConfig  # noqa: E402
-from vlbert.data.batch import IGNORE_INDEX  # noqa: E402
+from vlbert.batch import IGNORE_INDEX  # noqa: E402
 from vlbert.model.embeddings import VisualInputs  # noqa: E402
 from vlbert.model.pretraining import VLBertForPretraining  # noqa: E402
 

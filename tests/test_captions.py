@@ -10,7 +10,7 @@ from PIL import Image
 
 from tools.make_demo_data import build_tokenizer
 from vlbert.config import CaptionDataConfig, MaskingConfig
-from vlbert.data.batch import IGNORE_INDEX, CaptionBatch
+from vlbert.batch import IGNORE_INDEX, CaptionBatch
 from vlbert.data.captions import (
     BadSample, CaptionSample, collate_captions, decode_caption_sample, select_boxes, target_size,
 )

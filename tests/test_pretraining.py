@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
 from vlbert.config import DetectorConfig, ModelConfig
-from vlbert.data.batch import IGNORE_INDEX, CaptionBatch, PretrainBatch, TextBatch
+from vlbert.batch import IGNORE_INDEX, CaptionBatch, PretrainBatch, TextBatch
 from vlbert.model.embeddings import VisualInputs
 from vlbert.model.pretraining import PretrainingOutput, VLBertForPretraining
 

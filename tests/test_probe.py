@@ -4,7 +4,7 @@ the accuracy it reports is the model's own MLM prediction counted per query."""
 import torch
 
 from vlbert.config import DetectorConfig, ModelConfig
-from vlbert.data.batch import IGNORE_INDEX, CaptionBatch, PretrainBatch
+from vlbert.batch import IGNORE_INDEX, CaptionBatch, PretrainBatch
 from vlbert.model.pretraining import VLBertForPretraining
 from vlbert.probe import colour_fill_accuracy, colour_queries
 

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from vlbert.config import MaskingConfig
-from vlbert.data.batch import IGNORE_INDEX
+from vlbert.batch import IGNORE_INDEX
 from vlbert.data.shards import ShardStream, SkipCounter
 from vlbert.data.text import TextSegmenter, WordPieces, collate_text
 from tools import prepare_text

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from vlbert.data.batch import IGNORE_INDEX, CaptionBatch, PretrainBatch
+from vlbert.batch import IGNORE_INDEX, CaptionBatch, PretrainBatch
 
 
 @dataclass

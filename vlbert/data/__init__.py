@@ -8,9 +8,6 @@ stays light (no torch, no PIL).
 import importlib
 
 _EXPORTS = {
-    "CaptionBatch": "vlbert.data.batch",
-    "PretrainBatch": "vlbert.data.batch",
-    "TextBatch": "vlbert.data.batch",
     "PretrainStream": "vlbert.data.mixture",
     "build_pretrain_stream": "vlbert.data.mixture",
     "build_validation_stream": "vlbert.data.mixture",

@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 
 from vlbert.config import CaptionDataConfig, MaskingConfig
-from vlbert.data.batch import IGNORE_INDEX, CaptionBatch
+from vlbert.batch import IGNORE_INDEX, CaptionBatch
 from vlbert.data.masking import choose_rois, mask_tokens
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")

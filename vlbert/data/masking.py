@@ -25,7 +25,7 @@ import numpy as np
 
 from vlbert.config import MaskingConfig
 
-IGNORE_INDEX = -100  # same value as vlbert.data.batch.IGNORE_INDEX (kept torch-free here)
+IGNORE_INDEX = -100  # same value as vlbert.batch.IGNORE_INDEX (kept torch-free here)
 
 
 def word_index(word_starts: np.ndarray, special: np.ndarray, whole_word: bool = True) -> np.ndarray:

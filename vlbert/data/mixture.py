@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlbert.config import CaptionDataConfig, DataConfig, MaskingConfig
-from vlbert.data.batch import PretrainBatch
+from vlbert.batch import PretrainBatch
 from vlbert.data.captions import BadSample, collate_captions, decode_caption_sample
 from vlbert.data.prefetch import Prefetcher
 from vlbert.data.shards import Cursor, ShardStream, SkipCounter, expand_urls, record_rng

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from vlbert.config import MaskingConfig
-from vlbert.data.batch import IGNORE_INDEX, TextBatch
+from vlbert.batch import IGNORE_INDEX, TextBatch
 from vlbert.data.masking import mask_tokens
 from vlbert.data.shards import Cursor, ShardStream, SkipCounter, record_rng
 

@@ -23,7 +23,7 @@ from torch import nn
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead, BertPredictionHeadTransform
 
 from vlbert.config import DetectorConfig, ModelConfig
-from vlbert.data.batch import IGNORE_INDEX, CaptionBatch, PretrainBatch, TextBatch
+from vlbert.batch import IGNORE_INDEX, CaptionBatch, PretrainBatch, TextBatch
 from vlbert.model.detector import RegionFeatureExtractor
 from vlbert.model.embeddings import VisualInputs
 from vlbert.model.vlbert import VLBertModel, init_bert_weights, load_bert_checkpoint

@@ -2,7 +2,7 @@
 
 ``<output_dir>/sample_keys/rank<r>.jsonl``, each line
 ``{"step": s, "captions": [key, ...], "text": [key, ...]}`` over the step's
-micro-batches in order (keys as in ``vlbert.data.batch``). A resumed attempt
+micro-batches in order (keys as in ``vlbert.batch``). A resumed attempt
 first drops the lines after the step it resumes from (the crashed attempt may
 have written steps that the checkpoint does not hold), so the file always
 describes one history: every step once.
@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from vlbert.data.batch import PretrainBatch
+from vlbert.batch import PretrainBatch
 
 
 def sample_keys_path(output_dir: Path, rank: int) -> Path:

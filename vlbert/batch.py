@@ -1,4 +1,5 @@
-"""Padded batches: the one contract between the data pipeline and the model.
+"""Padded batches: the one contract between the data pipeline and the model (both import it;
+it imports neither).
 
 Shapes use B = samples, T = caption tokens, R = RoIs (box slots), C = RoI
 classes, H/W = padded image height/width, L = text segment length.
