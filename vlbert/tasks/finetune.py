@@ -163,9 +163,12 @@ def _finetune(cfg: FinetuneConfig, stop: StopRequest, on_step) -> FinetuneResult
         meta = {"mlflow_run_id": tracker.run_id, "total_steps": total_steps, "config": cfg.to_dict()}
         return checkpointer.save(engine, step, meta, {"consumed": consumed, "rng": rng_state()})
 
+    # Its own generator: a loader draws a worker seed when iterated, which must not shift the global
+    # RNG that the checkpoint restores (dropout would then differ from an uninterrupted run).
     loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=None, collate_fn=_identity,
                                          num_workers=task_cfg.num_workers,
-                                         persistent_workers=False, prefetch_factor=2 if task_cfg.num_workers else None)
+                                         generator=torch.Generator().manual_seed(task_cfg.seed),
+                                         prefetch_factor=2 if task_cfg.num_workers else None)
     batches = iter(loader)
     skips: dict[str, int] = {}
 
@@ -180,22 +183,22 @@ def _finetune(cfg: FinetuneConfig, stop: StopRequest, on_step) -> FinetuneResult
                 return batch
 
     result = FinetuneResult(step=step, total_steps=total_steps, resumed_from=resumed_from)
-    sums = {"loss": 0.0, "soft_acc": 0.0}
+    sums: dict[str, float] = {}  # the model output's metrics (loss, accuracy), summed over the interval
     interval, t0, status = 0, time.perf_counter(), "FAILED"
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=f"finetune {task.name}",
                dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
     try:
         while step < total_steps:
-            lr, local = engine.lr, {k: 0.0 for k in sums}
+            lr, local = engine.lr, {}
             for _ in range(cfg.optim.grad_accum):
-                metrics = engine.step(next_batch()).metrics()
-                for k in local:
-                    local[k] += float(metrics[k]) / cfg.optim.grad_accum
+                for k, v in engine.step(next_batch()).metrics().items():
+                    local[k] = local.get(k, 0.0) + float(v) / cfg.optim.grad_accum
             step += 1
-            votes, *means = dist.all_sum([float(stop.requested)] + [local[k] for k in sums])
-            for k, v in zip(sums, means):
-                sums[k] += v / world
-            loss = result.losses[step] = means[0] / world
+            keys = sorted(local)  # the same on every rank: one model
+            votes, *means = dist.all_sum([float(stop.requested)] + [local[k] for k in keys])
+            for k, v in zip(keys, means):
+                sums[k] = sums.get(k, 0.0) + v / world
+            loss = result.losses[step] = means[keys.index("loss")] / world
             interval += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -205,9 +208,9 @@ def _finetune(cfg: FinetuneConfig, stop: StopRequest, on_step) -> FinetuneResult
                                      "epoch": step / steps_per_epoch, "step_time_s": seconds / interval,
                                      **{f"data_skips/{k}": v for k, v in skips.items()}}, step)
                 if rank == 0 and step % r.log_every == 0:
-                    log.info("step %d/%d loss %.4f soft_acc %.3f lr %.3g", step, total_steps,
-                             sums["loss"] / interval, sums["soft_acc"] / interval, lr)
-                sums, interval, t0 = {k: 0.0 for k in sums}, 0, time.perf_counter()
+                    log.info("step %d/%d %s lr %.3g", step, total_steps,
+                             " ".join(f"{k} {v / interval:.4f}" for k, v in sums.items()), lr)
+                sums, interval, t0 = {}, 0, time.perf_counter()
             if r.val_every and step % r.val_every == 0 and step < total_steps:
                 with engine.eval_mode():
                     tracker.log_metrics(run_evaluation(task, engine.evaluate, rank, world, None), step)
@@ -226,6 +229,7 @@ def _finetune(cfg: FinetuneConfig, stop: StopRequest, on_step) -> FinetuneResult
                 tracker.log_summary(result.eval_metrics, step)
                 if rank == 0:
                     log.info("evaluation: %s", json.dumps(result.eval_metrics, sort_keys=True))
+                    (out_dir / "eval_metrics.json").write_text(json.dumps(result.eval_metrics, indent=2) + "\n")
             export_weights(engine, out_dir, rank, {"step": step, "mlflow_run_id": tracker.run_id, "task": task.name,
                                                    "pretrain_run_id": pretrained_info.get("mlflow_run_id")})
         status = "KILLED" if result.preempted else "FINISHED"
