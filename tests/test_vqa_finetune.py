@@ -199,3 +199,29 @@ def test_config_errors_name_the_key(tmp_path):
         load_finetune_config(None, check_files=False)
     with pytest.raises(ConfigError, match="vqa.batch_sise"):
         load_finetune_config(REPO / "configs/vqa_tiny.yaml", ["vqa.batch_sise=3"], check_files=False)
+
+
+def test_demo_comparison_tool_runs_both_arms(demo_data, vqa, tmp_path, capsys):
+    """tools/demo_vqa_compare.py: one seed per arm on the tiny config (the real demo uses
+    configs/vqa_demo.yaml and the demo pretraining run; see the README)."""
+    from tools.demo_vqa_compare import main
+
+    cfg = tiny(demo_data, vqa, tmp_path / "x")
+    pretrained = _save_pretrained(cfg, tmp_path / "pretrain", run_id="demo-pretrain")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    summary = main(["--config", str(config), "--pretrained", str(pretrained), "--seeds", "0",
+                    "--out", str(tmp_path / "cmp"), "optim.total_steps=2", "tracking.experiment=demo-cmp"])
+    on_disk = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert on_disk["gap_points"] == pytest.approx(summary["gap_points"])
+    for arm in ("pretrained", "no_pretraining"):
+        metrics = json.loads((tmp_path / "cmp" / f"{arm}-seed0" / "eval_metrics.json").read_text())
+        assert on_disk[arm]["val/vqa_acc"]["values"] == pytest.approx([metrics["val/vqa_acc"]])
+    assert on_disk["gap_points"] == pytest.approx(on_disk["pretrained"]["val/vqa_acc"]["mean"]
+                                                  - on_disk["no_pretraining"]["val/vqa_acc"]["mean"])
+    from vlbert.train.tracking import fetch_runs
+
+    runs = {r.name: r for r in fetch_runs(cfg.tracking.tracking_uri, experiment="demo-cmp")}
+    assert runs["pretrained-seed0"].tags["vlbert.pretrain_run_id"] == "demo-pretrain"
+    assert runs["no_pretraining-seed0"].tags["vlbert.pretrain_run_id"] == ""
+    assert "pretraining gains" in capsys.readouterr().out
