@@ -225,3 +225,14 @@ def test_demo_comparison_tool_runs_both_arms(demo_data, vqa, tmp_path, capsys):
     assert runs["pretrained-seed0"].tags["vlbert.pretrain_run_id"] == "demo-pretrain"
     assert runs["no_pretraining-seed0"].tags["vlbert.pretrain_run_id"] == ""
     assert "pretraining gains" in capsys.readouterr().out
+
+
+def test_cli_config_errors_exit_2(capsys):
+    from tools.evaluate import main as evaluate_main
+    from tools.finetune import main as finetune_main
+
+    assert finetune_main(["--config", str(REPO / "configs/vqa_tiny.yaml"), "vqa.batch_sise=3"]) == 2
+    assert "vqa.batch_sise" in capsys.readouterr().err
+    assert evaluate_main(["--config", str(REPO / "configs/vqa_tiny.yaml"), "--weights", "x", "epochs=-1",
+                          "optim.total_steps=0"]) == 2
+    assert "epochs" in capsys.readouterr().err
