@@ -236,3 +236,30 @@ def test_cli_config_errors_exit_2(capsys):
     assert evaluate_main(["--config", str(REPO / "configs/vqa_tiny.yaml"), "--weights", "x", "epochs=-1",
                           "optim.total_steps=0"]) == 2
     assert "epochs" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_two_ranks_under_torchrun(demo_data, vqa, tmp_path):
+    """tools/finetune.py under torchrun (2 CPU ranks, gloo, ZeRO-2): the ranks split the training
+    batches and the evaluation questions; rank 0 writes every question's answer."""
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cfg = tiny(demo_data, vqa, tmp_path / "out", "optim.total_steps=2")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port), str(REPO / "tools/finetune.py"), "--config", str(config)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    questions = json.loads((vqa / "train_questions.json").read_text())["questions"]
+    rows = json.loads((tmp_path / "out" / "val_predictions.json").read_text())
+    assert sorted(r["question_id"] for r in rows) == sorted(q["question_id"] for q in questions)
+    metrics = json.loads((tmp_path / "out" / "eval_metrics.json").read_text())
+    assert json.loads(proc.stdout)["val/vqa_acc"] == pytest.approx(metrics["val/vqa_acc"])
