@@ -51,6 +51,8 @@ setup(
         "console_scripts": [
             "vlbert-train=vlbert_tools.train:main",
             "vlbert-compare=vlbert_tools.compare_runs:main",
+            "vlbert-finetune=vlbert_tools.finetune:main",
+            "vlbert-evaluate=vlbert_tools.evaluate:main",
         ],
     },
 )

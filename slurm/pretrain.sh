@@ -57,8 +57,9 @@ shift
 
 ROOT="${VLBERT_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
 cd "$ROOT" || { echo "[vlbert] cannot enter the repository root $ROOT" >&2; exit 2; }
-if [ ! -f tools/train.py ]; then
-  echo "[vlbert] $ROOT has no tools/train.py: run sbatch from the repository root or set VLBERT_ROOT" >&2
+ENTRY="${VLBERT_ENTRY:-tools/train.py}"  # slurm/finetune.sh sets tools/finetune.py
+if [ ! -f "$ENTRY" ]; then
+  echo "[vlbert] $ROOT has no $ENTRY: run sbatch from the repository root or set VLBERT_ROOT" >&2
   exit 2
 fi
 if [ -z "${VLBERT_PYTHON:-}" ]; then
@@ -164,7 +165,7 @@ srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
            export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
            echo "[vlbert] rank $RANK/$WORLD_SIZE local_rank $LOCAL_RANK on node $SLURMD_NODENAME ($(hostname)) pid $$"
            exec "$@"' vlbert-task \
-  "$VLBERT_PYTHON" tools/train.py --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} &
+  "$VLBERT_PYTHON" "$ENTRY" --config "$CONFIG" ${OVERRIDES[@]+"${OVERRIDES[@]}"} &
 SRUN_PID=$!
 if [ "$GOT_USR1" = 1 ] || [ "$GOT_TERM" = 1 ]; then ask_trainers_to_stop; fi  # signalled while starting
 

@@ -15,7 +15,10 @@ are left out with a warning, or are an error when asked for by id or name.
 
 Prints a table (one row per field, one column per run): run id, status, the config
 parameters whose values differ between the runs, final and best value of each loss,
-accuracy, throughput, MFU, samples seen, the demo's probe figures, last step and wall time. Writes the curves
+accuracy, throughput, MFU, samples seen, the demo's probe figures, last step and wall time,
+and the downstream scores (``downstream val/vqa_acc``: mean ± std over the finished
+fine-tuning runs tagged ``vlbert.pretrain_run_id`` with that run, from any experiment).
+Writes the curves
 of all runs (loss vs step and vs samples seen, throughput and learning rate vs step)
 to ``--plot`` (PNG) and the table to ``--table-out`` (.csv or .md). A resumed run is
 one curve; runs that FAILED or are RUNNING are named so in the table and the legend.
@@ -39,10 +42,12 @@ if __package__ in (None, ""):  # run as a script: make the repository's vlbert i
 
 from vlbert.compare import (  # noqa: E402  (after the path fix above)
     FETCH_KEYS,
+    PRETRAIN_TAG,
     CompareError,
     RunView,
     build_table,
     continuous_curve,
+    downstream_rows,
     plot_runs,
     to_text,
     write_table,
@@ -137,6 +142,14 @@ def to_views(records: list, histories: dict, sampled_at: int) -> list[RunView]:
     return views
 
 
+def fetch_finetunes(tracking, uri: str, records: list) -> list:
+    """Fine-tuning runs (any experiment) tagged with one of ``records`` as their pretraining run."""
+    out = []
+    for r in records:
+        out += tracking.fetch_runs(uri, filter_string=f"tags.`{PRETRAIN_TAG}` = '{r.run_id}'")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     # A server that is down fails in seconds at check_store (--timeout); once it answered, a
     # long history may take a while to come, and one retry rides over a hiccup (MLflow's
@@ -164,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
         records = [r for r in records if histories.get(r.run_id)]
     views = to_views(records, histories, points)
     table = build_table(views, ignore_params=args.ignore_params)
+    table.rows += downstream_rows([r.run_id for r in records], fetch_finetunes(tracking, uri, records))
     sys.stdout.write(to_text(table))
     if args.table_out:
         write_table(table, args.table_out)

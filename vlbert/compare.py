@@ -408,3 +408,39 @@ def plot_runs(runs: Sequence[RunView], path: str, panels: Sequence[Panel] = PANE
         ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
+
+
+# --------------------------------------------------------------------------- downstream scores
+
+# Fine-tuning runs (tools/finetune.py) carry this tag: the MLflow id of the pretraining run they started from.
+PRETRAIN_TAG = "vlbert.pretrain_run_id"
+DOWNSTREAM_SUFFIXES = ("vqa_acc", "refcoco_acc")  # "val/vqa_acc", "testA/refcoco_acc", ...
+
+
+def downstream_rows(pretrain_ids: Sequence[str], finetunes: Sequence) -> list[list[str]]:
+    """Table rows with each pretraining run's downstream scores: for every accuracy key the
+    finished fine-tuning runs tagged with its id logged (``val/vqa_acc`` overall; per answer
+    type keys are left out), ``mean ± std (n runs)`` per pretraining run, "-" where none.
+
+    ``finetunes``: records with ``status``, ``tags`` and ``metrics`` (latest values).
+    """
+    by_parent: dict[str, list] = {rid: [] for rid in pretrain_ids}
+    for f in finetunes:
+        parent = f.tags.get(PRETRAIN_TAG)
+        if parent in by_parent and f.status == "FINISHED":
+            by_parent[parent].append(f)
+    keys = sorted({k for fs in by_parent.values() for f in fs for k in f.metrics
+                   if k.split("/")[-1] in DOWNSTREAM_SUFFIXES})
+    rows = []
+    for key in keys:
+        cells = []
+        for rid in pretrain_ids:
+            values = [f.metrics[key] for f in by_parent[rid] if key in f.metrics]
+            if not values:
+                cells.append("-")
+                continue
+            mean = float(np.mean(values))
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            cells.append(f"{mean:.2f} ± {std:.2f} ({len(values)})")
+        rows.append([f"downstream {key}"] + cells)
+    return rows

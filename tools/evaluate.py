@@ -1,0 +1,54 @@
+"""Evaluate a fine-tuned VL-BERT: the official accuracy on a split, or its submission file.
+
+    python tools/evaluate.py --config configs/vqa_base.yaml --weights runs/vqa/model.safetensors --out runs/vqa/eval
+    # test-dev: no annotations, so only the submission file <out>/val_predictions.json
+    python tools/evaluate.py --config configs/vqa_base.yaml --weights runs/vqa/model.safetensors --out sub \
+        vqa.val.questions=v2_OpenEnded_mscoco_test-dev2015_questions.json vqa.val.annotations="" \
+        'vqa.val.images=[coco/test2015-{00000..00099}.tar]'
+
+Runs under plain python, torchrun or deepspeed (ranks split the questions). Prints the
+accuracies as JSON. Exit status 2 for a config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlbert.config import ConfigError  # noqa: E402
+from vlbert.tasks.config import load_finetune_config  # noqa: E402
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--config", required=True, help="the fine-tuning config (its val split is evaluated)")
+    p.add_argument("--weights", required=True, help="model.safetensors of a fine-tuning run (answers.txt beside it)")
+    p.add_argument("--out", default="", help="folder for <split>_predictions.json (submission format)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. vqa.val.questions=...")
+    args = p.parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        cfg = load_finetune_config(args.config, args.overrides, check_files=False)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from vlbert.tasks.evaluate import evaluate_finetuned
+
+    metrics = evaluate_finetuned(cfg, args.weights, args.out or None)
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

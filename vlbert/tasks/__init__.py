@@ -1,0 +1,1 @@
+"""Downstream tasks: VQA v2 and RefCOCO+ fine-tuning and evaluation."""

@@ -1,0 +1,63 @@
+"""Evaluate a fine-tuned model: accuracy on an annotated split, or the submission file.
+
+The weights are a fine-tuning run's ``model.safetensors``; the task's
+vocabulary (``answers.txt``) is read from beside them, so the indices mean
+what they meant in training.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+from pathlib import Path
+from typing import Optional
+
+import fsspec
+import torch
+from safetensors.torch import load as load_safetensors
+
+from vlbert.tasks.config import FinetuneConfig
+from vlbert.tasks.finetune import build_task, run_evaluation
+from vlbert.train.engine import init_distributed
+
+log = logging.getLogger(__name__)
+
+
+def load_finetuned(task, weights_url: str) -> torch.nn.Module:
+    """The task's model with a fine-tuning run's weights (every key must match)."""
+    with fsspec.open(weights_url, "rb") as f:
+        state = load_safetensors(f.read())
+    model = task.build_model()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights_url} does not fit the config's model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return model
+
+
+def evaluate_finetuned(cfg: FinetuneConfig, weights_url: str, out_dir: Optional[str] = None) -> dict[str, float]:
+    """Predict the config's evaluation split(s) (``vqa.val``) with the fine-tuned weights;
+    returns the accuracies (empty for an unannotated split such as test-dev) and, with
+    ``out_dir``, writes ``<split>_predictions.json`` there (rank 0)."""
+    from transformers import AutoTokenizer
+
+    info = init_distributed()
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    vocab = None
+    if cfg.vqa is not None:
+        from vlbert.tasks.vqa_answers import AnswerVocab
+        from vlbert.tasks.vqa_task import ANSWERS_FILE
+
+        vocab = AnswerVocab.load(posixpath.join(posixpath.dirname(weights_url) or ".", ANSWERS_FILE))
+        cfg.vqa.train = []  # evaluation reads no training data
+    task = build_task(cfg, tokenizer, vocab)
+    model = load_finetuned(task, weights_url).to(info.device).eval()
+
+    def forward(batch):
+        return model(batch.to(info.device))
+
+    path = Path(out_dir) if out_dir else None
+    if path is not None and info.rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        return run_evaluation(task, forward, info.rank, info.world_size, path)

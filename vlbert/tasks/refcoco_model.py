@@ -1,0 +1,75 @@
+"""VL-BERT for RefCOCO+: a score per RoI from its hidden state (DESIGN.md section 7).
+
+Head: dense, GELU, LayerNorm (started from the pretrained MLM transform), dropout,
+linear to 1. Loss: binary cross-entropy over the real RoIs except box 0 (the
+whole image), against IoU > 0.5 labels. Prediction: the highest-scored RoI;
+correct when its IoU with the ground-truth box is at least 0.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlbert.config import DetectorConfig
+from vlbert.tasks.backbone import Backbone, ImageInputs, load_pretrained_state
+from vlbert.tasks.config import FinetuneModelConfig
+from vlbert.tasks.refcoco_data import RefBatch
+
+
+def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of boxes a [B, 4] and b [B, 4] row by row -> [B]."""
+    wh = (torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)
+    inter = wh[:, 0] * wh[:, 1]
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter).clamp(min=1e-12)
+
+
+@dataclass
+class RefOutput:
+    """scores [B, R] (-inf on padding and box 0); loss; acc = fraction with IoU(top box, gt) >= 0.5."""
+
+    loss: torch.Tensor
+    acc: torch.Tensor
+    scores: torch.Tensor
+    top_boxes: torch.Tensor  # [B, 4]
+
+    def metrics(self) -> dict[str, torch.Tensor]:
+        return {"loss": self.loss.detach(), "acc": self.acc.detach()}
+
+
+class VLBertForRefCOCO(nn.Module):
+    def __init__(self, model_cfg: FinetuneModelConfig, detector_cfg: DetectorConfig):
+        super().__init__()
+        self.backbone = Backbone(model_cfg, detector_cfg)
+        config = self.backbone.config
+        self.transform = self.backbone.new_transform()
+        self.dropout = nn.Dropout(model_cfg.head_dropout)
+        self.scorer = nn.Linear(config.hidden_size, 1)
+        nn.init.normal_(self.scorer.weight, std=config.initializer_range)
+        nn.init.zeros_(self.scorer.bias)
+
+    def load_pretrained(self, state: dict[str, torch.Tensor]) -> None:
+        load_pretrained_state(self, state, {"the RefCOCO+ head": self.transform})
+
+    def forward(self, batch: RefBatch) -> RefOutput:
+        image = ImageInputs(batch.images, batch.image_sizes, batch.boxes, batch.box_mask)
+        types = torch.zeros_like(batch.input_ids)
+        out = self.backbone(batch.input_ids, batch.attention_mask, types, image)
+        index = out.layout.roi_index  # [B, R]
+        hidden = out.last_hidden_state.gather(1, index[..., None].expand(-1, -1, out.last_hidden_state.shape[-1]))
+        logits = self.scorer(self.dropout(self.transform(hidden))).squeeze(-1).float()  # [B, R]
+        valid = batch.box_mask.clone()
+        valid[:, 0] = False
+        if bool(valid.any()):
+            loss = F.binary_cross_entropy_with_logits(logits[valid], batch.labels[valid].float(), reduction="mean")
+        else:  # only whole-image boxes: nothing to learn, but keep the graph for every rank's backward
+            loss = logits.sum() * 0.0
+        scores = logits.masked_fill(~valid, float("-inf"))
+        top = scores.argmax(-1)
+        top_boxes = batch.boxes[torch.arange(len(batch), device=top.device), top]
+        acc = (pairwise_iou(top_boxes.float(), batch.gt_boxes.float()) >= 0.5).float().mean()
+        return RefOutput(loss=loss, acc=acc, scores=scores, top_boxes=top_boxes)

@@ -1,0 +1,86 @@
+"""RefCOCO+ as a fine-tuning task (same surface as ``VQATask``).
+
+Evaluation sets are ``refcoco.val_splits`` (val, testA, testB); the metric is
+the fraction of expressions whose top-scored box has IoU >= 0.5 with the
+referred object, in percent. Predictions are written as
+``[{"sent_id": int, "box": [x1, y1, x2, y2]}]`` in the stored image's pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Callable
+
+import fsspec
+import torch
+
+from vlbert.tasks.config import FinetuneConfig
+from vlbert.tasks.images import ImageIndex
+from vlbert.tasks.refcoco_data import RefDataset, box_iou, load_refcoco
+from vlbert.tasks.refcoco_model import VLBertForRefCOCO
+from vlbert.tasks.sampling import eval_batches
+from vlbert.train import dist
+
+log = logging.getLogger(__name__)
+
+
+class RefEvalSet:
+    def __init__(self, name: str, dataset: RefDataset):
+        self.name, self.dataset = name, dataset
+
+
+class RefCOCOTask:
+    name = "refcoco"
+
+    def __init__(self, cfg: FinetuneConfig, tokenizer):
+        self.cfg, self.c, self.tokenizer = cfg, cfg.refcoco, tokenizer
+        splits = [self.c.train_split, *self.c.val_splits]
+        self.expressions = load_refcoco(self.c.refs, self.c.instances, splits)
+        self.images = ImageIndex(self.c.images)
+
+    def _dataset(self, split: str, train: bool) -> RefDataset:
+        return RefDataset(self.expressions[split], self.images, self.c.image, self.tokenizer,
+                          self.c.max_expression_tokens, self.c.boxes == "gt", self.c.positive_iou,
+                          seed=self.c.seed, train=train)
+
+    def train_set(self) -> RefDataset:
+        return self._dataset(self.c.train_split, train=True)
+
+    def eval_sets(self) -> list[RefEvalSet]:
+        return [RefEvalSet(s, self._dataset(s, train=False)) for s in self.c.val_splits]
+
+    def build_model(self) -> VLBertForRefCOCO:
+        return VLBertForRefCOCO(self.cfg.model, self.cfg.detector)
+
+    def save_artifacts(self, out_dir) -> None:
+        pass
+
+    @torch.no_grad()
+    def predict(self, forward: Callable, eval_set: RefEvalSet, rank: int, world: int) -> dict[int, list[float]]:
+        """sent_id -> top box in the stored image's pixels, gathered on all ranks."""
+        dataset, mine = eval_set.dataset, {}
+        for items in eval_batches(len(dataset), self.c.eval_batch_size, rank, world):
+            batch, skipped = dataset.get_batch(items)
+            if skipped:
+                log.warning("%s: %d expressions skipped (%s); they count as wrong", eval_set.name,
+                            sum(skipped.values()), skipped)
+            if batch is None:
+                continue
+            top = forward(batch).top_boxes.float().cpu() / batch.scales  # back to stored pixels
+            for sent_id, box in zip(batch.sent_ids.tolist(), top.tolist()):
+                mine[sent_id] = box
+        out: dict[int, list[float]] = {}
+        for part in dist.all_gather_object(mine):
+            out.update(part)
+        return out
+
+    def score(self, eval_set: RefEvalSet, predictions: dict[int, list[float]]) -> dict[str, float]:
+        hits = [float(e.sent_id in predictions and box_iou(predictions[e.sent_id], e.gt_box)[0] >= 0.5)
+                for e in eval_set.dataset.expressions]
+        return {f"{eval_set.name}/refcoco_acc": 100.0 * sum(hits) / len(hits)}
+
+    def write_predictions(self, url: str, predictions: dict[int, list[float]]) -> None:
+        with fsspec.open(url, "w") as f:
+            json.dump([{"sent_id": k, "box": v} for k, v in sorted(predictions.items())], f)
+
