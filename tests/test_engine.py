@@ -165,3 +165,74 @@ def test_resume_follows_a_changed_schedule(tmp_path):
     b = Engine(Tiny(), optim, resolve_deepspeed_config({"zero_optimization": {"stage": 2}}, data, optim, 1))
     b.load_state(str(tmp_path))
     assert b.global_step == 4 and b.lr == pytest.approx(2e-2 * (21 - 4) / 20)
+
+
+class TinyWithDetector(Tiny):
+    """Tiny with a ``detector`` submodule, named as in VLBertForPretraining."""
+
+    def __init__(self):
+        super().__init__()
+        self.detector = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+
+    def forward(self, batch: Batch) -> Out:
+        h = self.detector(self.emb(batch.x)).mean(1)
+        return Out(((self.net(h).squeeze(-1).float() - batch.y) ** 2).mean())
+
+
+def detector_engine(mult: float, lr=1e-2, warmup=2, total=20, seed=0) -> Engine:
+    torch.manual_seed(seed)
+    data = DataConfig(captions_per_step=4, text_per_step=4)
+    optim = OptimConfig(lr=lr, warmup_steps=warmup, total_steps=total, weight_decay=0.01, grad_clip=1.0,
+                        detector_lr_mult=mult)
+    return Engine(TinyWithDetector(), optim,
+                  resolve_deepspeed_config({"zero_optimization": {"stage": 2}}, data, optim, world_size=1))
+
+
+def test_param_groups_give_prefixed_parameters_their_own_multiplier():
+    model = TinyWithDetector()
+    model.detector[1].weight.requires_grad_(False)  # frozen parameters are left out
+    groups = param_groups(model, 0.1, {"detector.": 0.25})
+    assert [(g["weight_decay"], g["lr_mult"]) for g in groups] == [(0.1, 1.0), (0.0, 1.0), (0.1, 0.25), (0.0, 0.25)]
+    ids = [{id(p) for p in g["params"]} for g in groups]
+    assert ids[2] == {id(model.detector[0].weight)}
+    assert ids[3] == {id(model.detector[0].bias), id(model.detector[1].bias)}
+    assert not (ids[0] | ids[1]) & (ids[2] | ids[3])
+    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    assert sum(len(i) for i in ids) == n_trainable
+    assert all(g["lr_mult"] == 1.0 for g in param_groups(model, 0.1))  # no mapping: one multiplier
+
+
+def test_detector_groups_follow_the_schedule_at_their_own_peak(tmp_path):
+    engine = detector_engine(mult=0.1, lr=1e-2, warmup=2, total=20)
+    mults = [g["lr_mult"] for g in engine.scheduler.optimizer.param_groups]
+    assert mults == [1.0, 1.0, 0.1, 0.1]
+    assert engine.group_lrs == [0.0] * 4  # step 0 of the warmup
+    before = {k: v.clone() for k, v in engine.full_state_dict().items()}
+    for _ in range(6):
+        engine.step(fixed_batch())
+    factor = warmup_linear_decay(6, 2, 20)
+    assert engine.group_lrs == pytest.approx([1e-2 * factor * m for m in mults])
+    after = engine.full_state_dict()
+    # Adam's first steps move each weight by about its lr: the detector's 10x less.
+    enc = (after["net.0.weight"] - before["net.0.weight"]).abs().mean()
+    det = (after["detector.0.weight"] - before["detector.0.weight"]).abs().mean()
+    assert 0.03 < det / enc < 0.3, (float(det), float(enc))
+
+    engine.save_state(str(tmp_path))
+    resumed = detector_engine(mult=0.5, lr=1e-2, warmup=2, total=20, seed=1)  # a changed multiplier
+    resumed.load_state(str(tmp_path))
+    assert resumed.global_step == 6
+    assert resumed.group_lrs == pytest.approx([1e-2 * factor * m for m in (1.0, 1.0, 0.5, 0.5)])
+    resumed.step(fixed_batch())
+    assert resumed.group_lrs == pytest.approx([1e-2 * warmup_linear_decay(7, 2, 20) * m for m in (1, 1, .5, .5)])
+
+
+def test_detector_lr_mult_must_be_positive():
+    from pathlib import Path
+
+    from vlbert.config import load_config
+
+    demo = Path(__file__).resolve().parents[1] / "configs/demo.yaml"
+    assert load_config(demo, ["optim.detector_lr_mult=0.1"], check_files=False).optim.detector_lr_mult == 0.1
+    with pytest.raises(ConfigError, match="optim.detector_lr_mult: must be positive"):
+        load_config(demo, ["optim.detector_lr_mult=0"], check_files=False)

@@ -195,6 +195,10 @@ class OptimConfig:
     total_steps: int = 250000
     grad_clip: float = 10.0
     grad_accum: int = 1
+    # Peak learning rate of the detector's trainable parameters as a multiple of ``lr``
+    # (a pretrained backbone usually takes a smaller step than the encoder); the schedule
+    # scales every parameter group alike.
+    detector_lr_mult: float = 1.0
 
 
 @dataclass
@@ -444,6 +448,8 @@ def validate(cfg: Config, source: str = "<config>", check_files: bool = True) ->
     _require(0 <= o.warmup_steps <= o.total_steps and o.total_steps > 0, source, "optim.warmup_steps",
              f"expected 0 <= warmup_steps <= total_steps, got {o.warmup_steps} and {o.total_steps}")
     _require(o.grad_accum >= 1, source, "optim.grad_accum", "must be >= 1")
+    _require(o.detector_lr_mult > 0, source, "optim.detector_lr_mult",
+             f"must be positive (to keep the detector fixed set detector.trainable: false), got {o.detector_lr_mult}")
     _require(cfg.global_batch_size % o.grad_accum == 0, source, "optim.grad_accum",
              f"must divide the global batch {cfg.global_batch_size}")
     _require(r.checkpoint_every > 0 and r.keep_last >= 1 and r.log_every > 0, source, "runtime.checkpoint_every",

@@ -4,7 +4,9 @@
   ``torchrun``/``deepspeed``/``srun`` it reads the usual environment; a plain
   ``python tools/train.py`` gets a one-process group on a free loopback port.
 - ``Engine``: AdamW with BERT's parameter groups (no weight decay on biases and
-  normalisation weights), linear warmup then linear decay to 0, and DeepSpeed
+  normalisation weights) and the detector's parameters in groups of their own
+  (peak learning rate ``optim.lr * optim.detector_lr_mult``), linear warmup then
+  linear decay to 0 applied to every group's own peak, and DeepSpeed
   for ZeRO 1-3, bf16/fp16 (dynamic loss scaling as the JSON says), gradient
   accumulation and clipping.
 
@@ -117,21 +119,42 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
 # --------------------------------------------------------------------------- optimizer
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters in two AdamW groups: with weight decay, and without it
-    for biases and the weights of normalisation layers (BERT's convention;
-    embeddings keep weight decay). Tied parameters appear once."""
+# Name prefix of the detector's parameters (``VLBertForPretraining.detector``): lr x optim.detector_lr_mult.
+DETECTOR_PREFIX = "detector."
+
+
+def param_groups(model: nn.Module, weight_decay: float,
+                 lr_mults: Optional[dict[str, float]] = None) -> list[dict[str, Any]]:
+    """Trainable parameters in AdamW groups: with weight decay, and without it for
+    biases and the weights of normalisation layers (BERT's convention; embeddings
+    keep weight decay). Tied parameters appear once.
+
+    ``lr_mults`` maps a parameter-name prefix to a learning-rate multiplier: the
+    parameters under it form their own (decay, no decay) pair of groups. Every
+    group carries its multiplier as ``"lr_mult"`` (1.0 for the rest). Order: the
+    unprefixed groups first (so group 0 holds the encoder), then each prefix in
+    the mapping's order; empty groups are left out.
+    """
+    lr_mults = dict(lr_mults or {})
     norm_types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
     exempt: set[int] = set()
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if isinstance(module, norm_types) or name == "bias":
                 exempt.add(id(p))
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    keys = [None, *lr_mults]  # None: no prefix matched
+    buckets: dict[Any, tuple[list, list]] = {k: ([], []) for k in keys}
+    for name, p in model.named_parameters():
         if p.requires_grad:
+            key = next((k for k in lr_mults if name.startswith(k)), None)
+            decay, no_decay = buckets[key]
             (no_decay if id(p) in exempt else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    for key in keys:
+        mult = 1.0 if key is None else float(lr_mults[key])
+        decay, no_decay = buckets[key]
+        groups += [{"params": decay, "weight_decay": weight_decay, "lr_mult": mult},
+                   {"params": no_decay, "weight_decay": 0.0, "lr_mult": mult}]
     return [g for g in groups if g["params"]]
 
 
@@ -164,7 +187,10 @@ class Engine:
         if not torch.cuda.is_available():
             _disable_shm_comm()
         self.optim_cfg = optim
-        groups = param_groups(model, optim.weight_decay)
+        groups = param_groups(model, optim.weight_decay, {DETECTOR_PREFIX: optim.detector_lr_mult})
+        for group in groups:  # each group's peak; LambdaLR scales every group's own initial lr
+            group["lr"] = optim.lr * group["lr_mult"]
+        self._lr_mults = [group["lr_mult"] for group in groups]
         kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
         if offload_device(ds_config):
             from deepspeed.ops.adam import DeepSpeedCPUAdam  # the optimizer ZeRO-Offload requires
@@ -229,7 +255,13 @@ class Engine:
 
     @property
     def lr(self) -> float:
+        """The learning rate of the next step in group 0 (the encoder's)."""
         return float(self._ds.get_lr()[0])
+
+    @property
+    def group_lrs(self) -> list[float]:
+        """The learning rate of the next step in every parameter group (see ``param_groups``)."""
+        return [float(group["lr"]) for group in self.scheduler.optimizer.param_groups]
 
     @property
     def grad_norm(self) -> Optional[float]:
@@ -283,11 +315,15 @@ class Engine:
 
     def _apply_schedule(self) -> None:
         """Set the learning rate of the restored step from *our* schedule: the
-        checkpoint gives the position, the config (peak lr, warmup, total steps)
-        the shape, so a resumed run may change them."""
+        checkpoint gives the position, the config (peak lr, detector multiplier,
+        warmup, total steps) the shape, so a resumed run may change them."""
         sched, o = self.scheduler, self.optim_cfg
+        groups = sched.optimizer.param_groups
+        if len(groups) != len(self._lr_mults):
+            raise RuntimeError(f"the checkpoint's optimizer has {len(groups)} parameter groups, "
+                               f"this model {len(self._lr_mults)}")
         factor = warmup_linear_decay(sched.last_epoch, o.warmup_steps, o.total_steps)
-        sched.base_lrs = [o.lr for _ in sched.optimizer.param_groups]
-        for group in sched.optimizer.param_groups:
-            group["lr"] = o.lr * factor
-        sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+        sched.base_lrs = [o.lr * mult for mult in self._lr_mults]
+        for group, base, mult in zip(groups, sched.base_lrs, self._lr_mults):
+            group["lr"], group["initial_lr"], group["lr_mult"] = base * factor, base, mult
+        sched._last_lr = [group["lr"] for group in groups]
