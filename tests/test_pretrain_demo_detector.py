@@ -35,6 +35,10 @@ def test_detector_learns_the_demo_classes_and_its_checkpoint_loads(tmp_path, cap
     printed = capsys.readouterr().out
     first, last = (float(v) for v in printed.split("loss ")[1].split(" (")[0].split(" -> "))
     assert last < 0.85 * first, printed  # it learned something about the boxes
+    held_out = dict(item.split() for item in printed.split("held-out boxes, accuracy: ")[1].strip().split(", "))
+    acc = {k: float(v) for k, v in held_out.items()}
+    assert set(acc) == {"class", "colour", "shape"}, printed
+    assert 0.0 <= acc["class"] <= min(acc["colour"], acc["shape"]) <= 1.0, acc  # right class: both parts right
 
     cfg = load_config(REPO / "configs/demo.yaml", [*overrides(root), f"detector.checkpoint={out}"])
     loaded = RegionFeatureExtractor(cfg.detector)

@@ -9,12 +9,16 @@ such detector to download, so this trains the same ResNet C4 (``detector`` secti
 of the config; stem and res2 frozen, BatchNorm frozen) for a short while to classify
 the ground-truth boxes of the demo shards (colour x shape, their ``regions.npy``),
 and saves its weights as a plain state dict that ``detector.checkpoint`` loads.
+It then reports how well it classifies the held-out boxes (``data.validation``):
+overall, and per colour and per shape (from the manifest's ``"colour shape"`` class
+names). The colour probe can be no better than the colours these features carry.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +34,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="run config: its detector and data.captions sections are used")
     p.add_argument("--out", required=True, help="where to write the detector state dict (.pth)")
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -66,6 +70,36 @@ def train_box_classifier(detector, stream, steps: int, lr: float) -> list[float]
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return losses
+
+
+def held_out_accuracy(detector, batches, class_names: list[str]) -> dict[str, float]:
+    """Box classification accuracy on the labelled boxes of ``batches`` (box 0, the whole image,
+    has no class): ``class``, and ``colour``/``shape`` when every name is "<colour> <shape>"
+    (a box counts as right in colour when the predicted class has its colour)."""
+    import torch
+
+    parts = [name.split() for name in class_names]
+    by_part = all(len(p) == 2 for p in parts)
+    correct = {"class": 0, "colour": 0, "shape": 0}
+    total = 0
+    detector.eval()
+    with torch.no_grad():
+        for batch in batches:
+            c = batch.captions
+            labelled = c.box_mask.clone()
+            labelled[:, 0] = False
+            if c.roi_targets is None or not bool(labelled.any()):
+                continue
+            logits = detector.box_logits(c.images, c.boxes, labelled)[:, : len(class_names)]
+            pred, label = logits.argmax(-1).tolist(), c.roi_targets[labelled].argmax(-1).tolist()
+            total += len(label)
+            for p, y in zip(pred, label):
+                correct["class"] += p == y
+                if by_part:
+                    correct["colour"] += parts[p][0] == parts[y][0]
+                    correct["shape"] += parts[p][1] == parts[y][1]
+    keys = ("class", "colour", "shape") if by_part else ("class",)
+    return {k: correct[k] / total for k in keys} if total else {}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -105,6 +139,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"detector: {args.steps} steps in {time.perf_counter() - start:.0f} s, loss {losses[0]:.3f} -> "
           f"{sum(losses[-10:]) / len(losses[-10:]):.3f} (mean of the last 10); "
           f"saved {out}")
+
+    manifest = Path(cfg.data.tokenizer).parent / "manifest.json"
+    if cfg.data.validation.urls and manifest.is_file():
+        from vlbert.data.mixture import build_validation_stream
+
+        class_names = json.loads(manifest.read_text())["class_names"]
+        batches = build_validation_stream(data_cfg, MaskingConfig(mlm_prob=0.0, roi_prob=0.0), tokenizer,
+                                          rank=0, world_size=1, batch_size=args.batch_size)
+        acc = held_out_accuracy(detector, batches, class_names)
+        print("held-out boxes, accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
     return 0
 
 
