@@ -34,7 +34,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="run config: its detector and data.captions sections are used")
     p.add_argument("--out", required=True, help="where to write the detector state dict (.pth)")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=120)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
@@ -47,15 +47,17 @@ def train_box_classifier(detector, stream, steps: int, lr: float) -> list[float]
     boxes of ``stream``'s caption batches; returns the loss of every step."""
     import torch
     import torch.nn.functional as F
-    from tqdm import tqdm
+
+    from vlbert.train.progress import Progress
 
     for p in detector.box_head_parameters():
         p.requires_grad_(True)
     detector.train()
     optimizer = torch.optim.AdamW([p for p in detector.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
     losses: list[float] = []
-    bar = tqdm(range(steps), desc="detector", dynamic_ncols=True, mininterval=2.0)
-    for _ in bar:
+    # A live bar on a terminal; in a log file one line every 50 steps.
+    bar = Progress(steps, "detector", every=50)
+    for _ in range(steps):
         c = next(stream).captions
         if c.roi_targets is None:
             raise ValueError("the caption shards carry no regions.npy class targets")
@@ -68,7 +70,8 @@ def train_box_classifier(detector, stream, steps: int, lr: float) -> list[float]
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        bar.update(1, loss=f"{losses[-1]:.3f}")
+    bar.close()
     return losses
 
 
