@@ -234,7 +234,8 @@ def test_sigterm_while_the_loader_waits_stops_within_seconds_with_a_checkpoint(d
     finally:
         HangingFS.release.set()
     assert result.preempted and result.signal == "SIGTERM"
-    assert took < 10, f"stopped {took:.1f} s after the signal"
+    # The poll (0.25 s), the checkpoint, and up to STREAM_CLOSE_WAIT_S for the stuck loader thread.
+    assert took < 15, f"stopped {took:.1f} s after the signal"
     latest = Checkpointer(str(tmp_path / "out" / "checkpoints"), 2, 0, 1).find_latest()
     assert latest is not None and latest.step == result.step < 1000
 

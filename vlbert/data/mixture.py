@@ -250,10 +250,11 @@ class PretrainStream:
                             prefetch_factor=2, generator=torch.Generator().manual_seed(self.cfg.seed))
         return iter(loader)
 
-    def close(self) -> None:
-        """Stop the workers (a later ``next`` starts them again from the current state)."""
+    def close(self, wait_s: float = 0.0) -> None:
+        """Stop the workers (a later ``next`` starts them again from the current state);
+        ``wait_s``: how long to wait for the background thread to let them go."""
         if self._iter is not None:
-            self._iter.close()
+            self._iter.close(wait_s)
         self._iter = None
 
     def state_dict(self) -> dict:

@@ -56,7 +56,12 @@ class Prefetcher:
             raise value
         return value
 
-    def close(self) -> None:
-        """Stop pulling. A producer blocked inside ``next(it)`` exits when that call returns
-        (it is a daemon thread: it never keeps the process alive)."""
+    def close(self, wait_s: float = 0.0) -> None:
+        """Stop pulling, and wait up to ``wait_s`` for the producer to let go of the iterator.
+        A producer blocked inside ``next(it)`` exits when that call returns; waiting lets a
+        DataLoader iterator shut its workers down before the process exits (a thread still
+        inside it at exit can abort the interpreter). It is a daemon thread: a producer stuck
+        on a store that never answers does not keep the process alive."""
         self._closed.set()
+        if wait_s > 0:
+            self._thread.join(wait_s)

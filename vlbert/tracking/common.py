@@ -10,7 +10,7 @@ from typing import Any, Optional
 LOGGED_THROUGH_TAG = "vlbert.logged_through_step"  # the last training step whose metrics the run holds
 SPOOL_SEQ_TAG = "vlbert.spool_seq"  # "<spool id>:<seq>": the last spool record the run received
 RUN_KEY_TAG = "vlbert.run_key"  # the client-side key the run was created under (finds it again after a crash)
-DROPPED_TAG = "vlbert.tracking_dropped_records"  # metric records lost to the spool's bound
+DROPPED_TAG = "vlbert.tracking_dropped_records"  # calls lost: past the spool's bound, or to a full queue
 
 MAX_PARAM_CHARS = 5000
 # Short HTTP timeouts unless the user set them: a refused connection costs ~1 s, not minutes.

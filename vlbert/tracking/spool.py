@@ -188,6 +188,11 @@ class Spool:
                 self._db.execute("UPDATE runs SET dropped = dropped + ? WHERE key = ?", (n, key))
         return sum(dropped.values())
 
+    def add_dropped(self, run_key: str, n: int) -> None:
+        """Count ``n`` calls of ``run_key`` lost before they reached the spool (a full queue)."""
+        with self._db:
+            self._db.execute("UPDATE runs SET dropped = dropped + ? WHERE key = ?", (n, run_key))
+
     def pending(self, limit: int) -> list[Record]:
         rows = self._db.execute("SELECT seq, run_key, attempt, kind, step, ts, summary, payload FROM records "
                                 "ORDER BY seq LIMIT ?", (limit,)).fetchall()

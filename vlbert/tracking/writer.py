@@ -117,6 +117,7 @@ class MlflowTracker(NullTracker):
         self.attempt = uuid.uuid4().hex
         self.spool_dir = self._lock_spool(spool_dir or cfg.spool_dir)
         self.dropped = 0  # calls lost: in-memory queue full, or metric records past the spool's bound
+        self._lost_in_queue = 0  # of those, lost to a full queue and not yet counted in the spool
         self.unsent = 0  # records still in the spool after close
         self._run_id = run_id
         self._monitor = None
@@ -172,6 +173,7 @@ class MlflowTracker(NullTracker):
         except queue.Full:
             with self._lock:
                 self.dropped += 1
+                self._lost_in_queue += 1  # written to the spool's count by the spooling thread
             self._warn("full", "tracking queue full (the spool cannot keep up): dropped %d calls so far", self.dropped)
 
     def _record(self, kind: str, payload: Any, step: int = 0, summary: bool = False) -> None:
@@ -276,6 +278,10 @@ class MlflowTracker(NullTracker):
             spool.close()
 
     def _append(self, spool: Spool, records: list[Record]) -> None:
+        with self._lock:
+            lost, self._lost_in_queue = self._lost_in_queue, 0
+        if lost:  # before the records that came after them (the final status reads the count)
+            spool.add_dropped(self.run_key, lost)
         dropped = spool.append(records, self.cfg.spool_max_records)
         if dropped:
             with self._lock:

@@ -38,6 +38,8 @@ from vlbert.tracking import build_tracker
 
 log = logging.getLogger("vlbert.train")
 
+STREAM_CLOSE_WAIT_S = 5.0  # for the loader's thread to shut its workers down before the process exits
+
 
 @dataclass
 class TrainResult:
@@ -249,7 +251,7 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
         status = "KILLED" if result.preempted else "FINISHED"
     finally:
         bar.close()
-        stream.close()
+        stream.close(wait_s=STREAM_CLOSE_WAIT_S)
         if key_log is not None:
             key_log.close()
         # Preempted: the requeued attempt sends what is left in the spool; do not spend the grace time on it.
