@@ -23,23 +23,17 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlbert.config import ConfigError  # noqa: E402
+from vlbert.launch import parse_run_args  # noqa: E402
 from vlbert.tasks.config import load_finetune_config  # noqa: E402
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--config", required=True, help="YAML fine-tuning config (configs/vqa_*.yaml)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                   help="set by the deepspeed launcher; the rank is read from the environment")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.pretrained=runs/x/model.safetensors")
-    return p.parse_args(argv)
+    return parse_run_args(__doc__, "YAML fine-tuning config (configs/vqa_*.yaml)",
+                          "model.pretrained=runs/x/model.safetensors", argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
         cfg = load_finetune_config(args.config, args.overrides)
         from vlbert.tasks.finetune import finetune

@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlbert.config import ConfigError, load_config  # noqa: E402
+from vlbert.launch import parse_run_args  # noqa: E402
 from vlbert.data.mixture import DataWaitTimeout  # noqa: E402
 from vlbert.data.shards import SourceUnusable  # noqa: E402
 
@@ -28,21 +29,11 @@ DATA_ERRORS = (SourceUnusable, DataWaitTimeout)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--config", required=True, help="YAML run config (configs/*.yaml)")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                   help="set by the deepspeed launcher; the rank is read from the environment")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
-    return p.parse_args(argv)
+    return parse_run_args(__doc__, "YAML run config (configs/*.yaml)", "optim.lr=1e-4", argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    if args.local_rank is not None:
-        import os
-
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
         cfg = load_config(args.config, args.overrides)
         from vlbert.train.loop import train

@@ -252,13 +252,9 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check_files: bool = True) -> Config:
-    """Read a YAML config, apply ``key=value`` overrides, convert and validate.
-
-    ``check_files`` also checks that the DeepSpeed JSON it names exists; its
-    contents are read and checked where the run starts
-    (``vlbert.train.ds_config``): loading a config reads no other file.
-    """
+def read_raw_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tuple[dict[str, Any], str]:
+    """The YAML file at ``path`` (none: empty) as a mapping with ``key=value`` overrides applied,
+    and the name to give it in messages. Any config tree is then built from it."""
     source = str(path) if path is not None else "<defaults>"
     raw: dict[str, Any] = {}
     if path is not None:
@@ -274,9 +270,20 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
             raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     for item in overrides:
         _apply_override(raw, item)
+    return raw, source
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check_files: bool = True) -> Config:
+    """Read a YAML config, apply ``key=value`` overrides, convert and validate.
+
+    ``check_files`` also checks that the DeepSpeed JSON it names exists; its
+    contents are read and checked where the run starts
+    (``vlbert.train.ds_config``): loading a config reads no other file.
+    """
+    raw, source = read_raw_config(path, overrides)
     where = source + (" + overrides" if overrides else "")
     _apply_detector_preset(raw, where)
-    cfg = _build(Config, raw, prefix="", source=source + (" + overrides" if overrides else ""))
+    cfg = _build(Config, raw, prefix="", source=where)
     validate(cfg, source, check_files=check_files)
     return cfg
 

@@ -12,13 +12,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from vlbert.config import (CaptionDataConfig, ConfigError, DataConfig, DetectorConfig, ModelConfig, OptimConfig,
-                           RuntimeConfig, TrackingConfig, _apply_override, _build, _require)
+from vlbert.config import (CaptionDataConfig, DataConfig, DetectorConfig, ModelConfig, OptimConfig,
+                           RuntimeConfig, TrackingConfig, _build, _require, read_raw_config)
 
 
 @dataclass
@@ -110,19 +107,7 @@ class FinetuneConfig:
 def load_finetune_config(path: str | os.PathLike | None, overrides: list[str] = (),
                          check_files: bool = True) -> FinetuneConfig:
     """Read a YAML fine-tuning config, apply ``key=value`` overrides, validate."""
-    source = str(path) if path is not None else "<defaults>"
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: expected a mapping at the top level")
-    for item in overrides:
-        _apply_override(raw, item)
+    raw, source = read_raw_config(path, overrides)
     cfg = _build(FinetuneConfig, raw, prefix="", source=source + (" + overrides" if overrides else ""))
     validate_finetune(cfg, source, check_files)
     return cfg

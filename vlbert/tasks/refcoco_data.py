@@ -26,6 +26,7 @@ from vlbert.config import CaptionDataConfig
 from vlbert.batch import _to
 from vlbert.data.captions import BadSample
 from vlbert.tasks.images import ImageIndex, decode_image_sample
+from vlbert.tasks.sampling import flips
 from vlbert.tasks.vqa_answers import swap_left_right
 from vlbert.tasks.vqa_data import collate_images, read_json
 
@@ -192,10 +193,7 @@ class RefDataset(torch.utils.data.Dataset):
 
     def sample(self, index: int, epoch: int) -> RefSample:
         e = self.expressions[index]
-        flip = False
-        if self.train and epoch >= 0 and self.image_cfg.flip_prob > 0:
-            flip = bool(np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, index]).random()
-                        < self.image_cfg.flip_prob)
+        flip = self.train and flips(self.seed, epoch, index, self.image_cfg.flip_prob)
         return make_ref_sample(e, self.images.read(e.image_id), self.image_cfg, self.tokenizer, self.max_tokens,
                                self.use_gt_boxes, self.positive_iou, flip)
 

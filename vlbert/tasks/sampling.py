@@ -54,3 +54,11 @@ def eval_batches(num_examples: int, batch_size: int, rank: int, world_size: int)
     """Every example once, in order, rank r taking r, r + world, ...; no flips (epoch -1)."""
     mine = list(range(rank, num_examples, world_size))
     return [[(i, -1) for i in mine[j:j + batch_size]] for j in range(0, len(mine), batch_size)]
+
+
+def flips(seed: int, epoch: int, index: int, prob: float) -> bool:
+    """Whether example ``index`` is flipped in ``epoch`` (a draw owned by the example, so the
+    same whatever the worker layout); never for ``epoch`` < 0 (evaluation) or ``prob`` 0."""
+    if epoch < 0 or prob <= 0:
+        return False
+    return bool(np.random.default_rng([seed & 0xFFFFFFFF, epoch, index]).random() < prob)

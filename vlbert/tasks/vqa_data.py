@@ -27,6 +27,7 @@ from vlbert.batch import _to
 from vlbert.data.captions import BadSample
 from vlbert.model.embeddings import SEGMENT_A, SEGMENT_B
 from vlbert.tasks.images import ImageIndex, decode_image_sample
+from vlbert.tasks.sampling import flips
 from vlbert.tasks.vqa_answers import AnswerVocab, answer_targets, swap_left_right
 
 log = logging.getLogger(__name__)
@@ -231,10 +232,7 @@ class VQADataset(torch.utils.data.Dataset):
 
     def sample(self, index: int, epoch: int) -> VQASample:
         q = self.questions[index]
-        flip = False
-        if self.train and epoch >= 0 and self.image_cfg.flip_prob > 0:
-            flip = bool(np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, index]).random()
-                        < self.image_cfg.flip_prob)
+        flip = self.train and flips(self.seed, epoch, index, self.image_cfg.flip_prob)
         return make_vqa_sample(q, self.images.read(q.image_id), self.image_cfg, self.tokenizer, self.vocab,
                                self.max_question_tokens, flip)
 
