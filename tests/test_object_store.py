@@ -33,6 +33,7 @@ import zstandard
 
 from s3_server import (CREDENTIALS, FaultProxy, MotoS3, clear_s3_caches, fresh_s3, no_client_retries, object_reads,
                        path_matches, s3_config, s3_env)
+from test_extract_regions import CONFIG as EXTRACT_CONFIG
 from test_mixture import assert_batches_equal, take
 from vlbert.config import CaptionDataConfig, DataConfig, MaskingConfig, TextDataConfig, TextSourceConfig
 from vlbert.data.mixture import build_pretrain_stream
@@ -531,23 +532,13 @@ def test_checkpoint_upload_killed_midway_is_never_chosen(bucket, tmp_path, kille
 # --------------------------------------------------------------------------- region extraction
 
 
-EXTRACT_CONFIG = """
-detector: {depth: 18, num_classes: 5}
-data:
-  tokenizer: unused
-  text_per_step: 0
-  captions: {urls: [unused.tar], short_side: 64, max_long_side: 96, min_boxes: 2, max_boxes: 5,
-             min_box_score: 0.0}
-"""
-
-
 @SUBPROCESS_TIMEOUT
 def test_extract_regions_to_s3_resumes_after_a_kill(bucket, tmp_path):
     """Killed while publishing its second output shard (the copy of ``.partial`` to the final
     name hangs): the rerun skips the finished shard, redoes the other, and leaves no ``.partial``."""
     from tools.extract_regions import main, read_samples
 
-    (tmp_path / "cfg.yaml").write_text(EXTRACT_CONFIG)
+    (tmp_path / "cfg.yaml").write_text(EXTRACT_CONFIG)  # the config of tests/test_extract_regions.py
     inputs = tmp_path / "in"
     inputs.mkdir()
     sys.path.insert(0, str(REPO))
