@@ -256,9 +256,17 @@ class SlurmCluster:
     def release(self, job_id: int) -> None:
         """Start a requeued job now. Slurm holds a requeued job for about two minutes
         (Reason=BeginTime) so that the nodes forget its old, revoked credential; the
-        credential times have one-second resolution, so wait two seconds first."""
-        time.sleep(2.0)
-        self.cmd("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        credential times have one-second resolution, so wait two seconds first. The controller
+        may show the hold (or not yet) a moment after the requeue, so the release is repeated
+        while the job still waits for its begin time."""
+        for _ in range(5):
+            time.sleep(2.0)
+            self.cmd("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+            time.sleep(3.0)
+            info = self.job(job_id)
+            if info.get("JobState") != "PENDING" or info.get("Reason") != "BeginTime":
+                return
+        raise SlurmError(f"job {job_id} still held for its begin time after 5 releases:\n{self.daemon_logs()}")
 
     # ----------------------------------------------------------------- teardown
 

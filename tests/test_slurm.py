@@ -161,7 +161,9 @@ def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_run(slurm,
     slurm.cmd("scancel", "--signal=USR1", "--batch", str(job.id))
     pending = slurm.wait_job(job.id, lambda i: i["JobState"] == "PENDING" and i.get("Restarts") == "1", 120,
                              "requeue", on_timeout=lambda: job.log[-4000:])
-    assert pending["Reason"] == "BeginTime"  # Slurm holds a requeued job ~2 minutes; start it now
+    # Slurm holds a requeued job for about two minutes (Reason=BeginTime; for a moment after the
+    # requeue the controller may still show Reason=None): start it now either way.
+    assert pending["Reason"] in ("BeginTime", "None"), pending
     slurm.release(job.id)
     finish(slurm, job)
     print(f"preempted job: {time.monotonic() - t0:.0f} s")
