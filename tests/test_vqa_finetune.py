@@ -11,6 +11,7 @@ on demo VQA files in the official formats.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -50,9 +51,10 @@ def tiny(demo_data: Path, vqa: Path, out: Path, *overrides: str):
 def _pretraining_state(cfg) -> dict:
     """The state dict a pretraining run of the same model/detector sections exports."""
     from vlbert.model.pretraining import VLBertForPretraining
+    from vlbert.model.vlbert import bert_architecture
 
     torch.manual_seed(1)
-    model = VLBertForPretraining(cfg.model, cfg.detector)
+    model = VLBertForPretraining(cfg.model, cfg.detector, bert_architecture(cfg.model))
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -78,6 +80,35 @@ def test_pretrained_weights_and_head_transform_load(demo_data, vqa, tmp_path):
         model.load_pretrained(bad)
     with pytest.raises(ValueError, match="no detector"):
         model.load_pretrained({"x": torch.zeros(1)})
+
+
+def test_from_config_loads_the_starting_weights_the_config_names(demo_data, vqa, tmp_path):
+    """model.bert: encoder and the head's transform from BERT's MLM transform; model.pretrained: the
+    pretraining run's weights in the architecture of model.bert. The constructor reads neither."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from vlbert.tasks.vqa_model import VLBertForVQA
+
+    base = tiny(demo_data, vqa, tmp_path / "out")
+    bert = BertForMaskedLM(BertConfig(vocab_size=base.model.vocab_size, hidden_size=48, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
+    bert.save_pretrained(tmp_path / "bert")
+    model_cfg = dataclasses.replace(base.model, bert=str(tmp_path / "bert"))
+    model = VLBertForVQA.from_config(model_cfg, base.detector, 3)
+    assert model.backbone.config.hidden_size == 48  # the checkpoint's architecture, not the config's sizes
+    assert torch.equal(model.head.transform.dense.weight, bert.cls.predictions.transform.dense.weight)
+    assert torch.equal(model.backbone.vlbert.encoder.layer[0].output.dense.weight,
+                       bert.bert.encoder.layer[0].output.dense.weight)
+    built = VLBertForVQA(model_cfg, base.detector, 3)
+    assert not torch.equal(built.head.transform.dense.weight, bert.cls.predictions.transform.dense.weight)
+
+    pretraining_cfg = dataclasses.replace(base, model=model_cfg)
+    weights = _save_pretrained(pretraining_cfg, tmp_path / "run")
+    state = _pretraining_state(pretraining_cfg)
+    model = VLBertForVQA.from_config(dataclasses.replace(model_cfg, pretrained=str(weights)), base.detector, 3)
+    assert torch.equal(model.head.transform.dense.weight, state["mlm_head.predictions.transform.dense.weight"])
+    assert torch.equal(model.backbone.detector.detector.backbone.conv1.weight,
+                       state["detector.detector.backbone.conv1.weight"])
 
 
 def _save_pretrained(cfg, folder: Path, run_id: str = "pretrain-run-123") -> Path:

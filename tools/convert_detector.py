@@ -49,7 +49,7 @@ def convert_file(source: str, output: str, det_cfg: DetectorConfig,
     strictly. Returns (summary, the detector holding the converted weights)."""
     with fsspec.open(source, "rb") as f:
         data = f.read()
-    detector = RegionFeatureExtractor(DetectorConfig(**{**det_cfg.__dict__, "checkpoint": ""}))
+    detector = RegionFeatureExtractor(det_cfg)
     try:
         result = convert(read_source(data), detector.detector.state_dict(), fmt,
                          num_anchor_sizes=len(det_cfg.anchor_scales), num_anchor_ratios=len(det_cfg.anchor_ratios))

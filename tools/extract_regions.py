@@ -214,7 +214,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if not cfg.detector.checkpoint:
         print("warning: detector.checkpoint is empty: regions come from a randomly initialised detector",
               file=sys.stderr)
-    detector = RegionFeatureExtractor(cfg.detector).eval().to(opts.device)
+    detector = RegionFeatureExtractor.from_config(cfg.detector).eval().to(opts.device)
     fs, root = fsspec.core.url_to_fs(opts.output)
     fs.makedirs(root, exist_ok=True)
 

@@ -47,6 +47,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from vlbert.data.mixture import build_validation_stream
     from vlbert.model.pretraining import VLBertForPretraining
+    from vlbert.model.vlbert import bert_architecture
     from vlbert.probe import colour_fill_accuracy
     from vlbert.tracking import build_tracker
 
@@ -68,7 +69,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: not every colour word is one token of the tokenizer: {colours}", file=sys.stderr)
         return 1
 
-    model = VLBertForPretraining(cfg.model, cfg.detector)
+    model = VLBertForPretraining(cfg.model, cfg.detector, bert_architecture(cfg.model))
     model.load_state_dict(load_file(str(weights)), strict=True)
     no_masking = MaskingConfig(mlm_prob=0.0, roi_prob=0.0)
     data_cfg = dataclasses.replace(cfg.data, num_workers=0)
