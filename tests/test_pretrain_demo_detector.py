@@ -1,7 +1,6 @@
 """The demo detector's pretraining: it learns to classify the demo's boxes, and what it saves is a
 plain state dict that ``detector.checkpoint`` loads into the same detector."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,8 @@ from vlbert.config import load_config
 from vlbert.model.detector import RegionFeatureExtractor
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from tools.make_demo_data import make_demo_data  # noqa: E402
-from tools.pretrain_demo_detector import main  # noqa: E402
+from vlbert.demo.make_data import make_demo_data
+from vlbert.demo.pretrain_detector import main
 
 pytestmark = pytest.mark.timeout(300)
 

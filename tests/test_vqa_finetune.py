@@ -5,7 +5,7 @@ on demo VQA files in the official formats.
 - a tiny fine-tune overfits a few questions (the real model, engine, loss, official metric);
 - a run stopped by SIGTERM resumes to the same losses as an uninterrupted one, in the same
   MLflow run, tagged with the pretraining run it started from;
-- tools/evaluate.py reproduces the run's accuracy and writes the submission file;
+- vlbert-evaluate reproduces the run's accuracy and writes the submission file;
 - the shipped VQA configs load.
 """
 
@@ -30,8 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def vqa(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(REPO))
-    from tools.make_demo_vqa import make_demo_vqa
+    from vlbert.demo.make_vqa import make_demo_vqa
 
     root = tmp_path_factory.mktemp("vqa")
     make_demo_vqa(root, train_questions=8, val_questions=8, seed=0)
@@ -157,8 +156,8 @@ def test_tiny_finetune_overfits_a_few_questions(demo_data, vqa, tmp_path):
     assert set(preds.values()) <= set(answers)
     assert (out / "model.safetensors").exists() and json.loads((out / "model.json").read_text())["task"] == "vqa"
 
-    # tools/evaluate.py on the exported weights: the same accuracy, and the submission file.
-    from tools.evaluate import main as evaluate_main
+    # vlbert-evaluate on the exported weights: the same accuracy, and the submission file.
+    from vlbert.cli.evaluate import main as evaluate_main
 
     config_path = tmp_path / "ft.yaml"
     config_path.write_text(yaml.safe_dump(cfg.to_dict()))
@@ -233,9 +232,9 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_demo_comparison_tool_runs_both_arms(demo_data, vqa, tmp_path, capsys):
-    """tools/demo_vqa_compare.py: one seed per arm on the tiny config (the real demo uses
+    """vlbert.demo.vqa_compare: one seed per arm on the tiny config (the real demo uses
     configs/vqa_demo.yaml and the demo pretraining run; see the README)."""
-    from tools.demo_vqa_compare import main
+    from vlbert.demo.vqa_compare import main
 
     cfg = tiny(demo_data, vqa, tmp_path / "x")
     pretrained = _save_pretrained(cfg, tmp_path / "pretrain", run_id="demo-pretrain")
@@ -259,8 +258,8 @@ def test_demo_comparison_tool_runs_both_arms(demo_data, vqa, tmp_path, capsys):
 
 
 def test_cli_config_errors_exit_2(capsys):
-    from tools.evaluate import main as evaluate_main
-    from tools.finetune import main as finetune_main
+    from vlbert.cli.evaluate import main as evaluate_main
+    from vlbert.cli.finetune import main as finetune_main
 
     assert finetune_main(["--config", str(REPO / "configs/vqa_tiny.yaml"), "vqa.batch_sise=3"]) == 2
     assert "vqa.batch_sise" in capsys.readouterr().err

@@ -12,7 +12,7 @@ Shapes: B images, R box slots, H/W padded image size, C = ``cfg.num_classes``.
 Architecture options (``DetectorConfig``; the ``butd_r101_vg`` preset sets them to the
 published Visual Genome network): Caffe stem pool, dilated res5 at stride 1, the RoI op
 (mmcv RoIAlign, or Caffe's RoIPool), RPN width, anchors (Caffe geometry and order),
-BGR input. ``tools/convert_detector.py`` (``vlbert.model.detector_convert``) turns the
+BGR input. ``vlbert-convert-detector`` (``vlbert.model.detector_convert``) turns the
 published checkpoints into this module's state dict.
 
 Class distributions: ``cfg.num_classes`` counts every output of the box

@@ -202,7 +202,7 @@ class VLBertForPretraining(nn.Module):
         if self.roi_targets == "precomputed":
             raise ValueError(
                 "a caption batch has no masked-RoI targets (some sample lacks regions.npy) and "
-                "detector.roi_targets is 'precomputed': run tools/extract_regions.py over the shards, "
+                "detector.roi_targets is 'precomputed': run vlbert-extract-regions over the shards, "
                 "or set detector.roi_targets: frozen_copy")
         source = self.target_detector if self.target_detector is not None else self.detector
         return source.class_probs(c.images, c.boxes, c.box_mask)  # unmasked image, no grad

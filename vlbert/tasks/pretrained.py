@@ -1,6 +1,6 @@
 """Read a pretraining run's exported weights: ``model.safetensors`` and ``model.json``.
 
-``tools/train.py`` writes both into the run's output folder at the end of
+The trainer (``vlbert-train``) writes both into the run's output folder at the end of
 training; ``model.json`` holds the step and the MLflow run id, which the
 fine-tuning run records as a tag (``vlbert.pretrain_run_id``).
 """

@@ -1,6 +1,6 @@
 """VQA as a fine-tuning task: data sets, answer vocabulary, model, prediction and scoring.
 
-The fine-tuning loop (``finetune.py``) and ``tools/evaluate.py`` talk to a task
+The fine-tuning loop (``finetune.py``) and ``vlbert-evaluate`` talk to a task
 through this small surface: ``train_set``, ``build_model``, ``eval_sets``,
 ``predict`` and ``score``.
 """

@@ -1,6 +1,6 @@
 """Convert a published Visual Genome detector checkpoint into this project's detector weights.
 
-    python -m tools.convert_detector SOURCE OUTPUT --config configs/base_e2e.yaml
+    vlbert-convert-detector SOURCE OUTPUT --config configs/base_e2e.yaml
         [--format vlbert_resnet|detectron2_caffe|bua_caffe] [--set detector.depth=101]
 
 SOURCE is one of (README, "Getting the Visual Genome detector"):
@@ -78,5 +78,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+
+def cli() -> None:
+    """The console script ``vlbert-convert-detector``: exit status 0 (``main`` returns its summary to Python callers)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,6 +1,6 @@
 """Detect regions in caption shards; write shards that carry boxes and class distributions.
 
-    python -m tools.extract_regions --config configs/base_e2e.yaml \\
+    vlbert-extract-regions --config configs/base_e2e.yaml \\
         --input 's3://bucket/cc3m/{00000..00331}.tar' --output s3://bucket/cc3m-regions \\
         [--rank $SLURM_PROCID --world-size $SLURM_NTASKS] [--device cuda] [--set detector.checkpoint=...]
 
@@ -233,5 +233,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return stats
 
 
-if __name__ == "__main__":
+
+def cli() -> None:
+    """The console script ``vlbert-extract-regions``: exit status 0 (``main`` returns its summary to Python callers)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()
