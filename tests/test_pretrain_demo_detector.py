@@ -39,7 +39,7 @@ def test_detector_learns_the_demo_classes_and_its_checkpoint_loads(tmp_path, cap
     assert 0.0 <= acc["class"] <= min(acc["colour"], acc["shape"]) <= 1.0, acc  # right class: both parts right
 
     cfg = load_config(REPO / "configs/demo.yaml", [*overrides(root), f"detector.checkpoint={out}"])
-    loaded = RegionFeatureExtractor(cfg.detector)
+    loaded = RegionFeatureExtractor.from_config(cfg.detector)
     saved = torch.load(out, weights_only=True)
     for key, value in loaded.detector.state_dict().items():
         assert torch.equal(value, saved[key]), key
