@@ -1,10 +1,10 @@
 """Model and optimizer on another number of ranks (vlbert/train/engine.py, ``load_state(resharded=True)``).
 
-Two gloo processes train a tiny module under ZeRO 1, 2 and 3, in fp32 and bf16, and save; the
-checkpoints are then loaded by one process and by three (DeepSpeed universal checkpoints,
-converted on the fly). After loading, the whole weights and the whole optimizer state (fp32
-master weights, both Adam moments), gathered from the new partitions, equal what the two
-ranks held when they saved, and the next step runs.
+Two gloo processes train a tiny module (with a tied decoder and a frozen layer, as the real
+model) under ZeRO 1, 2 and 3, in fp32 and bf16, and save; the checkpoints are then loaded by one
+process and by three (DeepSpeed universal checkpoints, converted on the fly). After loading, the
+whole weights and the whole optimizer state (fp32 master weights, both Adam moments), gathered
+from the new partitions, equal what the two ranks held when they saved, and the next step runs.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 pytestmark = [pytest.mark.timeout(420), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -30,9 +31,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _engine(stage: int, bf16: bool, world: int, seed: int):
-    from test_engine import Tiny
+class TiedTiny(nn.Module):
+    """Like the real model in what resharding must keep: a decoder tied to the embedding
+    (one optimizer entry, two names) and a frozen layer (no optimizer state)."""
 
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 8))
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+        self.decoder = nn.Linear(8, 10)
+        self.decoder.weight = self.emb.weight
+
+    def forward(self, batch):
+        from test_engine import Out
+
+        e = self.emb(batch.x)
+        logits = self.decoder(self.body(e) + self.frozen(e)).float()  # [n, 5, 10]
+        mlm = nn.functional.cross_entropy(logits.flatten(0, 1), batch.x.flatten())
+        return Out(mlm + ((logits.mean((1, 2)) - batch.y) ** 2).mean())
+
+
+def _engine(stage: int, bf16: bool, world: int, seed: int):
     from vlbert.config import DataConfig, OptimConfig
     from vlbert.train.ds_config import resolve_deepspeed_config
     from vlbert.train.engine import Engine
@@ -43,7 +64,7 @@ def _engine(stage: int, bf16: bool, world: int, seed: int):
     ds = {"zero_optimization": {"stage": stage}}
     if bf16:
         ds["bf16"] = {"enabled": True}
-    return Engine(Tiny(), optim, resolve_deepspeed_config(ds, data, optim, world_size=world, cuda=False))
+    return Engine(TiedTiny(), optim, resolve_deepspeed_config(ds, data, optim, world_size=world, cuda=False))
 
 
 def _phase(rank: int, world: int, port: int, root: str, save: bool, errors) -> None:

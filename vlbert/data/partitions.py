@@ -22,11 +22,11 @@ is not a multiple of the new layout's slots their epochs end at different steps.
 
 from __future__ import annotations
 
-import math
+from vlbert.config import ConfigError
 
 
-class LayoutError(ValueError):
-    """A world size or worker count that cannot read the run's partitions."""
+class LayoutError(ConfigError):
+    """A layout (world size, global batch, partitions) that cannot continue the run."""
 
 
 def rank_partitions(num_partitions: int, world_size: int, rank: int) -> list[int]:
@@ -66,18 +66,6 @@ def read_rates(num_partitions: int, world_size: int, num_workers: int) -> dict[i
     return rates
 
 
-def even_world_sizes(num_partitions: int, up_to: int) -> list[int]:
-    """World sizes up to ``up_to`` that split ``num_partitions`` evenly over the ranks."""
-    return [w for w in range(1, min(up_to, num_partitions) + 1) if num_partitions % w == 0]
-
-
 def default_partitions(world_size: int, num_workers: int) -> int:
     """``data.partitions`` 0: one partition per slot of the first attempt."""
     return world_size * max(1, num_workers)
-
-
-def lcm(*values: int) -> int:
-    out = 1
-    for v in values:
-        out = out * v // math.gcd(out, v)
-    return out

@@ -216,8 +216,16 @@ def convert_to_universal(ds_dir: str, out_dir: str) -> float:
     os.makedirs(parent, exist_ok=True)
     args = Namespace(input_folder=ds_dir, output_folder=out_dir, num_extract_workers=1, num_merge_workers=1,
                      keep_temp_folder=False, strict=True, inject_missing_state=True)
-    with weights_only_torch_load(), contextlib.redirect_stdout(_LogWriter()):
-        ds_to_universal.main(args)
+    quiet = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # its per-parameter progress bars would flood the training log
+    try:
+        with weights_only_torch_load(), contextlib.redirect_stdout(_LogWriter()):
+            ds_to_universal.main(args)
+    finally:
+        if quiet is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = quiet
     return time.perf_counter() - t0
 
 
