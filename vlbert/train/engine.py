@@ -27,6 +27,8 @@ file per parameter and state (fp32 weights, Adam moments), which
 ``load_checkpoint`` with ``checkpoint.load_universal`` cuts into this world's
 partitions (ZeRO 1-3, fp32 or bf16). The conversion runs once per node, into a
 temporary folder, with every ``torch.load`` it makes held to ``weights_only``.
+A universal checkpoint restores only what the optimizer holds, so every save also
+writes the frozen parameters and the buffers whole (``FROZEN_FILE``, safetensors).
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ log = logging.getLogger(__name__)
 # DeepSpeed 0.19's ZeRO calls collectives that torch 2.13 marks deprecated, warning at every call.
 warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
                         category=FutureWarning)
+
+# Beside DeepSpeed's files: the frozen parameters and buffers, which a universal checkpoint leaves out.
+FROZEN_FILE = "vlbert_frozen.safetensors"
 
 # The only non-tensor types in DeepSpeed 0.16-0.19 checkpoint files (found with
 # torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO 0-3 x fp32/bf16/fp16).
@@ -378,8 +383,51 @@ class Engine:
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
     def save_state(self, directory: str) -> None:
-        """DeepSpeed's checkpoint under ``directory/ds`` (collective: every rank writes its part)."""
+        """DeepSpeed's checkpoint under ``directory/ds`` (collective: every rank writes its part),
+        with the frozen parameters and buffers whole in ``ds/{FROZEN_FILE}`` (rank 0)."""
+        from safetensors.torch import save_file
+
         self._ds.save_checkpoint(directory, tag="ds", client_state={}, save_latest=False)
+        frozen = self._frozen_state()  # every rank takes part in the gather
+        if torch.distributed.get_rank() == 0:
+            save_file(frozen, os.path.join(directory, "ds", FROZEN_FILE))
+
+    def _frozen_state(self) -> dict[str, torch.Tensor]:
+        """What a universal checkpoint does not restore: the parameters without gradients and the
+        buffers (BatchNorm statistics), whole, as CPU copies (collective under ZeRO-3)."""
+        module, names = self._ds.module, set(self._frozen_state_names())
+        frozen = [p for p in module.parameters() if not p.requires_grad]
+        gather = (deepspeed.zero.GatheredParameters(frozen, modifier_rank=None)
+                  if self.zero_stage == 3 and frozen else contextlib.nullcontext())
+        with gather:
+            return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items() if k in names}
+
+    def _load_frozen_state(self, directory: str) -> None:
+        """Restore what ``_frozen_state`` saved (after a universal load; collective under ZeRO-3)."""
+        from safetensors.torch import load_file
+
+        path = os.path.join(directory, "ds", FROZEN_FILE)
+        module = self._ds.module
+        expected = set(self._frozen_state_names())
+        if not os.path.exists(path):
+            if expected:
+                raise RuntimeError(f"{path} is missing: this checkpoint predates elastic resume and its frozen "
+                                   "parameters and buffers can only be restored on the world size that wrote it")
+            return
+        saved = load_file(path)
+        if set(saved) != expected:
+            raise RuntimeError(f"{path}: the frozen parameters and buffers differ from this model's "
+                               f"(missing {sorted(expected - set(saved))[:5]}, unexpected {sorted(set(saved) - expected)[:5]})")
+        frozen = [p for p in module.parameters() if not p.requires_grad]
+        gather = (deepspeed.zero.GatheredParameters(frozen, modifier_rank=0)
+                  if self.zero_stage == 3 and frozen else contextlib.nullcontext())
+        with gather, torch.no_grad():
+            module.load_state_dict(saved, strict=False)
+
+    def _frozen_state_names(self) -> list[str]:
+        module = self._ds.module
+        trainable = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+        return [k for k in module.state_dict() if k not in trainable]
 
     def load_state(self, directory: str, resharded: bool = False) -> None:
         """Restore what ``save_state`` wrote (collective). Never unpickles arbitrary objects.
@@ -414,6 +462,7 @@ class Engine:
                     self._load(universal)
             finally:
                 self._ds._config.load_universal_checkpoint = False
+            self._load_frozen_state(directory)
         finally:
             torch.distributed.barrier()
             if local_leader:
