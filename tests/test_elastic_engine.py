@@ -1,7 +1,7 @@
 """Model and optimizer on another number of ranks (vlbert/train/engine.py, ``load_state(resharded=True)``).
 
-Two gloo processes train a tiny module (with a tied decoder, a frozen layer and BatchNorm, as
-the real model) under ZeRO 1, 2 and 3, in fp32 and bf16, and save; the checkpoints are then
+Two gloo processes train a tiny module (with a tied decoder, a frozen layer and a running
+statistic, as the real model) under ZeRO 1, 2 and 3, in fp32 and bf16, and save; the checkpoints are then
 loaded by one process and by three (DeepSpeed universal checkpoints, converted on the fly). After loading, the
 whole weights and the whole optimizer state (fp32 master weights, both Adam moments), gathered
 from the new partitions, equal what the two ranks held when they saved, and the next step runs.
@@ -33,13 +33,13 @@ def _free_port() -> int:
 
 class TiedTiny(nn.Module):
     """Like the real model in what resharding must keep: a decoder tied to the embedding
-    (one optimizer entry, two names), a frozen layer (no optimizer state) and BatchNorm
-    statistics (buffers)."""
+    (one optimizer entry, two names), a frozen layer (no optimizer state) and a running
+    statistic (a buffer, as BatchNorm's)."""
 
     def __init__(self):
         super().__init__()
         self.emb = nn.Embedding(10, 8)
-        self.norm = nn.BatchNorm1d(8)
+        self.register_buffer("running_mean", torch.zeros(8))  # a statistic, as BatchNorm keeps
         self.body = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 8))
         self.frozen = nn.Linear(8, 8)
         self.frozen.requires_grad_(False)
@@ -49,7 +49,9 @@ class TiedTiny(nn.Module):
     def forward(self, batch):
         from test_engine import Out
 
-        e = self.norm(self.emb(batch.x).flatten(0, 1)).view(*batch.x.shape, 8)
+        e = self.emb(batch.x)
+        if self.training:
+            self.running_mean.mul_(0.9).add_(0.1 * e.detach().mean((0, 1)).to(self.running_mean.dtype))
         logits = self.decoder(self.body(e) + self.frozen(e)).float()  # [n, 5, 10]
         mlm = nn.functional.cross_entropy(logits.flatten(0, 1), batch.x.flatten())
         return Out(mlm + ((logits.mean((1, 2)) - batch.y) ** 2).mean())
