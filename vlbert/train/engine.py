@@ -221,25 +221,19 @@ def convert_to_universal(ds_dir: str, out_dir: str) -> float:
     os.makedirs(parent, exist_ok=True)
     args = Namespace(input_folder=ds_dir, output_folder=out_dir, num_extract_workers=1, num_merge_workers=1,
                      keep_temp_folder=False, strict=True, inject_missing_state=True)
-    quiet = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # its per-parameter progress bars would flood the training log
-    try:
-        with weights_only_torch_load(), contextlib.redirect_stdout(_LogWriter()):
-            ds_to_universal.main(args)
-    finally:
-        if quiet is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = quiet
+    # Its prints and per-parameter progress bars (stderr) would flood the training log.
+    with weights_only_torch_load(), contextlib.redirect_stdout(_LogWriter()), \
+            contextlib.redirect_stderr(_LogWriter()):
+        ds_to_universal.main(args)
     return time.perf_counter() - t0
 
 
 class _LogWriter:
-    """ds_to_universal prints its progress; it goes to the debug log instead."""
+    """What ds_to_universal prints goes to the debug log instead."""
 
     def write(self, text: str) -> None:
         if text.strip():
-            log.debug("ds_to_universal: %s", text.rstrip())
+            log.debug("ds_to_universal: %s", text.strip())
 
     def flush(self) -> None:
         pass
