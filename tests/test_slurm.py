@@ -221,7 +221,12 @@ def test_requeued_job_resumes_on_one_node_into_the_same_run(slurm, demo_data, tm
     slurm.cmd("scancel", "--signal=USR1", "--batch", str(job.id))
     slurm.wait_job(job.id, lambda i: i["JobState"] == "PENDING" and i.get("Restarts") == "1", 120, "requeue",
                    on_timeout=lambda: job.log[-4000:])
-    slurm.cmd("scontrol", "update", f"JobId={job.id}", "NumNodes=1", "NumTasks=1")
+    # One task, then one node (one field at a time: Slurm checks each against the job as it stands;
+    # a pending job's NumNodes shows the old count until it starts, its TRES the new one).
+    slurm.cmd("scontrol", "update", f"JobId={job.id}", "NumTasks=1")
+    slurm.cmd("scontrol", "update", f"JobId={job.id}", "NumNodes=1")
+    shrunk = slurm.job(job.id)
+    assert shrunk.get("NumTasks") == "1" and "node=1," in shrunk.get("TRES", ""), shrunk
     slurm.release(job.id)
     finish(slurm, job)
     print(f"job shrunk to one node: {time.monotonic() - t0:.0f} s")
