@@ -69,7 +69,7 @@ def assert_exactly_once(cfg: DataConfig, tokenizer, num_partitions: int, batches
             want = text_reference(cfg, tokenizer, p, num_partitions, len(keys))[source]
             assert keys == want, f"partition {p}, text source {source}: not its reference order"
         if full_epoch:
-            assert len(got) >= len(ref[0]), f"partition {p} has not finished its first epoch ({len(got)} < {len(ref[0])})"
+            assert len(got) >= len(ref[0]), f"partition {p} is still in its first epoch ({len(got)} < {len(ref[0])})"
     if full_epoch:
         first = [k for p in range(num_partitions) for k in caption_reference(cfg, p, num_partitions, 1)[0]]
         everything = [f"{url}#{rec.key}" for url in expand_urls(cfg.captions.urls)

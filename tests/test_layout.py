@@ -41,7 +41,8 @@ def test_another_world_size_adapts_the_accumulation_to_keep_the_global_batch():
 
 def test_a_world_size_that_cannot_keep_the_batch_is_refused_with_the_sizes_that_work():
     saved = plan_layout(data(), OptimConfig(), 2).to_dict()
-    assert world_sizes_that_keep(6, 6, 4) == [1, 2, 3] and world_sizes_that_keep(128, 128, 64) == [1, 2, 4, 8, 16, 32, 64]
+    assert world_sizes_that_keep(6, 6, 4) == [1, 2, 3]
+    assert world_sizes_that_keep(128, 128, 64) == [1, 2, 4, 8, 16, 32, 64]
     with pytest.raises(ConfigError, match=r"world size 4 cannot keep this run's global batch of 6 captions \+ 6 "
                                           r"text segments per step over its 4 data partitions.*"
                                           r"World sizes that work: 1, 2, 3$"):

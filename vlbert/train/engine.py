@@ -410,8 +410,9 @@ class Engine:
             return
         saved = load_file(path)
         if set(saved) != expected:
+            missing, unexpected = sorted(expected - set(saved))[:5], sorted(set(saved) - expected)[:5]
             raise RuntimeError(f"{path}: the frozen parameters and buffers differ from this model's "
-                               f"(missing {sorted(expected - set(saved))[:5]}, unexpected {sorted(set(saved) - expected)[:5]})")
+                               f"(missing {missing}, unexpected {unexpected})")
         frozen = [p for p in module.parameters() if not p.requires_grad]
         gather = (deepspeed.zero.GatheredParameters(frozen, modifier_rank=0)
                   if self.zero_stage == 3 and frozen else contextlib.nullcontext())
@@ -433,8 +434,9 @@ class Engine:
             raise RuntimeError(
                 f"DeepSpeed checkpoint engine {type(self._ds.checkpoint_engine).__name__} loads with "
                 "weights_only=False; only the default torch checkpoint engine is supported")
-        if not resharded or self.zero_stage == 0:
-            # Without ZeRO every rank holds the whole optimizer state: any world size loads it.
+        if not resharded or (self.zero_stage == 0 and self.precision != "bf16"):
+            # Without ZeRO every rank holds the whole optimizer state: any world size loads it
+            # (bf16 without ZeRO uses DeepSpeed's BF16_Optimizer, which partitions like ZeRO-1).
             self._load(directory)
             return
         token = _broadcast_token()
