@@ -43,7 +43,7 @@ from vlbert.config import CaptionDataConfig, DataConfig, MaskingConfig
 from vlbert.batch import PretrainBatch
 from vlbert.data.captions import BadSample, collate_captions, decode_caption_sample
 from vlbert.data.prefetch import Prefetcher
-from vlbert.data.partitions import assignment, default_partitions
+from vlbert.data.partitions import LayoutError, assignment, default_partitions
 from vlbert.data.shards import Cursor, ShardStream, SkipCounter, expand_urls, record_rng
 from vlbert.data.text import TextSegmenter, WordPieces, collate_text
 
@@ -331,7 +331,7 @@ class PretrainStream:
             raise ValueError("no data state to resume from")
         for s in states:
             if s["shards"] != self._shard_counts():
-                raise ValueError(
+                raise LayoutError(
                     f"the data state was saved over {s['shards']} shards, the config lists "
                     f"{self._shard_counts()}: the shard lists must not change to resume exactly")
         counts = {s["partitions"] for s in states}
@@ -340,7 +340,7 @@ class PretrainStream:
         saved = counts.pop()
         wanted = self.cfg.partitions
         if wanted and wanted != saved:
-            raise ValueError(f"data.partitions = {wanted}, but the run was started with {saved} partitions; "
+            raise LayoutError(f"data.partitions = {wanted}, but the run was started with {saved} partitions; "
                              "the number of partitions is fixed at a run's start (set it to 0 or to "
                              f"{saved})")
         by_partition: dict[int, dict] = {}

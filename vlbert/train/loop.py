@@ -32,6 +32,7 @@ from vlbert.train.ds_config import deepspeed_config
 from vlbert.train.engine import Engine, count_parameters, init_distributed
 from vlbert.train.progress import Progress
 from vlbert.train.metrics import Meter, batch_counts, interval_metrics, peak_flops, total_skips
+from vlbert.data.partitions import read_rates
 from vlbert.train.layout import describe as describe_layout, plan_layout
 from vlbert.train.state import TrainState
 from vlbert.train.sample_keys import SampleKeyLog
@@ -191,6 +192,10 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
     if layout_change and rank == 0:
         log.warning("resuming step %d on a new layout: %s (was %s)", state.step, layout.describe(),
                     describe_layout(saved_layout))
+        if len(set(read_rates(layout.partitions, world, cfg.data.num_workers).values())) > 1:
+            log.warning("this layout reads the %d data partitions at unequal rates, so their epochs will end at "
+                        "different steps (each partition still gives every sample once per epoch); ranks x "
+                        "workers that divide %d read them evenly", layout.partitions, layout.partitions)
     state.layout = layout.to_dict()
 
     # ---- tracking (rank 0): config, environment, artifacts
