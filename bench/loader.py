@@ -172,7 +172,7 @@ def resume_cost(base_shard: str, workdir: str, tokenizer, resume_at: int, batch:
                                        text_per_batch=0)
         state = stream.state_dict()
         if at:
-            state["workers"][0]["captions"] = {"epoch": 0, "pos": pos, "offset": starts[index], "index": index}
+            state["partition_states"][0]["captions"] = {"epoch": 0, "pos": pos, "offset": starts[index], "index": index}
         state = json.loads(json.dumps(state))
         t0 = time.perf_counter()
         stream.load_state_dict(state)

@@ -79,7 +79,15 @@ FIRST_NODE="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 NODE_ADDR="$(scontrol show node "$FIRST_NODE" -o 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)"
 export MASTER_ADDR="${NODE_ADDR:-$FIRST_NODE}"
 export MASTER_PORT="${VLBERT_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 40000))}"
-export WORLD_SIZE="$SLURM_NTASKS"
+# A requeued job keeps its submission environment, SLURM_NTASKS of the first allocation included,
+# even when it was given another node count while it waited (scontrol update JobId=N NumTasks=..
+# NumNodes=..): with --ntasks-per-node, count the tasks from the nodes it has now. The trainer
+# resumes on the new world size (README: Checkpoints and resume).
+NTASKS="$SLURM_NTASKS"
+if [ -n "${SLURM_NTASKS_PER_NODE:-}" ] && [ -n "${SLURM_JOB_NUM_NODES:-}" ]; then
+  NTASKS=$(( SLURM_JOB_NUM_NODES * ${SLURM_NTASKS_PER_NODE%%[!0-9]*} ))
+fi
+export WORLD_SIZE="$NTASKS"
 export PYTHONUNBUFFERED=1
 # CPU runs: one BLAS/OpenMP thread per allocated core, not one per core of the machine.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
@@ -102,7 +110,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"
 #   export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 
 echo "[vlbert] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST:" \
-     "$SLURM_NTASKS tasks, master $MASTER_ADDR:$MASTER_PORT, python $VLBERT_PYTHON, $(date -Is)"
+     "$NTASKS tasks, master $MASTER_ADDR:$MASTER_PORT, python $VLBERT_PYTHON, $(date -Is)"
 echo "[vlbert] config $CONFIG ${OVERRIDES[*]+${OVERRIDES[*]}}"
 [ -n "${MLFLOW_TRACKING_URI:-}" ] && echo "[vlbert] MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI"
 
@@ -160,7 +168,7 @@ trap on_term TERM
 # after the trainer restored its handlers at exit would kill it mid-teardown. The
 # trainer installs its own handler for the training loop.
 # shellcheck disable=SC2016  # expanded by the task's shell
-srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --ntasks="$NTASKS" \
   bash -c 'trap "" USR1
            export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
            echo "[vlbert] rank $RANK/$WORLD_SIZE local_rank $LOCAL_RANK on node $SLURMD_NODENAME ($(hostname)) pid $$"

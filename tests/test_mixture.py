@@ -139,11 +139,11 @@ def test_exact_resume_with_workers_and_ranks_reads_nothing_consumed(tmp_path, to
     wiki_urls = sorted(str(p) for p in tmp_path.glob("wiki-*.jsonl"))
     rng = np.random.default_rng(0)
     for rank in range(world):
-        for w in states[rank]["workers"]:
+        for w in states[rank]["partition_states"]:
             for urls, cur in ((caption_urls, w["captions"]), (wiki_urls, w["text"]["wiki"]["cursor"])):
                 cur = Cursor.from_dict(cur)
                 assert cur.epoch == 0
-                plan = slot_plan(len(urls), world * num_workers, w["slot"], cfg.seed, 0)
+                plan = slot_plan(len(urls), world * num_workers, w["partition"], cfg.seed, 0)
                 for pos, shard in enumerate(plan.shards[: cur.pos + 1]):
                     data = bytearray(open(urls[shard], "rb").read())
                     end = len(data) if pos < cur.pos else cur.offset
@@ -164,10 +164,18 @@ def test_state_mismatch_is_refused(tmp_path, tokenizer):
     a = build_pretrain_stream(cfg, MaskingConfig(), tokenizer, 0, 1, 1, 1)
     next(a)
     state = a.state_dict()
-    cfg.num_workers = 2
+    cfg.text.sources["wiki"].urls = [str(tmp_path / "wiki-*.jsonl"), str(tmp_path / "wiki-*.jsonl")]
     b = build_pretrain_stream(cfg, MaskingConfig(), tokenizer, 0, 1, 1, 1)
-    with pytest.raises(ValueError, match="num_workers"):
+    with pytest.raises(ValueError, match="shard lists must not change"):
         b.load_state_dict(state)
+    cfg.text.sources["wiki"].urls = [str(tmp_path / "wiki-*.jsonl")]
+    cfg.partitions = 4  # fixed at the run's start (1 here)
+    with pytest.raises(ValueError, match="data.partitions = 4, but the run was started with 1 partitions"):
+        build_pretrain_stream(cfg, MaskingConfig(), tokenizer, 0, 1, 1, 1).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"rank 1: the saved data states lack partition\(s\) \[1\]"):
+        cfg.partitions = 0
+        two = [build_pretrain_stream(cfg, MaskingConfig(), tokenizer, r, 2, 1, 1).state_dict() for r in range(2)]
+        build_pretrain_stream(cfg, MaskingConfig(), tokenizer, 1, 2, 1, 1).load_state_dicts(two[:1])
     with pytest.raises(FileNotFoundError, match="nope"):
         cfg.captions.urls = [str(tmp_path / "nope-*.tar")]
         build_pretrain_stream(cfg, MaskingConfig(), tokenizer, 0, 1, 1, 1)

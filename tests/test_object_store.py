@@ -269,7 +269,7 @@ def test_shard_deleted_mid_run_is_skipped_counted_and_the_stream_goes_on(bucket,
                                               text_per_batch=1)
     before = {root: take(s, 1) for root, s in streams.items()}
     order = slot_plan(N_SHARDS, 1, 0, 5, 0).shards
-    assert streams[bucket.url].state_dict()["workers"][0]["captions"]["pos"] == 0  # still on order[0]
+    assert streams[bucket.url].state_dict()["partition_states"][0]["captions"]["pos"] == 0  # still on order[0]
     victim = f"cc/{order[-1]:05d}.tar"  # read last in epoch 0: not opened yet
     fs = fsspec.filesystem("s3")
     assert fs.exists(f"{bucket.name}/{victim}")

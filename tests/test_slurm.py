@@ -7,7 +7,9 @@ trainer (tools/train.py, configs/tiny.yaml) on 2 ranks, one per node, gloo on th
 - a job preempted with USR1 to its batch shell checkpoints, requeues itself (restart count
   1), resumes from that checkpoint and finishes: one MLflow run with one value per step,
   the same losses and the same final data position on every rank as the uninterrupted job
-  (so no sample was repeated or skipped).
+  (so no sample was repeated or skipped);
+- a job preempted on 2 nodes and given 1 node while requeued resumes on 1 rank into the same
+  MLflow run, with the layout change tagged and every data partition read in its own order.
 
 Needs root and Debian's slurm-wlm and munge (scripts/system_deps.sh). Run alone with
 ``python -m pytest -m slurm``.
@@ -63,8 +65,8 @@ class Job:
         return self.output / "checkpoints" / f"step-{step:06d}"
 
 
-def submit(slurm: SlurmCluster, data: Path, folder: Path) -> Job:
-    """sbatch slurm/pretrain.sh configs/tiny.yaml on 2 nodes x 1 task, CPU only."""
+def submit(slurm: SlurmCluster, data: Path, folder: Path, extra: tuple[str, ...] = ()) -> Job:
+    """sbatch slurm/pretrain.sh configs/tiny.yaml on 2 nodes x 1 task, CPU only (``extra``: more overrides)."""
     folder.mkdir(parents=True, exist_ok=True)
     overrides = [
         f"data.tokenizer={data / 'tokenizer'}",
@@ -77,7 +79,7 @@ def submit(slurm: SlurmCluster, data: Path, folder: Path) -> Job:
         "data.num_workers=1",  # a DataLoader worker per rank: Slurm signals it too
         # Without dropout the losses depend only on the weights and the data, not on the
         # trainer's global torch RNG (which starting a DataLoader draws from).
-        "model.hidden_dropout=0", "model.attention_dropout=0", "model.visual_dropout=0",
+        "model.hidden_dropout=0", "model.attention_dropout=0", "model.visual_dropout=0", *extra,
     ]
     env = {"VLBERT_OUTPUT_DIR": str(folder / "run"), "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
            "VLBERT_PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
@@ -196,3 +198,54 @@ def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_run(slurm,
         ours = read_json(final / f"rank-{rank:05d}.json")["data"]
         theirs = read_json(straight.checkpoint(STEPS) / f"rank-{rank:05d}.json")["data"]
         assert ours == theirs, f"rank {rank}"
+
+
+def test_requeued_job_resumes_on_one_node_into_the_same_run(slurm, demo_data, tmp_path_factory):
+    """Preempted on 2 nodes, requeued, and given 1 node while it waits: it resumes on 1 rank
+    (accumulation doubled), finishes into the same MLflow run, tags the layout change, and
+    consumes every data partition in its own order."""
+    from transformers import AutoTokenizer
+
+    from elastic_audit import assert_exactly_once
+    from test_elastic_train import consumed_batches
+
+    from vlbert.config import load_config
+
+    t0 = time.monotonic()
+    job = submit(slurm, demo_data, tmp_path_factory.mktemp("shrunk"), ("runtime.log_sample_keys=true",))
+    first = job.checkpoint(2) / "COMPLETE"
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not first.exists():
+        assert slurm.job(job.id).get("JobState") in ("PENDING", "RUNNING"), job.log[-4000:]
+        assert time.monotonic() < deadline, "no checkpoint in time:\n" + job.log[-4000:]
+        time.sleep(0.3)
+    slurm.cmd("scancel", "--signal=USR1", "--batch", str(job.id))
+    slurm.wait_job(job.id, lambda i: i["JobState"] == "PENDING" and i.get("Restarts") == "1", 120, "requeue",
+                   on_timeout=lambda: job.log[-4000:])
+    # One task, then one node (one field at a time: Slurm checks each against the job as it stands;
+    # a pending job's NumNodes shows the old count until it starts, its TRES the new one).
+    slurm.cmd("scontrol", "update", f"JobId={job.id}", "NumTasks=1")
+    slurm.cmd("scontrol", "update", f"JobId={job.id}", "NumNodes=1")
+    shrunk = slurm.job(job.id)
+    assert shrunk.get("NumTasks") == "1" and "node=1," in shrunk.get("TRES", ""), shrunk
+    slurm.release(job.id)
+    finish(slurm, job)
+    print(f"job shrunk to one node: {time.monotonic() - t0:.0f} s")
+
+    log = job.log
+    assert job.info["JobState"] == "COMPLETED" and job.info["ExitCode"] == "0:0", log[-4000:]
+    assert job.info["Restarts"] == "1" and job.info["NumNodes"] == "1", job.info
+    k = int(re.search(r"stopped on SIGUSR1 at step (\d+)", log).group(1))
+    assert re.search(rf"resuming from \S*step-{k:06d} \(step {k}, written by 2 ranks, now 1\)", log), log[-4000:]
+    meta = read_json(job.checkpoint(STEPS) / "meta.json")
+    assert meta["world_size"] == 1 and meta["layout"]["grad_accum"] == 2 and meta["layout"]["partitions"] == 2
+    run, hist = one_run(job)
+    assert run.status == "FINISHED" and run.run_id == meta["mlflow_run_id"]
+    assert hist["loss"].steps == list(range(1, STEPS + 1))
+    assert hist["samples_seen"].values == [float(GLOBAL_BATCH * s) for s in range(1, STEPS + 1)]
+    assert run.tags[f"vlbert.layout_change.step_{k:07d}"] == (
+        "2 rank(s) x 1 worker(s), grad_accum 1, micro-batch 1+1 -> 1 rank(s) x 1 worker(s), grad_accum 2, "
+        "micro-batch 1+1")
+    cfg = load_config(job.output / "config.yaml")
+    assert_exactly_once(cfg.data, AutoTokenizer.from_pretrained(cfg.data.tokenizer), 2, consumed_batches(job.output),
+                        full_epoch=False)

@@ -87,15 +87,18 @@ class TextBatch:
 
 @dataclass
 class PretrainBatch:
-    """One micro-batch: captioned images and text segments (either may be absent)."""
+    """One micro-batch: captioned images and text segments (either may be absent).
+    ``partition``: the canonical data partition it was read from (for audits), if known."""
 
     captions: Optional[CaptionBatch] = None
     text: Optional[TextBatch] = None
+    partition: Optional[int] = None
 
     def to(self, device, non_blocking: bool = False) -> "PretrainBatch":
         return PretrainBatch(
             captions=self.captions.to(device, non_blocking) if self.captions is not None else None,
             text=self.text.to(device, non_blocking) if self.text is not None else None,
+            partition=self.partition,
         )
 
     @property

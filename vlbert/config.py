@@ -167,6 +167,10 @@ class DataConfig:
     captions_per_step: int = 128
     text_per_step: int = 128
     num_workers: int = 2
+    # Canonical partitions of the sample order, fixed at a run's start (each keeps its own
+    # cursor; a resume on other ranks or workers reassigns them). 0 = the first attempt's
+    # ranks x num_workers; a number with many divisors (48, 64) keeps reading even on more layouts.
+    partitions: int = 0
     seed: int = 0
     read_retries: int = 3
     retry_backoff_s: float = 0.5
@@ -431,6 +435,7 @@ def validate(cfg: Config, source: str = "<config>", check_files: bool = True) ->
              "mlm_mask_frac + mlm_random_frac must be at most 1")
     _require(d.captions_per_step >= 0 and d.text_per_step >= 0 and cfg.global_batch_size > 0, source,
              "data.captions_per_step", "captions_per_step + text_per_step must be positive")
+    _require(d.partitions >= 0, source, "data.partitions", f"must be 0 (automatic) or positive, got {d.partitions}")
     _require(d.captions_per_step == 0 or bool(d.captions.urls), source, "data.captions.urls",
              "captions_per_step > 0 needs at least one caption shard URL")
     _require(d.text_per_step == 0 or bool(d.text.sources), source, "data.text.sources",

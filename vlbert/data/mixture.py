@@ -2,19 +2,27 @@
 
 Every micro-batch holds ``captions_per_batch`` captioned images and
 ``text_per_batch`` text segments drawn from the named text sources by weight.
-Batches are made inside the DataLoader workers; each worker is one *slot*
-(``rank * num_workers + worker``) with its own shards (``shards.slot_plan``).
+The sample order is split into canonical *partitions* fixed at the run's start
+(``vlbert.data.partitions``: by default one per rank x worker slot of the first
+attempt); partition ``p`` reads what slot ``p`` reads (``shards.slot_plan``).
+Batches are made inside the DataLoader workers; each worker holds some of its
+rank's partitions and makes one batch from each in turn, each batch from one
+partition.
 
-Exact resumption. A worker yields ``(logical worker, batch, its state after the
-batch)``. The main-process iterator keeps, per logical worker, the state that
-came with the last batch it handed out (batches prefetched but not handed out
-do not count) and which worker is next. The DataLoader takes batches from its
-workers round-robin starting at worker 0, so on restore physical worker ``p``
-plays logical worker ``(p + next) % n``. States are plain data (JSON-able):
-cursors, piece offsets, batch counters and skip counts. Sample randomness
-(flip, masking) comes from per-record generators and the choice of text source
-from a generator keyed on (seed, slot, batch number): nothing depends on
-timing or on which process ran what.
+Exact resumption. A worker yields ``(logical worker, partition, its next index,
+batch, the partition's state after the batch)``. The main-process iterator
+keeps, per partition, the state that came with the last batch it handed out
+(batches prefetched but not handed out do not count), per logical worker which
+of its partitions is next, and which worker is next. The DataLoader takes
+batches from its workers round-robin starting at worker 0, so on restore
+physical worker ``p`` plays logical worker ``(p + next) % n``. States are plain
+data (JSON-able): cursors, piece offsets, batch counters and skip counts. On the
+saved layout a resume is exact batch for batch; on another (world size or
+``data.num_workers`` changed) the partitions are reassigned and each continues
+from its own cursor, so no sample is repeated or skipped. Sample randomness (flip,
+masking) comes from per-record generators and the choice of text source from a
+generator keyed on (seed, partition, the partition's batch number): nothing
+depends on timing or on which process ran what.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from vlbert.config import CaptionDataConfig, DataConfig, MaskingConfig
 from vlbert.batch import PretrainBatch
 from vlbert.data.captions import BadSample, collate_captions, decode_caption_sample
 from vlbert.data.prefetch import Prefetcher
+from vlbert.data.partitions import LayoutError, assignment, default_partitions
 from vlbert.data.shards import Cursor, ShardStream, SkipCounter, expand_urls, record_rng
 from vlbert.data.text import TextSegmenter, WordPieces, collate_text
 
@@ -43,7 +52,7 @@ log = logging.getLogger(__name__)
 TAG_CAPTIONS = 1  # record_rng stream tags: caption sample randomness
 TAG_MIX = 3  # choice of text source per batch
 TAG_VALIDATION = 4
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class DataWaitTimeout(RuntimeError):
@@ -54,11 +63,11 @@ def _identity(x):
     return x
 
 
-def fresh_worker_state(slot: int, text_sources: list[str]) -> dict:
-    """The state of a logical worker that has produced nothing yet."""
+def fresh_partition_state(partition: int, text_sources: list[str]) -> dict:
+    """The state of a canonical partition that has produced nothing yet."""
     start = Cursor().to_dict()
     return {
-        "slot": slot,
+        "partition": partition,
         "batches": 0,
         "captions": dict(start),
         "text": {name: {"cursor": dict(start), "offset": 0} for name in text_sources},
@@ -100,70 +109,98 @@ class CaptionReader:
             yield sample
 
 
-class PretrainDataset(IterableDataset):
-    """Yields ``(logical_worker, PretrainBatch, state_after)`` forever (see module docstring)."""
+class PartitionBatches:
+    """The batches of one canonical partition, from its state (module docstring):
+    ``next()`` gives ``(PretrainBatch, state after it)``."""
 
-    def __init__(self, data_cfg: DataConfig, masking_cfg: MaskingConfig, tokenizer, num_slots: int,
-                 captions_per_batch: int, text_per_batch: int, caption_urls: list[str],
-                 text_urls: dict[str, list[str]], worker_states: list[dict], offset: int):
-        self.cfg, self.masking, self.tokenizer = data_cfg, masking_cfg, tokenizer
-        self.num_slots = num_slots
-        self.captions_per_batch, self.text_per_batch = captions_per_batch, text_per_batch
-        self.caption_urls, self.text_urls = caption_urls, text_urls
-        self.worker_states, self.offset = worker_states, offset
-
-    def __iter__(self) -> Iterator[tuple[int, PretrainBatch, dict]]:
-        info = get_worker_info()
-        p, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        if n != len(self.worker_states):
-            raise RuntimeError(f"{n} data-loader workers but the state holds {len(self.worker_states)}")
-        logical = (p + self.offset) % n
-        state = copy.deepcopy(self.worker_states[logical])
-        cfg, slot = self.cfg, state["slot"]
-        counter = SkipCounter(state["skips"])
+    def __init__(self, dataset: "PretrainDataset", state: dict):
+        cfg, part = dataset.cfg, state["partition"]
+        self.state = copy.deepcopy(state)
+        self.counter = SkipCounter(self.state["skips"])
+        self.captions_per_batch, self.text_per_batch = dataset.captions_per_batch, dataset.text_per_batch
+        self.seed = cfg.seed
 
         def stream(urls, cursor, source):
-            return ShardStream(urls, slot, self.num_slots, cfg.seed, counter, Cursor.from_dict(cursor),
+            return ShardStream(urls, part, dataset.num_partitions, cfg.seed, self.counter, Cursor.from_dict(cursor),
                                cfg.read_retries, cfg.retry_backoff_s, source=source)
 
-        captions = None
+        self.captions = None
         if self.captions_per_batch:
-            cap_stream = stream(self.caption_urls, state["captions"], "captions")
-            captions = iter(CaptionReader(cap_stream, cfg.captions, self.masking, self.tokenizer, cfg.seed,
-                                          TAG_CAPTIONS, train=True))
-        names = sorted(self.text_urls)
-        segmenters = {}
+            self.cap_stream = stream(dataset.caption_urls, self.state["captions"], "captions")
+            self.captions = iter(CaptionReader(self.cap_stream, cfg.captions, dataset.masking, dataset.tokenizer,
+                                               cfg.seed, TAG_CAPTIONS, train=True))
+        self.names = sorted(dataset.text_urls)
+        self.segmenters = {}
         if self.text_per_batch:
-            pieces = WordPieces(self.tokenizer)
-            for name in names:
-                st = state["text"][name]
-                segmenters[name] = TextSegmenter(stream(self.text_urls[name], st["cursor"], f"text.{name}"), pieces,
-                                                 cfg.text.segment_length, self.masking, cfg.seed, st)
-            weights = np.array([cfg.text.sources[k].weight for k in names], dtype=np.float64)
-            weights /= weights.sum()
+            pieces = WordPieces(dataset.tokenizer)
+            for name in self.names:
+                st = self.state["text"][name]
+                self.segmenters[name] = TextSegmenter(stream(dataset.text_urls[name], st["cursor"], f"text.{name}"),
+                                                      pieces, cfg.text.segment_length, dataset.masking, cfg.seed, st)
+            weights = np.array([cfg.text.sources[k].weight for k in self.names], dtype=np.float64)
+            self.weights = weights / weights.sum()
 
+    def __next__(self) -> tuple[PretrainBatch, dict]:
+        state = self.state
+        batch = PretrainBatch(partition=state["partition"])
+        if self.captions is not None:
+            batch.captions = collate_captions([next(self.captions) for _ in range(self.captions_per_batch)])
+            state["captions"] = self.cap_stream.cursor.to_dict()
+        if self.segmenters:
+            # Keyed on the partition and its batch number: the same picks whoever reads it.
+            rng = np.random.default_rng([self.seed & 0xFFFFFFFF, TAG_MIX, state["partition"], state["batches"]])
+            picks = rng.choice(len(self.names), size=self.text_per_batch, p=self.weights)
+            batch.text = collate_text([next(self.segmenters[self.names[i]]) for i in picks])
+            for name, seg in self.segmenters.items():
+                state["text"][name] = seg.state()
+        state["batches"] += 1
+        state["skips"] = self.counter.as_dict()
+        return batch, copy.deepcopy(state)
+
+
+class PretrainDataset(IterableDataset):
+    """Yields ``(logical worker, partition, worker's next index, PretrainBatch, partition state
+    after it)`` forever (see the module docstring)."""
+
+    def __init__(self, data_cfg: DataConfig, masking_cfg: MaskingConfig, tokenizer, num_partitions: int,
+                 captions_per_batch: int, text_per_batch: int, caption_urls: list[str],
+                 text_urls: dict[str, list[str]], workers: list[list[int]], worker_next: list[int],
+                 partition_states: dict[int, dict], offset: int):
+        self.cfg, self.masking, self.tokenizer = data_cfg, masking_cfg, tokenizer
+        self.num_partitions = num_partitions
+        self.captions_per_batch, self.text_per_batch = captions_per_batch, text_per_batch
+        self.caption_urls, self.text_urls = caption_urls, text_urls
+        self.workers, self.worker_next = workers, worker_next
+        self.partition_states, self.offset = partition_states, offset
+
+    def __iter__(self) -> Iterator[tuple[int, int, int, PretrainBatch, dict]]:
+        info = get_worker_info()
+        p, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        if n != len(self.workers):
+            raise RuntimeError(f"{n} data-loader workers but the state holds {len(self.workers)}")
+        logical = (p + self.offset) % n
+        parts = self.workers[logical]
+        readers = {part: PartitionBatches(self, self.partition_states[part]) for part in parts}
+        i = self.worker_next[logical]
         while True:
-            batch = PretrainBatch()
-            if captions is not None:
-                batch.captions = collate_captions([next(captions) for _ in range(self.captions_per_batch)])
-                state["captions"] = cap_stream.cursor.to_dict()
-            if segmenters:
-                rng = np.random.default_rng([cfg.seed & 0xFFFFFFFF, TAG_MIX, slot, state["batches"]])
-                picks = rng.choice(len(names), size=self.text_per_batch, p=weights)
-                batch.text = collate_text([next(segmenters[names[i]]) for i in picks])
-                for name, seg in segmenters.items():
-                    state["text"][name] = seg.state()
-            state["batches"] += 1
-            state["skips"] = counter.as_dict()
-            yield logical, batch, copy.deepcopy(state)
+            part = parts[i]
+            batch, state = next(readers[part])
+            i = (i + 1) % len(parts)
+            yield logical, part, i, batch, state
 
 
 class PretrainStream:
-    """Iterable of ``PretrainBatch`` for one rank; resumable with
-    ``state_dict()`` / ``load_state_dict()`` (plain, JSON-able data)."""
+    """Iterable of ``PretrainBatch`` for one rank; resumable with ``state_dict()`` /
+    ``load_state_dict()`` (plain, JSON-able data), also on another layout
+    (``load_state_dicts`` with every saved rank's state).
+
+    ``num_partitions``: the run's canonical partitions (``vlbert.data.partitions``);
+    None or 0: ``world_size x max(1, data.num_workers)``. A resumed stream takes the
+    number from the saved state.
+    """
 
     def __init__(self, data_cfg: DataConfig, masking_cfg: MaskingConfig, tokenizer, rank: int, world_size: int,
-                 captions_per_batch: int, text_per_batch: int):
+                 captions_per_batch: int, text_per_batch: int, num_partitions: Optional[int] = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world size {world_size}")
         if captions_per_batch < 0 or text_per_batch < 0 or captions_per_batch + text_per_batch == 0:
@@ -176,16 +213,24 @@ class PretrainStream:
         self.rank, self.world_size = rank, world_size
         self.captions_per_batch, self.text_per_batch = captions_per_batch, text_per_batch
         self.num_workers = data_cfg.num_workers
-        self.n_logical = max(1, self.num_workers)
-        self.num_slots = world_size * self.n_logical
-        sources = sorted(data_cfg.text.sources) if text_per_batch else []
-        self._states = [fresh_worker_state(rank * self.n_logical + w, sources) for w in range(self.n_logical)]
-        self._next = 0
+        self._sources = sorted(data_cfg.text.sources) if text_per_batch else []
         self._iter = None
+        self._set_partitions(num_partitions or default_partitions(world_size, self.num_workers))
         # Listed once, here: a bad pattern fails at build time, and the list (hence every
         # epoch's order) stays fixed for the life of the stream.
         self.caption_urls = expand_urls(data_cfg.captions.urls) if captions_per_batch else []
-        self.text_urls = {name: expand_urls(data_cfg.text.sources[name].urls) for name in sources}
+        self.text_urls = {name: expand_urls(data_cfg.text.sources[name].urls) for name in self._sources}
+
+    def _set_partitions(self, num_partitions: int, states: Optional[dict[int, dict]] = None) -> None:
+        """Take this rank's share of ``num_partitions`` partitions (fresh unless in ``states``)."""
+        self.num_partitions = num_partitions
+        self.workers = assignment(num_partitions, self.world_size, self.rank, self.num_workers)
+        self.n_logical = len(self.workers)
+        states = states or {}
+        self._states = {p: copy.deepcopy(states.get(p) or fresh_partition_state(p, self._sources))
+                        for parts in self.workers for p in parts}
+        self._worker_next = [0] * self.n_logical
+        self._next = 0
 
     def _shard_counts(self) -> dict[str, int]:
         counts = {"captions": len(self.caption_urls)}
@@ -193,9 +238,9 @@ class PretrainStream:
         return counts
 
     def _make_dataset(self) -> PretrainDataset:
-        return PretrainDataset(self.cfg, self.masking, self.tokenizer, self.num_slots, self.captions_per_batch,
-                               self.text_per_batch, self.caption_urls, self.text_urls,
-                               copy.deepcopy(self._states), self._next)
+        return PretrainDataset(self.cfg, self.masking, self.tokenizer, self.num_partitions, self.captions_per_batch,
+                               self.text_per_batch, self.caption_urls, self.text_urls, self.workers,
+                               list(self._worker_next), copy.deepcopy(self._states), self._next)
 
     def __iter__(self) -> "PretrainStream":
         return self
@@ -219,7 +264,7 @@ class PretrainStream:
         next_warning = self.cfg.wait_warn_s
         while True:
             try:
-                logical, batch, state = self._iter.get(timeout=Prefetcher.poll_s)
+                logical, part, worker_next, batch, state = self._iter.get(timeout=Prefetcher.poll_s)
                 break
             except queue.Empty:
                 pass
@@ -235,18 +280,19 @@ class PretrainStream:
                 log.warning("rank %d: waiting %.0f s for a batch (skips so far: %s)", self.rank, waited,
                             self.skip_counts())
                 next_warning += self.cfg.wait_warn_s
-        self._states[logical] = state
+        self._states[part] = state
+        self._worker_next[logical] = worker_next
         self._next = (logical + 1) % self.n_logical
         return batch
 
-    def _batches(self) -> Iterator[tuple[int, PretrainBatch, dict]]:
+    def _batches(self) -> Iterator[tuple[int, int, int, PretrainBatch, dict]]:
         dataset = self._make_dataset()
         if not self.num_workers:
             return iter(dataset)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenise alone
         # Its own generator: starting workers must not draw from the global torch RNG,
         # or dropout after a resume would differ from the uninterrupted run's.
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.n_logical, collate_fn=_identity,
                             prefetch_factor=2, generator=torch.Generator().manual_seed(self.cfg.seed))
         return iter(loader)
 
@@ -263,43 +309,91 @@ class PretrainStream:
             "rank": self.rank,
             "world_size": self.world_size,
             "num_workers": self.n_logical,
+            "partitions": self.num_partitions,
             "seed": self.cfg.seed,
-            "next_worker": self._next,
             "shards": self._shard_counts(),
-            "workers": copy.deepcopy(self._states),
+            "workers": [{"partitions": list(parts), "next": i} for parts, i in zip(self.workers, self._worker_next)],
+            "next_worker": self._next,
+            "partition_states": [copy.deepcopy(self._states[p]) for p in sorted(self._states)],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data state version {state.get('version')!r}, expected {STATE_VERSION}")
-        mine = {"rank": self.rank, "world_size": self.world_size, "num_workers": self.n_logical}
-        theirs = {k: state.get(k) for k in mine}
-        if mine != theirs:
-            raise ValueError(
-                f"the data state was saved with {theirs} and cannot resume exactly with {mine}: "
-                "keep world size and data.num_workers (and the rank order) when resuming"
-            )
-        if state.get("shards") != self._shard_counts():
-            raise ValueError(
-                f"the data state was saved over {state.get('shards')} shards, the config lists "
-                f"{self._shard_counts()}: the shard lists must not change to resume exactly"
-            )
-        self._states = copy.deepcopy(state["workers"])
-        self._next = int(state["next_worker"])
+        """Resume from this rank's own saved state (same world size: this rank keeps its
+        partitions; ``data.num_workers`` may differ)."""
+        self.load_state_dicts([state])
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """Resume from saved states that hold at least this rank's partitions (after a change
+        of world size: every saved rank's). On the saved layout the resume is exact,
+        batch for batch; on another, each partition continues from its own cursor."""
+        states = [_upgrade(s) for s in states]
+        if not states:
+            raise ValueError("no data state to resume from")
+        for s in states:
+            if s["shards"] != self._shard_counts():
+                raise LayoutError(
+                    f"the data state was saved over {s['shards']} shards, the config lists "
+                    f"{self._shard_counts()}: the shard lists must not change to resume exactly")
+        counts = {s["partitions"] for s in states}
+        if len(counts) != 1:
+            raise ValueError(f"the saved data states disagree on the number of partitions: {sorted(counts)}")
+        saved = counts.pop()
+        wanted = self.cfg.partitions
+        if wanted and wanted != saved:
+            raise LayoutError(f"data.partitions = {wanted}, but the run was started with {saved} partitions; "
+                             "the number of partitions is fixed at a run's start (set it to 0 or to "
+                             f"{saved})")
+        by_partition: dict[int, dict] = {}
+        for s in states:
+            for ps in s["partition_states"]:
+                if ps["partition"] in by_partition:
+                    raise ValueError(f"partition {ps['partition']} appears in two saved data states")
+                by_partition[ps["partition"]] = ps
         self.close()
+        self._set_partitions(saved, by_partition)
+        missing = sorted(set(self._states) - set(by_partition))
+        if missing:
+            raise ValueError(f"rank {self.rank}: the saved data states lack partition(s) {missing} of this rank; "
+                             "pass every saved rank's state after a change of world size")
+        own = [s for s in states if s["rank"] == self.rank and s["world_size"] == self.world_size
+               and [w["partitions"] for w in s["workers"]] == self.workers]
+        if own:  # the same layout: the same interleaving, batch for batch
+            self._worker_next = [int(w["next"]) for w in own[0]["workers"]]
+            self._next = int(own[0]["next_worker"])
 
     def skip_counts(self) -> dict[str, int]:
-        """Inputs skipped so far by this rank, by reason (as of the batches handed out)."""
+        """Inputs skipped so far by this rank's partitions, by reason (as of the batches handed out)."""
         total = SkipCounter()
-        for s in self._states:
+        for s in self._states.values():
             total.merge(s["skips"])
         return total.as_dict()
 
 
+def _upgrade(state: dict) -> dict:
+    """A saved data state in the current format (version 1: one partition per worker slot)."""
+    version = state.get("version")
+    if version == STATE_VERSION:
+        return state
+    if version != 1:
+        raise ValueError(f"data state version {version!r}, expected {STATE_VERSION} (or 1)")
+    n, world, rank = int(state["num_workers"]), int(state["world_size"]), int(state["rank"])
+    parts = []
+    for w in state["workers"]:
+        ps = {k: v for k, v in w.items() if k != "slot"}
+        parts.append({"partition": int(w["slot"]), **ps})
+    return {"version": STATE_VERSION, "rank": rank, "world_size": world, "num_workers": n,
+            "partitions": world * n, "seed": state.get("seed"), "shards": state["shards"],
+            "workers": [{"partitions": [rank * n + w], "next": 0} for w in range(n)],
+            "next_worker": int(state["next_worker"]), "partition_states": parts}
+
+
 def build_pretrain_stream(data_cfg: DataConfig, masking_cfg: MaskingConfig, tokenizer, rank: int, world_size: int,
-                          captions_per_batch: int, text_per_batch: int) -> PretrainStream:
-    """The training stream of one rank; ``*_per_batch`` are this rank's micro-batch counts."""
-    return PretrainStream(data_cfg, masking_cfg, tokenizer, rank, world_size, captions_per_batch, text_per_batch)
+                          captions_per_batch: int, text_per_batch: int,
+                          num_partitions: Optional[int] = None) -> PretrainStream:
+    """The training stream of one rank; ``*_per_batch`` are this rank's micro-batch counts;
+    ``num_partitions``: see ``PretrainStream`` (default: ``data.partitions``)."""
+    return PretrainStream(data_cfg, masking_cfg, tokenizer, rank, world_size, captions_per_batch, text_per_batch,
+                          num_partitions or data_cfg.partitions or None)
 
 
 # --------------------------------------------------------------------------- validation

@@ -335,8 +335,9 @@ class ShardStream:
             cause = "no shard could be read (" + ", ".join(f"{k} {v}" for k, v in shard_errors.items()) + ")"
         elif records == 0 and plan.stride > 1:
             cause = (f"too few samples for the slots: {n} shard(s) are shared by {self.num_slots} slots "
-                     f"(ranks x data.num_workers) and slot {self.slot}'s share of them is empty; use fewer "
-                     "workers or ranks, or more data")
+                     f"(the run's data partitions: data.partitions, by default the first attempt's ranks x "
+                     f"data.num_workers) and slot {self.slot}'s share of them is empty; start the run with "
+                     "fewer partitions (workers or ranks), or use more data")
         elif records == 0:
             cause = "the shards hold no samples"
         else:

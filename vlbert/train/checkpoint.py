@@ -63,7 +63,7 @@ class CheckpointError(RuntimeError):
 class StatefulEngine(Protocol):
     def save_state(self, directory: str) -> None: ...
 
-    def load_state(self, directory: str) -> None: ...
+    def load_state(self, directory: str, resharded: bool = False) -> None: ...
 
 
 def step_name(step: int) -> str:
@@ -83,9 +83,18 @@ class CheckpointInfo:
 
 @dataclass
 class Loaded:
+    """A restored checkpoint. ``rank_state``: this rank's own file (None when the checkpoint
+    was written by another number of ranks); ``rank_states``: the files of every rank that
+    wrote it when that number differs (else ``[rank_state]``)."""
+
     info: CheckpointInfo
     meta: dict[str, Any]
-    rank_state: dict[str, Any]
+    rank_state: Optional[dict[str, Any]]
+    rank_states: list[dict[str, Any]]
+
+    @property
+    def resharded(self) -> bool:
+        return self.rank_state is None
 
 
 # --------------------------------------------------------------------------- RNG
@@ -285,9 +294,9 @@ class Checkpointer:
 
     # ----------------------------------------------------------------- loading
 
-    def load_latest(self, engine: StatefulEngine) -> Optional[Loaded]:
-        """Restore the newest complete checkpoint into ``engine`` (collective; rank 0
-        chooses, every rank loads). None when there is none."""
+    def peek_latest(self) -> Optional[tuple[CheckpointInfo, dict[str, Any]]]:
+        """The newest complete checkpoint and its metadata, without loading it (collective;
+        rank 0 chooses). None when there is none."""
         info = self.find_latest() if self.rank == 0 else None
         info = dist.broadcast_object(info)
         if info is None:
@@ -295,15 +304,37 @@ class Checkpointer:
         meta = self._read_json(posixpath.join(info.path, META))
         if meta.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{info.url}: format {meta.get('format')!r}, expected {FORMAT_VERSION}")
-        if meta.get("world_size") != self.world_size:
+        return info, meta
+
+    def load_latest(self, engine: StatefulEngine, allow_reshard: bool = False) -> Optional[Loaded]:
+        """Restore the newest complete checkpoint into ``engine`` (collective). None when there is none."""
+        peeked = self.peek_latest()
+        return self.load(engine, *peeked, allow_reshard=allow_reshard) if peeked is not None else None
+
+    def load(self, engine: StatefulEngine, info: CheckpointInfo, meta: dict[str, Any],
+             allow_reshard: bool = False) -> Loaded:
+        """Restore checkpoint ``info`` (from ``peek_latest``) into ``engine`` (collective).
+
+        Written by another number of ranks: refused unless ``allow_reshard``; then the engine
+        reshards it and every rank reads every saved rank's file (``Loaded.rank_states``)."""
+        saved_world = int(meta.get("world_size", -1))
+        resharded = saved_world != self.world_size
+        if resharded and not allow_reshard:
             raise CheckpointError(
                 f"{info.url} was written by {meta.get('world_size')} ranks; this run has {self.world_size}. "
                 "The data pipeline state is per rank: resume with the same number of ranks")
-        rank_state = self._read_json(posixpath.join(info.path, rank_file(self.rank)))
+        if resharded:
+            rank_state = None
+            rank_states = [self._read_json(posixpath.join(info.path, rank_file(r))) for r in range(saved_world)]
+        else:
+            rank_state = self._read_json(posixpath.join(info.path, rank_file(self.rank)))
+            rank_states = [rank_state]
         if self.rank == 0:
-            log.info("resuming from %s (step %d)", info.url, info.step)
+            log.info("resuming from %s (step %d%s)", info.url, info.step,
+                     f", written by {saved_world} ranks, now {self.world_size}" if resharded else "")
+        kwargs = {"resharded": True} if resharded else {}
         if self.local:
-            engine.load_state(info.path)
+            engine.load_state(info.path, **kwargs)
         else:
             tmp = tempfile.mkdtemp(prefix="vlbert-resume-")
             try:
@@ -312,10 +343,10 @@ class Checkpointer:
                     dst = os.path.join(tmp, "ds", posixpath.relpath(src, ds_remote))
                     os.makedirs(os.path.dirname(dst), exist_ok=True)
                     self.fs.get_file(src, dst)
-                engine.load_state(tmp)
+                engine.load_state(tmp, **kwargs)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        return Loaded(info, meta, rank_state)
+        return Loaded(info, meta, rank_state, rank_states)
 
 
 def _fsync_dir(path: str) -> None:

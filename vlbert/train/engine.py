@@ -20,6 +20,15 @@ ZeRO-partitioned optimizer state, schedule, step counters), but loading never
 unpickles arbitrary objects: DeepSpeed's torch checkpoint engine is replaced by
 one that calls ``torch.load(weights_only=True)`` with an allowlist of the four
 plain DeepSpeed types its files hold (``DEEPSPEED_SAFE_GLOBALS``).
+
+A checkpoint written by another number of ranks is loaded through DeepSpeed's
+*universal checkpoint*: ``ds_to_universal`` turns the ZeRO partitions into one
+file per parameter and state (fp32 weights, Adam moments), which
+``load_checkpoint`` with ``checkpoint.load_universal`` cuts into this world's
+partitions (ZeRO 1-3, fp32 or bf16). The conversion runs once per node, into a
+temporary folder, with every ``torch.load`` it makes held to ``weights_only``.
+A universal checkpoint restores only what the optimizer holds, so every save also
+writes the frozen parameters and the buffers whole (``FROZEN_FILE``, safetensors).
 """
 
 from __future__ import annotations
@@ -28,8 +37,13 @@ import contextlib
 import datetime
 import logging
 import os
+import shutil
 import socket
+import tempfile
+import time
+import uuid
 import warnings
+from argparse import Namespace
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -53,6 +67,9 @@ log = logging.getLogger(__name__)
 # DeepSpeed 0.19's ZeRO calls collectives that torch 2.13 marks deprecated, warning at every call.
 warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
                         category=FutureWarning)
+
+# Beside DeepSpeed's files: the frozen parameters and buffers, which a universal checkpoint leaves out.
+FROZEN_FILE = "vlbert_frozen.safetensors"
 
 # The only non-tensor types in DeepSpeed 0.16-0.19 checkpoint files (found with
 # torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO 0-3 x fp32/bf16/fp16).
@@ -170,6 +187,68 @@ class SafeTorchCheckpointEngine(TorchCheckpointEngine):
     def load(self, path: str, map_location=None):
         with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
+
+
+# --------------------------------------------------------------------------- resharding
+
+
+@contextlib.contextmanager
+def weights_only_torch_load() -> Iterator[None]:
+    """Every ``torch.load`` inside (DeepSpeed's universal conversion and loading call it
+    with ``weights_only=False``) loads with ``weights_only=True`` and the DeepSpeed
+    allowlist: a checkpoint file can hold tensors and plain data, never code."""
+    original = torch.load
+
+    def load(f, map_location=None, pickle_module=None, *, weights_only=None, **kwargs):
+        with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
+            return original(f, map_location=map_location, weights_only=True, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def convert_to_universal(ds_dir: str, out_dir: str) -> float:
+    """DeepSpeed's ``ds_to_universal`` over one checkpoint folder (``<step>/ds``), in this
+    process; returns the seconds it took. ``out_dir`` becomes a folder that
+    ``load_checkpoint`` reads with ``checkpoint.load_universal``."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    t0 = time.perf_counter()
+    parent = os.path.dirname(out_dir.rstrip("/"))
+    os.makedirs(parent, exist_ok=True)
+    args = Namespace(input_folder=ds_dir, output_folder=out_dir, num_extract_workers=1, num_merge_workers=1,
+                     keep_temp_folder=False, strict=True, inject_missing_state=True)
+    # Its prints and per-parameter progress bars (stderr) would flood the training log.
+    with weights_only_torch_load(), contextlib.redirect_stdout(_LogWriter()), \
+            contextlib.redirect_stderr(_LogWriter()):
+        ds_to_universal.main(args)
+    return time.perf_counter() - t0
+
+
+class _LogWriter:
+    """What ds_to_universal prints goes to the debug log instead."""
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            log.debug("ds_to_universal: %s", text.strip())
+
+    def flush(self) -> None:
+        pass
+
+
+def _broadcast_token() -> str:
+    box = [uuid.uuid4().hex]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 # --------------------------------------------------------------------------- engine
@@ -298,20 +377,132 @@ class Engine:
             return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
     def save_state(self, directory: str) -> None:
-        """DeepSpeed's checkpoint under ``directory/ds`` (collective: every rank writes its part)."""
-        self._ds.save_checkpoint(directory, tag="ds", client_state={}, save_latest=False)
+        """DeepSpeed's checkpoint under ``directory/ds`` (collective: every rank writes its part),
+        with the frozen parameters and buffers whole in ``ds/{FROZEN_FILE}`` (rank 0)."""
+        from safetensors.torch import save_file
 
-    def load_state(self, directory: str) -> None:
-        """Restore what ``save_state`` wrote (collective). Never unpickles arbitrary objects."""
+        self._ds.save_checkpoint(directory, tag="ds", client_state={}, save_latest=False)
+        frozen = self._frozen_state()  # every rank takes part in the gather
+        if torch.distributed.get_rank() == 0:
+            save_file(frozen, os.path.join(directory, "ds", FROZEN_FILE))
+
+    def _frozen_state(self) -> dict[str, torch.Tensor]:
+        """What a universal checkpoint does not restore: the parameters without gradients and the
+        buffers (BatchNorm statistics), whole, as CPU copies (collective under ZeRO-3)."""
+        module, names = self._ds.module, set(self._frozen_state_names())
+        frozen = [p for p in module.parameters() if not p.requires_grad]
+        gather = (deepspeed.zero.GatheredParameters(frozen, modifier_rank=None)
+                  if self.zero_stage == 3 and frozen else contextlib.nullcontext())
+        with gather:
+            return {k: v.detach().cpu().clone().contiguous() for k, v in module.state_dict().items() if k in names}
+
+    def _load_frozen_state(self, directory: str) -> None:
+        """Restore what ``_frozen_state`` saved (after a universal load; collective under ZeRO-3)."""
+        from safetensors.torch import load_file
+
+        path = os.path.join(directory, "ds", FROZEN_FILE)
+        module = self._ds.module
+        expected = set(self._frozen_state_names())
+        if not os.path.exists(path):
+            if expected:
+                raise RuntimeError(f"{path} is missing: this checkpoint predates elastic resume and its frozen "
+                                   "parameters and buffers can only be restored on the world size that wrote it")
+            return
+        saved = load_file(path)
+        if set(saved) != expected:
+            missing, unexpected = sorted(expected - set(saved))[:5], sorted(set(saved) - expected)[:5]
+            raise RuntimeError(f"{path}: the frozen parameters and buffers differ from this model's "
+                               f"(missing {missing}, unexpected {unexpected})")
+        frozen = [p for p in module.parameters() if not p.requires_grad]
+        gather = (deepspeed.zero.GatheredParameters(frozen, modifier_rank=0)
+                  if self.zero_stage == 3 and frozen else contextlib.nullcontext())
+        with gather, torch.no_grad():
+            module.load_state_dict(saved, strict=False)
+
+    def _frozen_state_names(self) -> list[str]:
+        module = self._ds.module
+        trainable = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+        return [k for k in module.state_dict() if k not in trainable]
+
+    def load_state(self, directory: str, resharded: bool = False) -> None:
+        """Restore what ``save_state`` wrote (collective). Never unpickles arbitrary objects.
+
+        ``resharded``: the checkpoint was written by another number of ranks; it is
+        converted to a universal checkpoint (once per node, in a temporary folder) and
+        cut into this world's ZeRO partitions. Every rank must pass the same value."""
         if not isinstance(self._ds.checkpoint_engine, SafeTorchCheckpointEngine):
             raise RuntimeError(
                 f"DeepSpeed checkpoint engine {type(self._ds.checkpoint_engine).__name__} loads with "
                 "weights_only=False; only the default torch checkpoint engine is supported")
+        if not resharded or (self.zero_stage == 0 and self.precision != "bf16"):
+            # Without ZeRO every rank holds the whole optimizer state: any world size loads it
+            # (bf16 without ZeRO uses DeepSpeed's BF16_Optimizer, which partitions like ZeRO-1).
+            self._load(directory)
+            return
+        token = _broadcast_token()
+        universal = os.path.join(tempfile.gettempdir(), f"vlbert-universal-{token}")
+        local_leader = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        try:
+            error = None
+            if local_leader:
+                try:
+                    convert_to_universal(os.path.join(directory, "ds"), os.path.join(universal, "ds"))
+                except Exception as e:  # every rank must leave the barrier below, then fail together
+                    error = f"{type(e).__name__}: {e}"
+            errors = [e for e in _all_gather(error) if e]
+            if errors:
+                raise RuntimeError(f"converting {directory}/ds to a universal checkpoint failed: {errors[0]}")
+            self._ds._config.load_universal_checkpoint = True
+            try:
+                with weights_only_torch_load():
+                    self._load(universal)
+            finally:
+                self._ds._config.load_universal_checkpoint = False
+            self._load_frozen_state(directory)
+        finally:
+            torch.distributed.barrier()
+            if local_leader:
+                shutil.rmtree(universal, ignore_errors=True)
+
+    def _load(self, directory: str) -> None:
         path, _ = self._ds.load_checkpoint(directory, tag="ds", load_module_strict=True,
                                            load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {directory}/ds")
         self._apply_schedule()
+
+    def full_optimizer_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Per parameter name, the whole fp32 master weight and Adam moments as CPU copies:
+        ``{name: {"fp32": t, "exp_avg": t, "exp_avg_sq": t}}``, each shaped like the
+        parameter, whatever the ZeRO partitioning (collective under ZeRO-3). Parameters the
+        optimizer has no state for yet (no step taken) give only ``fp32``."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        inner = self._ds.optimizer
+        if getattr(inner, "_hp_optimizer_states_linked", None) is not None:
+            # ZeRO 1/2 link each parameter to its Adam moments after the first step of the
+            # first parameter group only, when the other groups have no moments yet
+            # (DeepSpeed 0.19): link them again now that every group has them.
+            inner._hp_optimizer_states_linked = False
+            inner._lazy_init_hp_params_optimizer_state()
+        for name, p in self._ds.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            entry: dict[str, torch.Tensor] = {}
+            if self.zero_stage == 0 and not hasattr(p, "_hp_mapping"):  # torch's own optimizer
+                entry["fp32"] = p.detach().float().cpu().clone()
+                for key, value in getattr(inner, "state", {}).get(p, {}).items():
+                    if key in ("exp_avg", "exp_avg_sq"):
+                        entry[key] = value.detach().float().cpu().clone()
+            else:
+                entry["fp32"] = safe_get_full_fp32_param(p).detach().float().cpu().clone()
+                for key in ("exp_avg", "exp_avg_sq"):
+                    value = safe_get_full_optimizer_state(p, key)
+                    if value is not None:
+                        entry[key] = value.detach().float().cpu().clone()
+            out[name] = entry
+        return out
 
     def _apply_schedule(self) -> None:
         """Set the learning rate of the restored step from *our* schedule: the

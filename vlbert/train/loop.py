@@ -1,8 +1,9 @@
 """``train(cfg)``: build, resume, fit, checkpoint. Read it top to bottom.
 
-One optimizer step = ``optim.grad_accum`` micro-batches on every rank; each
-micro-batch holds ``captions_per_step / (world x accum)`` captioned images and
-``text_per_step / (world x accum)`` text segments. Before every step each rank
+One optimizer step = ``accum`` micro-batches on every rank (``optim.grad_accum``;
+on a resume with another world size the accumulation adapts to keep the global
+batch: ``layout.py``); each micro-batch holds ``captions_per_step / (world x
+accum)`` captioned images and ``text_per_step / (world x accum)`` text segments. Before every step each rank
 fetches the step's micro-batches (giving up the wait if SIGTERM/SIGUSR1
 arrives) and the ranks all-reduce their stop flags, so they all stop at the
 same step boundary, with a checkpoint, within seconds of the signal even while
@@ -11,6 +12,7 @@ the data pipeline is waiting on a store.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -23,13 +25,15 @@ import numpy as np
 import torch
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from vlbert.config import Config, flatten, save_config
+from vlbert.config import Config, ConfigError, flatten, save_config
 from vlbert.train import dist
 from vlbert.train.checkpoint import Checkpointer, rng_state, set_rng_state
-from vlbert.train.ds_config import deepspeed_config, micro_batch_counts
+from vlbert.train.ds_config import deepspeed_config
 from vlbert.train.engine import Engine, count_parameters, init_distributed
 from vlbert.train.progress import Progress
 from vlbert.train.metrics import Meter, batch_counts, interval_metrics, peak_flops, total_skips
+from vlbert.data.partitions import read_rates
+from vlbert.train.layout import describe as describe_layout, plan_layout
 from vlbert.train.state import TrainState
 from vlbert.train.sample_keys import SampleKeyLog
 from vlbert.train.environment import environment_tags
@@ -134,13 +138,19 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
     from vlbert.data.mixture import build_pretrain_stream, build_validation_stream
     from vlbert.model.pretraining import VLBertForPretraining
 
-    o, r = cfg.optim, cfg.runtime
+    r = cfg.runtime
     info = init_distributed()
     rank, world = info.rank, info.world_size
     _setup_logging(rank)
-    ds_json = deepspeed_config(r.deepspeed_config, cfg.data, o, world)
-    captions_mb, text_mb = micro_batch_counts(cfg.data, o, world)
     out_dir = Path(r.output_dir)
+    checkpointer = Checkpointer(r.checkpoint_dir or str(out_dir / "checkpoints"), r.keep_last, rank, world)
+    # The layout comes first: on another world size the accumulation adapts to keep the global batch.
+    latest = checkpointer.peek_latest() if r.resume else None
+    saved_layout = TrainState.from_meta(latest[1]).layout if latest is not None else None
+    layout = plan_layout(cfg.data, cfg.optim, world, saved_layout)
+    o = dataclasses.replace(cfg.optim, grad_accum=layout.grad_accum)
+    ds_json = deepspeed_config(r.deepspeed_config, cfg.data, o, world)
+    captions_mb, text_mb = layout.captions, layout.text
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
@@ -152,24 +162,41 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
     model = VLBertForPretraining.from_config(cfg.model, cfg.detector)
     flops_params = count_parameters(model, skip_prefixes=("detector.", "target_detector."))
     engine = Engine(model, o, ds_json)
-    stream = build_pretrain_stream(cfg.data, cfg.masking, tokenizer, rank, world, captions_mb, text_mb)
+    stream = build_pretrain_stream(cfg.data, cfg.masking, tokenizer, rank, world, captions_mb, text_mb,
+                                   num_partitions=layout.partitions)
     val_data = None
     if r.val_every and cfg.data.validation.urls:
         val_data = build_validation_stream(cfg.data, cfg.masking, tokenizer, rank, world, max(1, captions_mb))
-    checkpointer = Checkpointer(r.checkpoint_dir or str(out_dir / "checkpoints"), r.keep_last, rank, world)
 
     # ---- resume: weights, optimizer, schedule, data position, RNG, counters, MLflow run
     seed_everything(r.seed + rank)  # masking and dropout differ per rank
     state, resumed_from = TrainState(), None
-    loaded = checkpointer.load_latest(engine) if r.resume else None
+    if latest is not None:
+        saved_engine = (latest[1].get("zero_stage"), latest[1].get("precision"))
+        if None not in saved_engine and saved_engine != (engine.zero_stage, engine.precision):
+            raise ConfigError(f"{latest[0].url} was written under ZeRO-{saved_engine[0]} {saved_engine[1]}; this run "
+                              f"uses ZeRO-{engine.zero_stage} {engine.precision}: keep the DeepSpeed config's ZeRO "
+                              "stage and precision when resuming (runtime.deepspeed_config)")
+    loaded = checkpointer.load(engine, *latest, allow_reshard=True) if latest is not None else None
     if loaded is not None:
         state, resumed_from = TrainState.from_meta(loaded.meta), loaded.info.url
-        stream.load_state_dict(loaded.rank_state["data"])
-        set_rng_state(loaded.rank_state["rng"])
+        stream.load_state_dicts([s["data"] for s in loaded.rank_states])
+        if loaded.resharded:  # no saved generator belongs to this rank now: one keyed on rank and step
+            seed_everything(int(np.random.SeedSequence([r.seed, rank, state.step]).generate_state(1)[0]))
+        else:
+            set_rng_state(loaded.rank_state["rng"])
         if engine.global_step != state.step:
             raise RuntimeError(f"{resumed_from}: DeepSpeed is at step {engine.global_step}, "
                                f"the metadata says {state.step}")
-    state.layout = {"world_size": world, "num_workers": cfg.data.num_workers}
+    layout_change = saved_layout is not None and layout.changed_from(saved_layout)
+    if layout_change and rank == 0:
+        log.warning("resuming step %d on a new layout: %s (was %s)", state.step, layout.describe(),
+                    describe_layout(saved_layout))
+        if len(set(read_rates(layout.partitions, world, cfg.data.num_workers).values())) > 1:
+            log.warning("this layout reads the %d data partitions at unequal rates, so their epochs will end at "
+                        "different steps (each partition still gives every sample once per epoch); ranks x "
+                        "workers that divide %d read them evenly", layout.partitions, layout.partitions)
+    state.layout = layout.to_dict()
 
     # ---- tracking (rank 0): config, environment, artifacts
     # The MLflow run may not exist yet (store down): the checkpoint keeps its key until it does.
@@ -178,7 +205,11 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
     if rank == 0:
         tracker.log_params(flatten(cfg.to_dict()))
         tracker.set_tags({**environment_tags(world), "vlbert.zero_stage": str(engine.zero_stage),
-                          "vlbert.precision": engine.precision, "vlbert.flops_params": str(flops_params)})
+                          "vlbert.precision": engine.precision, "vlbert.flops_params": str(flops_params),
+                          "vlbert.layout": layout.describe(), "vlbert.data_partitions": str(layout.partitions)})
+        if layout_change:  # one tag per change, named by the step the new layout starts from
+            tracker.set_tags({f"vlbert.layout_change.step_{state.step:07d}":
+                              f"{describe_layout(saved_layout)} -> {layout.describe()}"})
         tracker.log_text((out_dir / "config.yaml").read_text(), "config/config.yaml")
         tracker.log_text(json.dumps(ds_json, indent=2), "config/deepspeed.json")
     peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
@@ -210,7 +241,7 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
         with logging_redirect_tqdm():  # log lines go above the bar
             while state.step < o.total_steps:
                 data_start = stream.state_dict()
-                batches = fetch_step(stream, o.grad_accum, stop)
+                batches = fetch_step(stream, layout.grad_accum, stop)
                 # The ranks agree before the step's first collective, so a rank that gave up waiting
                 # for data on a stop request never leaves the others inside a collective.
                 if dist.any_rank(batches is None or stop.requested):

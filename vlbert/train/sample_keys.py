@@ -1,8 +1,9 @@
 """Which samples each step consumed: one JSON line per step per rank, for audits.
 
 ``<output_dir>/sample_keys/rank<r>.jsonl``, each line
-``{"step": s, "captions": [key, ...], "text": [key, ...]}`` over the step's
-micro-batches in order (keys as in ``vlbert.batch``). A resumed attempt
+``{"step": s, "captions": [key, ...], "text": [key, ...], "partitions": [p, ...]}``
+over the step's micro-batches in order (keys as in ``vlbert.batch``; ``partitions``: the
+canonical data partition of each micro-batch). A resumed attempt
 first drops the lines after the step it resumes from (the crashed attempt may
 have written steps that the checkpoint does not hold), so the file always
 describes one history: every step once.
@@ -35,10 +36,11 @@ class SampleKeyLog:
         self._file = open(self.path, "a", buffering=1)  # line-buffered: a killed run loses no whole line
 
     def write(self, step: int, batches: list[PretrainBatch]) -> None:
-        keys: dict[str, list[str]] = {"captions": [], "text": []}
+        keys: dict[str, list] = {"captions": [], "text": [], "partitions": []}
         for batch in batches:
             for kind, ks in batch.keys.items():
                 keys[kind].extend(ks)
+            keys["partitions"].append(batch.partition)
         self._file.write(json.dumps({"step": step, **keys}) + "\n")
 
     def close(self) -> None:

@@ -15,7 +15,8 @@ class TrainState:
     tokens_seen:   sequence elements (words, RoIs) consumed, all ranks
     mlflow_run_id: the MLflow run this run logs to (None until one exists)
     mlflow_run_key: the tracker's client-side key of that run (known before the run exists)
-    layout:        {"world_size", "num_workers"} of the attempt that saved it
+    layout:        the attempt that saved it (``layout.Layout.to_dict()``: world size, workers,
+                   accumulation, micro-batch, data partitions, global batch)
     """
 
     step: int = 0

@@ -1,0 +1,78 @@
+"""Exactly-once audits of elastic resumes: each canonical partition's reference sample order,
+and a check that what a run consumed from each partition is a gap-free prefix of it."""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+
+from vlbert.config import DataConfig, MaskingConfig
+from vlbert.data.shards import ShardStream, SkipCounter, expand_urls
+from vlbert.data.text import TextSegmenter, WordPieces
+
+
+def caption_reference(cfg: DataConfig, partition: int, num_partitions: int, epochs: int) -> list[list[str]]:
+    """Per epoch, the caption keys partition ``partition`` reads, in order (clean data: every record is a sample)."""
+    urls = expand_urls(cfg.captions.urls)
+    out: list[list[str]] = [[] for _ in range(epochs)]
+    stream = ShardStream(urls, partition, num_partitions, cfg.seed, SkipCounter())
+    for rec in stream:
+        if rec.epoch >= epochs:
+            break
+        stream.mark_delivered()
+        out[rec.epoch].append(f"{urls[rec.shard]}#{rec.key}")
+    return out
+
+
+def text_reference(cfg: DataConfig, tokenizer, partition: int, num_partitions: int, n: int) -> dict[str, list[str]]:
+    """Per text source, the keys of the first ``n`` segments partition ``partition`` packs."""
+    pieces = WordPieces(tokenizer)
+    out = {}
+    for name, source in cfg.text.sources.items():
+        stream = ShardStream(expand_urls(source.urls), partition, num_partitions, cfg.seed, SkipCounter(),
+                             source=f"text.{name}")
+        segmenter = TextSegmenter(stream, pieces, cfg.text.segment_length, MaskingConfig(), cfg.seed)
+        out[name] = [s.key for s in itertools.islice(segmenter, n)]
+    return out
+
+
+def consumed_by_partition(batches) -> tuple[dict[int, list[str]], dict[int, dict[str, list[str]]]]:
+    """``batches``: ``(partition, caption keys, text keys)`` in the order each rank consumed them
+    (ranks of one phase in any order: a partition belongs to one rank at a time)."""
+    captions: dict[int, list[str]] = defaultdict(list)
+    text: dict[int, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for partition, caption_keys, text_keys in batches:
+        assert partition is not None, "a batch without its partition"
+        captions[partition].extend(caption_keys)
+        for key in text_keys:
+            source = key.split(":", 1)[0].removeprefix("text.")
+            text[partition][source].append(key)
+    return captions, text
+
+
+def assert_exactly_once(cfg: DataConfig, tokenizer, num_partitions: int, batches, full_epoch: bool) -> dict:
+    """Every partition's captions and every (partition, source)'s text segments, as consumed, are
+    the start of its reference order (nothing skipped, nothing repeated). ``full_epoch``: every
+    partition has also finished its first epoch, so the first-epoch captions of all partitions
+    together are every caption of the data, each once. Returns captions consumed per partition."""
+    captions, text = consumed_by_partition(batches)
+    assert set(captions) <= set(range(num_partitions)), sorted(captions)
+    counts = {}
+    for p in range(num_partitions):
+        got = captions.get(p, [])
+        epoch_length = len(caption_reference(cfg, p, num_partitions, 1)[0])
+        ref = caption_reference(cfg, p, num_partitions, epochs=len(got) // epoch_length + 1)
+        flat = [k for epoch in ref for k in epoch]
+        assert got == flat[: len(got)], f"partition {p}: consumed captions are not its reference order"
+        counts[p] = len(got)
+        for source, keys in text.get(p, {}).items():
+            want = text_reference(cfg, tokenizer, p, num_partitions, len(keys))[source]
+            assert keys == want, f"partition {p}, text source {source}: not its reference order"
+        if full_epoch:
+            assert len(got) >= len(ref[0]), f"partition {p} is still in its first epoch ({len(got)} < {len(ref[0])})"
+    if full_epoch:
+        first = [k for p in range(num_partitions) for k in caption_reference(cfg, p, num_partitions, 1)[0]]
+        everything = [f"{url}#{rec.key}" for url in expand_urls(cfg.captions.urls)
+                      for rec in ShardStream([url], 0, 1, cfg.seed, SkipCounter(), shuffle=False, loop=False)]
+        assert sorted(first) == sorted(everything) and len(set(first)) == len(first)
+    return counts
