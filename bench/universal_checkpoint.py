@@ -31,12 +31,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vlbert.config import DataConfig, DetectorConfig, ModelConfig, OptimConfig, load_config  # noqa: E402
-from vlbert.model.pretraining import VLBertForPretraining  # noqa: E402
-from vlbert.train.ds_config import resolve_deepspeed_config  # noqa: E402
-from vlbert.train.engine import Engine, convert_to_universal, count_parameters, init_distributed  # noqa: E402
+from vlbert.config import DataConfig, DetectorConfig, ModelConfig, OptimConfig, load_config
+from vlbert.model.pretraining import VLBertForPretraining
+from vlbert.train.ds_config import resolve_deepspeed_config
+from vlbert.train.engine import Engine, convert_to_universal, count_parameters, init_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 
