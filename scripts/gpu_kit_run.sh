@@ -12,8 +12,10 @@
 #
 # Environment: KIT_PY (python3: the host's Python with torch), KIT_TARGET (/tmp/vlbert-site: the packages go
 # there, then on PYTHONPATH), KIT_DEVICE (cuda; cpu rehearses everything but the CUDA parts),
-# MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), KIT_MMCV_TIMEOUT_S (330), KIT_SMOKE_TIMEOUT_S (150),
-# KIT_BENCH_TIMEOUT_S (360: both bench runs together), KIT_BENCH_ARGS (extra arguments for both bench runs).
+# MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), KIT_BENCH_ARGS (extra arguments for both bench runs).
+# Time: KIT_TOTAL_S (560: the device tool stops a command at 600 s) bounds the whole run; within it the
+# mmcv build gets at most KIT_MMCV_TIMEOUT_S (330) and the smoke check KIT_SMOKE_TIMEOUT_S (120), each
+# only while KIT_BENCH_MIN_S (150) stays for the benchmark, which takes the rest.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 [ $# -ge 2 ] || { sed -n '2,4p' "$0" >&2; exit 2; }
@@ -26,6 +28,12 @@ DEVICE="${KIT_DEVICE:-cuda}"
 read -r -a BENCH_EXTRA <<<"${KIT_BENCH_ARGS:-}"
 mkdir -p "$OUT"
 START=$SECONDS
+TOTAL="${KIT_TOTAL_S:-560}"
+left() { echo $((TOTAL - (SECONDS - START))); }
+limit() {  # limit WANTED: WANTED seconds, or less so that the benchmark keeps KIT_BENCH_MIN_S
+  local cap=$(( $(left) - ${KIT_BENCH_MIN_S:-150} ))
+  [ "$cap" -lt "$1" ] && echo "$cap" || echo "$1"
+}
 say() { printf '[gpu-kit %4ss] %s\n' "$((SECONDS - START))" "$*" | tee -a "$OUT/run.log"; }
 json() {  # json k=v ...: one JSON object; integers, true and false as such
   "$PY" -c 'import json, sys
@@ -56,14 +64,15 @@ if [[ $STAGES == *,mmcv,* ]]; then
   else
     sdist=("$KIT"/sdist/mmcv-*.tar.gz)
     [ -e "${sdist[0]}" ] || { say "no mmcv wheel and no mmcv sdist in $KIT"; exit 1; }
-    say "compiling mmcv's ops (MAX_JOBS=${MAX_JOBS:-16}, arch ${TORCH_CUDA_ARCH_LIST:-9.0}, limit ${KIT_MMCV_TIMEOUT_S:-330} s)"
+    cap="$(limit "${KIT_MMCV_TIMEOUT_S:-330}")"
+    say "compiling mmcv's ops (MAX_JOBS=${MAX_JOBS:-16}, arch ${TORCH_CUDA_ARCH_LIST:-9.0}, limit $cap s)"
     t=$SECONDS
     MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" PYTHON="$PY" \
-      timeout --kill-after=10 "${KIT_MMCV_TIMEOUT_S:-330}" \
+      timeout --kill-after=10 "$cap" \
       bash "$ROOT/scripts/mmcv_build.sh" "${sdist[0]}" "$TARGET" "$OUT/mmcv_build.log"
     rc=$?
     ext="$(ls "$TARGET"/mmcv/_ext*.so 2>/dev/null | head -n 1)"
-    json stage=mmcv built=true rc="$rc" seconds="$((SECONDS - t))" max_jobs="${MAX_JOBS:-16}" \
+    json stage=mmcv built=true rc="$rc" seconds="$((SECONDS - t))" limit_s="$cap" max_jobs="${MAX_JOBS:-16}" \
       ext_bytes="$([ -n "$ext" ] && stat -c %s "$ext" || echo 0)" \
       objects="$(grep -cE '^ *\[[0-9]+/[0-9]+\]' "$OUT/mmcv_build.log")" >"$OUT/mmcv_build.json"
     [ "$rc" = 0 ] || { say "the mmcv build failed (rc $rc; 124 = time limit): $OUT/mmcv_build.log"; exit 1; }
@@ -72,24 +81,25 @@ if [[ $STAGES == *,mmcv,* ]]; then
 fi
 
 if [[ $STAGES == *,smoke,* ]]; then
-  say "smoke check on $DEVICE"
-  timeout --kill-after=10 "${KIT_SMOKE_TIMEOUT_S:-150}" "$PY" "$ROOT/scripts/gpu_kit_smoke.py" --device "$DEVICE" \
+  cap="$(limit "${KIT_SMOKE_TIMEOUT_S:-120}")"
+  say "smoke check on $DEVICE (limit $cap s)"
+  timeout --kill-after=10 "$cap" "$PY" "$ROOT/scripts/gpu_kit_smoke.py" --device "$DEVICE" \
     --json-out "$OUT/smoke.json" >>"$OUT/run.log" 2>&1 || { say "the smoke check failed: $OUT/smoke.json, run.log"; exit 1; }
 fi
 
 if [[ $STAGES == *,bench,* ]]; then
-  budget="${KIT_BENCH_TIMEOUT_S:-360}"
+  budget="$(( $(left) - 10 ))"
   t=$SECONDS
   if [ "$DEVICE" = cpu ]; then BENCH=(--tiny --device cpu); else BENCH=(--device "$DEVICE"); fi
   say "bench: BASE, checkpointing off and on (limit $budget s for both runs)"
   timeout --kill-after=10 "$budget" "$PY" "$ROOT/bench/gpu_e2e.py" "${BENCH[@]}" --checkpointing both \
     --time-budget-s "$((budget * 6 / 10))" --json-out "$OUT/e2e_base.json" "${BENCH_EXTRA[@]}" >>"$OUT/run.log" 2>&1 \
     || { say "the base bench failed or ran out of time (rc $?)"; status=1; }
-  left=$((budget - (SECONDS - t) - 20))
-  if [ "$left" -gt 60 ]; then
-    say "bench: speed options (--channels-last --compile --ablate), $left s"
-    timeout --kill-after=10 "$left" "$PY" "$ROOT/bench/gpu_e2e.py" "${BENCH[@]}" --checkpointing off --channels-last \
-      --compile --ablate --time-budget-s "$((left - 30))" --json-out "$OUT/e2e_options.json" "${BENCH_EXTRA[@]}" \
+  rest=$((budget - (SECONDS - t) - 20))
+  if [ "$rest" -gt 60 ]; then
+    say "bench: speed options (--channels-last --compile --ablate), $rest s"
+    timeout --kill-after=10 "$rest" "$PY" "$ROOT/bench/gpu_e2e.py" "${BENCH[@]}" --checkpointing off --channels-last \
+      --compile --ablate --time-budget-s "$((rest - 30))" --json-out "$OUT/e2e_options.json" "${BENCH_EXTRA[@]}" \
       >>"$OUT/run.log" 2>&1 || { say "the options bench failed or ran out of time (rc $?)"; status=1; }
   else
     say "no time left for the speed options"

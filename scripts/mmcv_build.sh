@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Compile mmcv 2.1.0 with its ops from the source archive, with our patches, into a target folder.
 #
-#   bash scripts/mmcv_build.sh SDIST TARGET_DIR [LOG]      # PYTHON (python3) must import torch
+#   bash scripts/mmcv_build.sh SDIST [TARGET_DIR [LOG]]    # PYTHON (python3) must import torch
 #
+# Without TARGET_DIR (or with "-") mmcv goes into PYTHON's own environment. LOG defaults to
+# mmcv_build.log beside TARGET_DIR (in the working folder without one).
 # The patches (scripts/patches/mmcv-2.1.0-*.patch): setup.py builds with the C++ standard the installed
 # torch's headers need (C++20 from PyTorch 2.14 on, C++17 before) and no longer imports pkg_resources
 # (removed from setuptools 81). With torch CUDA: FORCE_CUDA=1 and TORCH_CUDA_ARCH_LIST (default 9.0, the
@@ -12,8 +14,14 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SDIST="$(realpath "$1")"
-TARGET="$(realpath -m "$2")"
-LOG="$(realpath -m "${3:-$TARGET/../mmcv_build.log}")"
+TARGET="${2:--}"
+TARGET_ARGS=()
+if [ "$TARGET" != - ]; then
+  TARGET="$(realpath -m "$TARGET")"
+  TARGET_ARGS=(--target "$TARGET")
+  mkdir -p "$TARGET"
+fi
+LOG="$(realpath -m "${3:-$([ "$TARGET" = - ] && echo . || echo "$TARGET/..")/mmcv_build.log}")"
 PY="${PYTHON:-python3}"
 WORK="$(mktemp -d -t vlbert-mmcv.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
@@ -38,7 +46,7 @@ print(next((os.path.join(base, d, "include") for d in sorted(os.listdir(base))
   fi
 fi
 
-mkdir -p "$TARGET" "$(dirname "$LOG")"
+mkdir -p "$(dirname "$LOG")"
 {
   echo "mmcv build: $(date -u +%FT%TZ) $(nproc) cores, MAX_JOBS=$MAX_JOBS FORCE_CUDA=${FORCE_CUDA:-0}" \
        "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-} CUDA_HOME=${CUDA_HOME:-} CPATH=${CPATH:-}"
@@ -46,4 +54,4 @@ mkdir -p "$TARGET" "$(dirname "$LOG")"
   command -v nvcc >/dev/null && nvcc --version | tail -n 1
 } >"$LOG"
 # --no-build-isolation: setup.py compiles against the torch that is installed; --no-index: nothing is fetched.
-"$PY" -m pip install -v --no-index --no-deps --no-build-isolation --no-compile --target "$TARGET" "$SRC" >>"$LOG" 2>&1
+"$PY" -m pip install -v --no-index --no-deps --no-build-isolation --no-compile "${TARGET_ARGS[@]}" "$SRC" >>"$LOG" 2>&1
