@@ -23,14 +23,19 @@ if [ "$TARGET" != - ]; then
 fi
 LOG="$(realpath -m "${3:-$([ "$TARGET" = - ] && echo . || echo "$TARGET/..")/mmcv_build.log}")"
 PY="${PYTHON:-python3}"
-WORK="$(mktemp -d -t vlbert-mmcv.XXXXXX)"
-trap 'rm -rf "$WORK"' EXIT
-
-tar -xzf "$SDIST" -C "$WORK"
-SRC="$(find "$WORK" -mindepth 1 -maxdepth 1 -type d | head -n 1)"
-for p in "$ROOT"/scripts/patches/mmcv-2.1.0-*.patch; do
-  patch -d "$SRC" -p1 --forward --quiet <"$p"
-done
+# The source tree and its objects stay in MMCV_BUILD_DIR: a build stopped by a time limit continues
+# where it stopped when run again (ninja skips what is up to date).
+WORK="${MMCV_BUILD_DIR:-${TMPDIR:-/tmp}/vlbert-mmcv-build}"
+SRC="$WORK/$(basename "$SDIST" .tar.gz)"
+if [ ! -f "$SRC/.vlbert-patched" ]; then
+  rm -rf "$SRC"
+  mkdir -p "$WORK"
+  tar -xzf "$SDIST" -C "$WORK"
+  for p in "$ROOT"/scripts/patches/mmcv-2.1.0-*.patch; do
+    patch -d "$SRC" -p1 --forward --quiet <"$p"
+  done
+  touch "$SRC/.vlbert-patched"
+fi
 
 export MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 if "$PY" -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then
