@@ -23,6 +23,10 @@ if [ "$TARGET" != - ]; then
 fi
 LOG="$(realpath -m "${3:-$([ "$TARGET" = - ] && echo . || echo "$TARGET/..")/mmcv_build.log}")"
 PY="${PYTHON:-python3}"
+missing="$("$PY" -c 'import importlib.util as u
+print(" ".join(m for m in ("torch", "setuptools", "wheel", "packaging", "ninja") if u.find_spec(m) is None))')"
+[ -z "$missing" ] || { echo "mmcv_build.sh: $PY lacks: $missing (pip install them first)" >&2; exit 1; }
+
 # The source tree and its objects stay in MMCV_BUILD_DIR: a build stopped by a time limit continues
 # where it stopped when run again (ninja skips what is up to date).
 WORK="${MMCV_BUILD_DIR:-${TMPDIR:-/tmp}/vlbert-mmcv-build}"
