@@ -6,8 +6,9 @@
 - the shell scripts parse (bash -n);
 - the run script installs a kit into a target folder and takes a carried mmcv instead of compiling (a
   kit of small wheels made here, so nothing is downloaded);
-- when a gathered kit is present (bash scripts/gpu_kit_gather.sh), it is complete and its pure-Python
-  wheels install into a target folder; otherwise that test is skipped, and says so.
+- when a gathered kit is present (bash scripts/gpu_kit_gather.sh), it is complete, its pure-Python
+  wheels install into a target folder and our mmcv patches apply to its mmcv source; otherwise those
+  tests are skipped, and say so.
 """
 
 from __future__ import annotations
@@ -157,3 +158,21 @@ def test_gathered_kit_is_complete_and_its_pure_python_wheels_install(tmp_path):
     dist_infos = {p.name.split("-")[0].lower().replace("_", "-") for p in target.glob("*.dist-info")}
     assert len(dist_infos) == len(pure)
     assert {"deepspeed", "mmdet", "mmengine", "mlflow-skinny"} <= dist_infos
+
+
+@pytest.mark.skipif(not (KIT / "sdist").is_dir(), reason="no gathered kit: run bash scripts/gpu_kit_gather.sh")
+def test_mmcv_patches_apply_to_the_gathered_source(tmp_path):
+    import tarfile
+    (sdist,) = (KIT / "sdist").glob("mmcv-2.1.0.tar.gz")
+    with tarfile.open(sdist) as t:
+        t.extractall(tmp_path, filter="data")
+    src = tmp_path / "mmcv-2.1.0"
+    patches = sorted((ROOT / "scripts" / "patches").glob("mmcv-2.1.0-*.patch"))
+    assert patches
+    for p in patches:
+        out = subprocess.run(["patch", "-d", str(src), "-p1", "--forward"], stdin=p.open(), capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+    setup = (src / "setup.py").read_text()
+    assert "pkg_resources" not in setup and "'-std=' + cxx_std()" in setup
+    compile(setup, "setup.py", "exec")
