@@ -58,8 +58,8 @@ def zero_masked_regions(images: Tensor, boxes: Tensor, masked: Tensor) -> Tensor
     [j, j+1) x [i, i+1); it is zeroed when it overlaps a masked box.
     """
     B, _, H, W = images.shape
-    if not bool(masked.any()):
-        return images
+    # No early return when nothing is masked: testing that would make the host wait for the device,
+    # and with no masked box ``covered`` is all False, so the result equals the input.
     with torch.autocast(images.device.type, enabled=False):
         b = boxes.float()
         xs = torch.arange(W, device=images.device, dtype=torch.float32)
@@ -216,14 +216,27 @@ class RegionFeatureExtractor(nn.Module):
             raise ValueError(f"box_mask must be bool [B, R] = {tuple(boxes.shape[:2])}, got "
                              f"{box_mask.dtype} {tuple(box_mask.shape)}")
 
-    def _scatter(self, values: Tensor, box_mask: Tensor) -> Tensor:
+    @staticmethod
+    def _real_boxes(box_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(image index, box index) of the real boxes, long [N] each, row-major over ``box_mask``.
+
+        The one host sync of the forward: N sizes RoIAlign's output. Indexing with these long
+        tensors (gather, index_put) then needs none, where boolean-mask indexing syncs each time.
+        """
+        return box_mask.nonzero(as_tuple=True)
+
+    @staticmethod
+    def _scatter(values: Tensor, index: tuple[Tensor, Tensor], box_mask: Tensor) -> Tensor:
+        """values [N, C] of the real boxes -> [B, R, C], 0 in padded slots."""
         out = values.new_zeros(*box_mask.shape, values.shape[-1])
-        out[box_mask] = values  # row-major order matches bbox2roi over boxes[b][box_mask[b]]
+        out[index] = values
         return out
 
     @staticmethod
-    def _rois(boxes: Tensor, box_mask: Tensor) -> Tensor:
-        return bbox2roi([b[m] for b, m in zip(boxes.float(), box_mask)])
+    def _rois(boxes: Tensor, index: tuple[Tensor, Tensor]) -> Tensor:
+        """rois [N, 5] (image index, x1, y1, x2, y2) float32, as mmdet's bbox2roi lays them out."""
+        b, r = index
+        return torch.cat([b[:, None].float(), boxes[b, r].float()], dim=1)
 
     # ------------------------------------------------------------------ public API
 
@@ -237,22 +250,28 @@ class RegionFeatureExtractor(nn.Module):
         Returns [B, R, out_channels]; padded slots are 0 and do not affect real boxes.
         """
         self._check(images, boxes, box_mask)
+        # First, while little is queued on the device: the host waits for this one.
+        index = self._real_boxes(box_mask)
+        if index[0].numel() == 0:
+            return images.new_zeros(*box_mask.shape, self.out_channels, dtype=self.detector.backbone.conv1.weight.dtype)
         if roi_masked is not None:
             images = zero_masked_regions(images, boxes, roi_masked & box_mask)
         feat = self.res4(self.normalize(images))
-        if not bool(box_mask.any()):
-            return feat.new_zeros(*box_mask.shape, self.out_channels)
-        res5 = self._res5(feat, self._rois(boxes, box_mask))
-        return self._scatter(res5.mean(dim=(2, 3)), box_mask)
+        res5 = self._res5(feat, self._rois(boxes, index))
+        return self._scatter(res5.mean(dim=(2, 3)), index, box_mask)
 
     def box_logits(self, images: Tensor, boxes: Tensor, box_mask: Tensor) -> Tensor:
         """Box classifier scores of the given boxes: [N, num_classes] for the N real boxes
         (row-major over ``box_mask``), with gradients; for training the detector's classifier
         (``box_head_parameters``), as a detector is trained before VL-BERT pretraining."""
         self._check(images, boxes, box_mask)
+        return self._classify(images, self._real_boxes(box_mask), boxes)
+
+    def _classify(self, images: Tensor, index: tuple[Tensor, Tensor], boxes: Tensor) -> Tensor:
+        """Box classifier scores [N, num_classes] of the boxes at ``index`` (see ``_real_boxes``)."""
         self._require_heads("box_logits")
         feat = self.res4(self.normalize(images))
-        cls_score, _ = self.detector.roi_head.bbox_head(self._res5(feat, self._rois(boxes, box_mask)))
+        cls_score, _ = self.detector.roi_head.bbox_head(self._res5(feat, self._rois(boxes, index)))
         return cls_score
 
     def _require_heads(self, what: str) -> None:
@@ -274,11 +293,12 @@ class RegionFeatureExtractor(nn.Module):
         Softmax over all ``num_classes`` outputs, background last (see module
         docstring); rows of real boxes sum to 1, padded rows are 0.
         """
-        out = torch.zeros(*box_mask.shape, self.num_classes, device=images.device)
-        if not bool(box_mask.any()):
-            return out
-        out[box_mask] = self.box_logits(images, boxes, box_mask).float().softmax(-1)
-        return out
+        self._check(images, boxes, box_mask)
+        index = self._real_boxes(box_mask)
+        if index[0].numel() == 0:
+            return torch.zeros(*box_mask.shape, self.num_classes, device=images.device)
+        scores = self._classify(images, index, boxes)
+        return self._scatter(scores.float().softmax(-1), index, box_mask)
 
     @torch.no_grad()
     def detect(self, images: Tensor, score_thr: float = 0.5, min_boxes: int = 10, max_boxes: int = 100,

@@ -7,7 +7,8 @@ Tasks (docs/design.md section 5.2), summed with equal weight when present in a b
 - masked language modelling on text-only segments.
 
 Captions and text segments run through the encoder as two separate sequences.
-Heads run only on the positions that carry a label.
+The heads run over every text position / box slot and the losses are masked means: selecting
+the labelled positions first would make the host wait for the device to count them.
 """
 
 from __future__ import annotations
@@ -70,28 +71,38 @@ class RoIClassificationHead(nn.Module):
         return self.classifier(self.transform(hidden))
 
 
-def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy and accuracy over N selected tokens (float32; 0 when N = 0).
+def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy and accuracy over the labelled tokens (float32; 0 when there are none), and their count.
 
-    logits: [N, V]; labels: long [N].
+    logits: [N, V]; labels: long [N], ``IGNORE_INDEX`` where a token takes no part. No host sync.
     """
-    count = max(labels.shape[0], 1)
-    loss = F.cross_entropy(logits.float(), labels, reduction="sum") / count
-    acc = (logits.argmax(-1) == labels).sum().float() / count
-    return loss, acc
+    labelled = labels != IGNORE_INDEX
+    count = labelled.sum()
+    denom = count.clamp(min=1).float()
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum") / denom
+    acc = ((logits.argmax(-1) == labels) & labelled).sum().float() / denom
+    return loss, acc, count
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean over N RoIs of -sum_c q_c log softmax(p)_c, and argmax agreement (float32).
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor,
+                       chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean over the chosen RoIs of -sum_c q_c log softmax(p)_c, argmax agreement (float32; 0 when none), count.
 
-    logits: [N, C]; targets: [N, C] distributions. 0 when N = 0.
+    logits, targets: [N, C] (targets distributions); chosen: bool [N]. Rows not chosen take no part,
+    whatever their targets hold (padding may be anything, NaN included). No host sync.
     """
-    count = max(logits.shape[0], 1)
+    count = chosen.sum()
+    denom = count.clamp(min=1).float()
     log_probs = F.log_softmax(logits.float(), dim=-1)
-    q = targets.float()
-    loss = -(q * log_probs).sum() / count
-    acc = (logits.argmax(-1) == q.argmax(-1)).sum().float() / count
-    return loss, acc
+    q = torch.where(chosen[:, None], targets.float(), 0.0)
+    loss = -(q * log_probs).sum() / denom
+    acc = ((logits.argmax(-1) == q.argmax(-1)) & chosen).sum().float() / denom
+    return loss, acc, count
+
+
+def _gather_slots(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """hidden [B, S, H], index long [B, K] of sequence slots -> [B, K, H]."""
+    return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 class VLBertForPretraining(nn.Module):
@@ -172,12 +183,10 @@ class VLBertForPretraining(nn.Module):
     def mlm_loss(self, hidden: torch.Tensor, text_index: torch.Tensor, labels: torch.Tensor):
         """MLM on encoder output: hidden [B, S, H]; text_index, labels [B, T] -> (loss, acc, count).
 
-        Only the labelled tokens go through the head (a host sync to count them).
+        Every text slot goes through the head (logits [B, T, V]); unlabelled ones are masked out of the loss.
         """
-        b, t = (labels != IGNORE_INDEX).nonzero(as_tuple=True)
-        logits = self.mlm_head(hidden[b, text_index[b, t]])
-        loss, acc = masked_lm_loss(logits, labels[b, t])
-        return loss, acc, b.new_tensor(b.shape[0])
+        logits = self.mlm_head(_gather_slots(hidden, text_index))
+        return masked_lm_loss(logits.flatten(0, 1), labels.flatten())
 
     def _captions(self, c: CaptionBatch):
         appearance = self.detector(c.images, c.boxes, c.box_mask, c.roi_masked)
@@ -186,16 +195,15 @@ class VLBertForPretraining(nn.Module):
         hidden = out.last_hidden_state
         mlm = self.mlm_loss(hidden, out.layout.text_index, c.mlm_labels)
 
-        b, r = (c.roi_labels_mask & c.box_mask).nonzero(as_tuple=True)
-        logits = self.roi_head(hidden[b, out.layout.roi_index[b, r]])
+        logits = self.roi_head(_gather_slots(hidden, out.layout.roi_index))  # [B, R, C]
         targets = c.roi_targets if c.roi_targets is not None else self._online_targets(c)
         if targets.shape[:2] != c.box_mask.shape or targets.shape[-1] != logits.shape[-1]:
             raise ValueError(
                 f"roi_targets {tuple(targets.shape)} do not match boxes {tuple(c.box_mask.shape)} "
                 f"and {logits.shape[-1]} detector classes"
             )
-        roi_loss, roi_acc = soft_cross_entropy(logits, targets[b, r])
-        return mlm, (roi_loss, roi_acc, b.new_tensor(b.shape[0]))
+        chosen = c.roi_labels_mask & c.box_mask
+        return mlm, soft_cross_entropy(logits.flatten(0, 1), targets.flatten(0, 1), chosen.flatten())
 
     def _online_targets(self, c: CaptionBatch) -> torch.Tensor:
         """Class distributions of a batch without ``regions.npy``, from a detector that does not train."""
