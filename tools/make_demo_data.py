@@ -1,6 +1,6 @@
 """Write the demo data set: coloured shapes with captions, a text corpus, a tokenizer.
 
-    python tools/make_demo_data.py --out demo_data [--train-shards 4 --per-shard 250 --val 100 --seed 0 --size 96]
+    python tools/make_demo_data.py --out demo_data [--train-shards 4 --per-shard 250 --val 500 --seed 0 --size 96]
 
 Layout under ``--out``:
 
@@ -212,7 +212,7 @@ def build_tokenizer(folder: Path):
 # --------------------------------------------------------------------------- main
 
 
-def make_demo_data(out: Path, train_shards: int = 4, per_shard: int = 250, val: int = 100, seed: int = 0,
+def make_demo_data(out: Path, train_shards: int = 4, per_shard: int = 250, val: int = 500, seed: int = 0,
                    size: int = 96, book_files: int = 2, docs_per_file: int = 100, wiki_docs: int = 100) -> dict:
     """Write everything under ``out``; returns the manifest."""
     import pyarrow as pa
@@ -268,7 +268,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--train-shards", type=int, default=4)
     p.add_argument("--per-shard", type=int, default=250)
-    p.add_argument("--val", type=int, default=100)
+    # The colour probe asks about every colour word of the held-out captions: 500 images give 977
+    # queries, a standard error of 0.01 on an accuracy near 0.9 (100 images, 180 queries: 0.02-0.03).
+    p.add_argument("--val", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=96, help="image side in pixels")
     p.add_argument("--book-files", type=int, default=2)
