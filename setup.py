@@ -9,9 +9,8 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    # tools/ holds the thin command-line programs; installed as `vlbert_tools` for the console scripts.
-    packages=find_packages(include=["vlbert", "vlbert.*"]) + ["vlbert_tools"],
-    package_dir={"vlbert_tools": "tools"},
+    # The commands live in vlbert.cli (console scripts below), the demo in vlbert.demo (python -m).
+    packages=find_packages(include=["vlbert", "vlbert.*"]),
     install_requires=[
         # CPU hosts install the CPU build 2.13.0 first (scripts/env.sh does); GPU hosts a CUDA build.
         # The upper bound keeps pip from replacing it with a newer multi-GB CUDA build.
@@ -49,10 +48,14 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "vlbert-train=vlbert_tools.train:main",
-            "vlbert-compare=vlbert_tools.compare_runs:main",
-            "vlbert-finetune=vlbert_tools.finetune:main",
-            "vlbert-evaluate=vlbert_tools.evaluate:main",
+            "vlbert-train=vlbert.cli.train:main",
+            "vlbert-compare=vlbert.cli.compare:main",
+            "vlbert-finetune=vlbert.cli.finetune:main",
+            "vlbert-evaluate=vlbert.cli.evaluate:main",
+            "vlbert-prepare-captions=vlbert.cli.prepare_captions:cli",
+            "vlbert-prepare-text=vlbert.cli.prepare_text:main",
+            "vlbert-extract-regions=vlbert.cli.extract_regions:cli",
+            "vlbert-convert-detector=vlbert.cli.convert_detector:cli",
         ],
     },
 )

@@ -8,7 +8,7 @@ fresh SQLite store, then times, on the same store:
   ``tracking.fetch_metric_histories_bulk``; with ``--server`` also through a local
   ``mlflow server`` on that store (full histories, and the server-sampled 2500 points);
 - plot: every point vs downsampled to 1000 points per curve;
-- the whole CLI (``tools/compare_runs.py``) as a subprocess, Python and mlflow imports included.
+- the whole CLI (``python -m vlbert.cli.compare``) as a subprocess, Python and mlflow imports included.
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")  # the baseline is slow on a busy machine
 
-from vlbert.compare import FETCH_KEYS, RunView, continuous_curve, plot_runs  # noqa: E402
-from vlbert.config import TrackingConfig  # noqa: E402
-from vlbert import tracking  # noqa: E402
+from vlbert.compare import FETCH_KEYS, RunView, continuous_curve, plot_runs
+from vlbert.config import TrackingConfig
+from vlbert import tracking
 
 KEYS = [k for k in FETCH_KEYS if not k.startswith("val_")]
 
@@ -79,7 +78,7 @@ def main() -> None:
     down_t, _ = timed(lambda: plot_runs(v, str(tmp / "down.png"), max_points=1000))
     report("plot, 4 panels", full_t, down_t)
 
-    cli_t, res = timed(lambda: subprocess.run([sys.executable, str(REPO / "tools/compare_runs.py"), "--tracking-uri",
+    cli_t, res = timed(lambda: subprocess.run([sys.executable, "-m", "vlbert.cli.compare", "--tracking-uri",
                                                uri, "-e", "bench", "--plot", str(tmp / "cli.png")],
                                               capture_output=True, text=True))
     assert res.returncode == 0, res.stderr
@@ -106,7 +105,7 @@ def main() -> None:
             samp_t, _ = timed(lambda: tracking.fetch_metric_histories_bulk(http, {rid: KEYS}, max_points=2500))
             report("fetch, server, full history", base_t, ours_t)
             report("fetch, server, sampled 2500", base_t, samp_t)
-            cli_t, res = timed(lambda: subprocess.run([sys.executable, str(REPO / "tools/compare_runs.py"),
+            cli_t, res = timed(lambda: subprocess.run([sys.executable, "-m", "vlbert.cli.compare",
                                                        "--tracking-uri", http, "-e", "bench", "--plot", ""],
                                                       capture_output=True, text=True))
             assert res.returncode == 0, res.stderr

@@ -17,7 +17,7 @@ import argparse
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vlbert.config import DetectorConfig, load_config
+from vlbert.config import load_config
 from vlbert.model.detector import RegionFeatureExtractor
 
 
@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=1000)
     args = p.parse_args()
     cfg = load_config(args.config, check_files=False)
-    det = RegionFeatureExtractor(DetectorConfig(**{**cfg.detector.__dict__, "checkpoint": ""})).eval()
+    det = RegionFeatureExtractor(cfg.detector).eval()
     det = det.to("meta")
     image = torch.empty(1, 3, args.height, args.width, device="meta")
     res4_macs = macs(lambda: det.res4(image))

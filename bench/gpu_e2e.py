@@ -36,7 +36,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from vlbert.config import DataConfig, DetectorConfig, ModelConfig, OptimConfig  # noqa: E402
 from vlbert.train.ds_config import load_deepspeed_json  # noqa: E402

@@ -22,7 +22,6 @@ import io
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -31,14 +30,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from vlbert.config import CaptionDataConfig, DataConfig, MaskingConfig  # noqa: E402
-from vlbert.data.captions import target_size  # noqa: E402
-from vlbert.data.masking import choose_rois, mask_tokens  # noqa: E402
-from vlbert.data.mixture import build_pretrain_stream  # noqa: E402
-from vlbert.data.formats import iter_tar, write_tar  # noqa: E402
-from vlbert.data.shards import SkipCounter, open_shard  # noqa: E402
+from vlbert.config import CaptionDataConfig, DataConfig, MaskingConfig
+from vlbert.data.captions import target_size
+from vlbert.data.masking import choose_rois, mask_tokens
+from vlbert.data.mixture import build_pretrain_stream
+from vlbert.data.formats import iter_tar, write_tar
+from vlbert.data.shards import SkipCounter, open_shard
 
 # The baseline hands PIL's read-only buffer to torch, as webdataset pipelines commonly do.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

@@ -24,20 +24,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from transformers import VisualBertConfig, VisualBertForPreTraining
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from transformers import VisualBertConfig, VisualBertForPreTraining  # noqa: E402
-
-from vlbert.config import DetectorConfig, ModelConfig  # noqa: E402
-from vlbert.batch import IGNORE_INDEX  # noqa: E402
-from vlbert.model.embeddings import VisualInputs  # noqa: E402
-from vlbert.model.pretraining import VLBertForPretraining  # noqa: E402
+from vlbert.config import DetectorConfig, ModelConfig
+from vlbert.batch import IGNORE_INDEX
+from vlbert.model.embeddings import VisualInputs
+from vlbert.model.pretraining import VLBertForPretraining
 
 VISUAL_DIM = 2048
 

@@ -17,20 +17,27 @@ not in the loop (it is the end of training); it is printed apart.
 from __future__ import annotations
 
 import argparse
-import sys
+import importlib.util
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+
+from vlbert.config import TrackingConfig
+from vlbert.tracking import MlflowTracker
+
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # the tests' mlflow server helper
 
-import torch  # noqa: E402
-from mlflow_server import MlflowServer, free_port  # noqa: E402
 
-from vlbert.config import TrackingConfig  # noqa: E402
-from vlbert.tracking import MlflowTracker  # noqa: E402
+def _tests_helper(name: str):
+    """``tests/<name>.py`` (a test helper such as the MLflow server on loopback), loaded from its path."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tests" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def calibrate(work_ms: float) -> tuple[torch.Tensor, int]:
@@ -68,7 +75,8 @@ def main() -> None:
     work = calibrate(a.work_ms)
     tmp = Path(tempfile.mkdtemp(prefix="bench-spool-"))
     results = {}
-    with MlflowServer(tmp / "server") as server:
+    mlflow_server = _tests_helper("mlflow_server")
+    with mlflow_server.MlflowServer(tmp / "server") as server:
         server.start().wait()
         from mlflow import MlflowClient
         from mlflow.entities import Metric
@@ -93,7 +101,7 @@ def main() -> None:
         t0 = time.perf_counter()
         t.close()
         drain = time.perf_counter() - t0
-        down = spooling(f"http://127.0.0.1:{free_port()}", "spool-down")
+        down = spooling(f"http://127.0.0.1:{mlflow_server.free_port()}", "spool-down")
         results["spool, server down"] = loop(a.steps, a.keys, work, down.log_metrics)
         down.close(timeout_s=0)
 

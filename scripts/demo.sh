@@ -12,8 +12,8 @@ if [ -d "$OUT" ]; then
   echo "[vlbert] removing the previous demo output $OUT"
   rm -rf "$OUT"
 fi
-"$VLBERT_PY" tools/make_demo_data.py --out demo_data --size 64
-"$VLBERT_PY" tools/pretrain_demo_detector.py --config configs/demo.yaml --out demo_data/detector.pth
-"$VLBERT_PY" tools/train.py --config configs/demo.yaml runtime.output_dir="$OUT" "$@"
-"$VLBERT_PY" tools/probe_colours.py --config configs/demo.yaml runtime.output_dir="$OUT" "$@"
+"$VLBERT_PY" -m vlbert.demo.make_data --out demo_data --size 64
+"$VLBERT_PY" -m vlbert.demo.pretrain_detector --config configs/demo.yaml --out demo_data/detector.pth
+"$VLBERT_PY" -m vlbert.cli.train --config configs/demo.yaml runtime.output_dir="$OUT" "$@"
+"$VLBERT_PY" -m vlbert.demo.probe_colours --config configs/demo.yaml runtime.output_dir="$OUT" "$@"
 echo "[vlbert] demo finished in $(( SECONDS - start )) s; runs: see README (mlflow ui --backend-store-uri sqlite:///mlflow.db)"

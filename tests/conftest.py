@@ -1,6 +1,5 @@
 """Fixtures shared by the test files."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """A small demo dataset (64-pixel scenes, two train shards: one per rank), read-only for tests."""
-    sys.path.insert(0, str(REPO))
-    from tools.make_demo_data import make_demo_data
+    from vlbert.demo.make_data import make_demo_data
 
     root = tmp_path_factory.mktemp("demo")
     make_demo_data(root, train_shards=2, per_shard=16, val=8, size=64, book_files=1, docs_per_file=20, wiki_docs=20)

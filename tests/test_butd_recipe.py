@@ -1,6 +1,6 @@
 """configs/base_e2e.yaml, as written (butd_r101_vg detector, precomputed 1601-way targets, the joint
 cap of 64), trains one step on the CPU: a tiny encoder, the preset's detector at depth 50, 64-pixel
-images from a shard that carries regions.npy as tools/extract_regions.py writes it."""
+images from a shard that carries regions.npy as vlbert.cli.extract_regions writes it."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tools.make_demo_data import build_tokenizer
+from vlbert.demo.make_data import build_tokenizer
 from vlbert.config import CaptionDataConfig, MaskingConfig
 from vlbert.batch import IGNORE_INDEX, CaptionBatch
 from vlbert.data.captions import (

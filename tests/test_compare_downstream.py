@@ -36,7 +36,7 @@ def test_downstream_rows_mean_std_per_pretraining_run():
 def test_cli_shows_downstream_scores(tmp_path, capsys):
     import mlflow
 
-    from tools.compare_runs import main
+    from vlbert.cli.compare import main
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(uri)

@@ -1,5 +1,5 @@
 """The run comparison tool: pure logic (vlbert/compare.py) and, against a real
-``mlflow server`` on loopback, the CLI end to end (tools/compare_runs.py)."""
+``mlflow server`` on loopback, the CLI end to end (vlbert-compare, vlbert/cli/compare.py)."""
 
 from __future__ import annotations
 
@@ -143,19 +143,11 @@ def test_plot_writes_nonblank_png(tmp_path):
     assert arr.std() > 5  # not a blank canvas
 
 
-def test_cli_imports_as_script_and_as_vlbert_tools(tmp_path, monkeypatch):
-    """setup.py installs tools/ as package ``vlbert_tools``; the console script is
-    ``vlbert_tools.compare_runs:main``. Emulate that layout with a link."""
-    import importlib
-    from pathlib import Path
+def test_cli_rejects_run_ids_with_experiment():
+    from vlbert.cli.compare import main
 
-    repo = Path(__file__).resolve().parents[1]
-    (tmp_path / "vlbert_tools").symlink_to(repo / "tools", target_is_directory=True)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    mod = importlib.import_module("vlbert_tools.compare_runs")
-    assert callable(mod.main)
     with pytest.raises(SystemExit) as e:
-        mod.main(["--run-ids", "x", "--experiment", "y"])  # argparse rejects the mix
+        main(["--run-ids", "x", "--experiment", "y"])  # argparse rejects the mix
     assert e.value.code == 2
 
 
@@ -171,7 +163,7 @@ from mlflow_server import MlflowServer, free_port  # noqa: E402
 from vlbert.config import Config, TrackingConfig, flatten  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TOOL = [sys.executable, str(REPO / "tools" / "compare_runs.py")]
+TOOL = [sys.executable, "-m", "vlbert.cli.compare"]
 KEYS = ("loss", "mlm_caption_loss", "roi_loss", "mlm_text_loss", "mlm_caption_acc", "mlm_text_acc", "roi_acc",
         "lr", "grad_norm", "samples_per_s", "tokens_per_s", "images_per_s", "mfu", "samples_seen")
 LONG_STEPS = 20_000
@@ -206,7 +198,7 @@ def _log_config(tracker, name: str, **overrides) -> None:
 
 
 def _start_tool(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(TOOL + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(TOOL + list(args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -421,8 +413,7 @@ def test_default_finds_the_demo_run_and_shows_its_probe_figures(tmp_path, capsys
         t.log_metrics(_metrics(step, 1.0), step)
     t.log_summary({"probe_colour_acc_with_image": 0.956, "probe_colour_acc_blanked": 0.204}, 3)
     t.close("FINISHED", timeout_s=60)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tools.compare_runs import main
+    from vlbert.cli.compare import main
 
     assert main(["--tracking-uri", uri, "--plot", ""]) == 0
     out = capsys.readouterr().out

@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 from transformers import AutoTokenizer
 
-from tools.make_demo_data import COLOURS, SHAPES, vocabulary
+from vlbert.demo.make_data import COLOURS, SHAPES, vocabulary
 from vlbert.config import CaptionDataConfig, MaskingConfig
 from vlbert.data.captions import collate_captions, decode_caption_sample
 
@@ -24,11 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    # as the README runs it: a script, no vlbert import needed
-    cmd = [sys.executable, str(REPO / "tools/make_demo_data.py"), "--out", str(out), "--train-shards", "2",
+    # as scripts/demo.sh runs it: python -m from the repository root
+    cmd = [sys.executable, "-m", "vlbert.demo.make_data", "--out", str(out), "--train-shards", "2",
            "--per-shard", "60", "--val", "20", "--seed", "3", "--size", "96", "--book-files", "1",
            "--docs-per-file", "20", "--wiki-docs", "10"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd="/")
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     return out
 
@@ -51,7 +51,7 @@ def test_files_and_manifest(demo):
 
 
 def test_same_seed_same_bytes(demo, tmp_path):
-    from tools.make_demo_data import make_demo_data
+    from vlbert.demo.make_data import make_demo_data
 
     make_demo_data(tmp_path, train_shards=2, per_shard=60, val=20, seed=3, size=96, book_files=1,
                    docs_per_file=20, wiki_docs=10)

@@ -1,5 +1,5 @@
 """The demo's last step end to end: a tiny run trains and exports its weights, then
-tools/probe_colours.py probes them on the held-out shards and logs to the same MLflow run."""
+vlbert.demo.probe_colours probes them on the held-out shards and logs to the same MLflow run."""
 
 import json
 import subprocess
@@ -15,8 +15,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def test_train_exports_weights_and_the_probe_logs_to_the_run(tmp_path):
-    sys.path.insert(0, str(REPO))
-    from tools.make_demo_data import make_demo_data
+    from vlbert.demo.make_data import make_demo_data
 
     from vlbert.tracking import fetch_metric_histories, fetch_runs
 
@@ -25,13 +24,13 @@ def test_train_exports_weights_and_the_probe_logs_to_the_run(tmp_path):
                    wiki_docs=10)
     cfg = tiny_config(data, tmp_path / "run", **{"optim.total_steps": 3, "runtime.val_every": 0})
     config = write_config(cfg, tmp_path / "tiny.yaml")
-    train = subprocess.run([sys.executable, "tools/train.py", "--config", str(config)], cwd=REPO,
+    train = subprocess.run([sys.executable, "-m", "vlbert.cli.train", "--config", str(config)], cwd=REPO,
                            env=clean_env(), capture_output=True, text=True, timeout=240)
     assert train.returncode == 0, train.stderr[-3000:]
     exported = json.loads((tmp_path / "run" / "model.json").read_text())
     assert exported["step"] == 3 and (tmp_path / "run" / "model.safetensors").is_file()
 
-    probe = subprocess.run([sys.executable, "tools/probe_colours.py", "--config", str(config)], cwd=REPO,
+    probe = subprocess.run([sys.executable, "-m", "vlbert.demo.probe_colours", "--config", str(config)], cwd=REPO,
                            env=clean_env(), capture_output=True, text=True, timeout=240)
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert "with the image" in probe.stdout and "image blanked" in probe.stdout

@@ -162,11 +162,33 @@ def test_load_checkpoint_round_trip_memory_url(det):
     assert not torch.allclose(fresh(img, BOXES, MASK), det(img, BOXES, MASK))
     fresh.load_checkpoint(url)
     torch.testing.assert_close(fresh(img, BOXES, MASK), det(img, BOXES, MASK), rtol=0, atol=0)
-    # the config path loads it at construction too, from a bare state dict of our own module
+    # from_config loads the configured checkpoint, here a bare state dict of our own module;
+    # the constructor reads no file and stays random
     with fsspec.open("memory://detector_test/bare.pth", "wb") as f:
         torch.save(det.state_dict(), f)
-    via_cfg = make(seed=2, checkpoint="memory://detector_test/bare.pth").eval()
+    cfg = DetectorConfig(depth=18, num_classes=NUM_CLASSES, checkpoint="memory://detector_test/bare.pth")
+    torch.manual_seed(2)
+    via_cfg = RegionFeatureExtractor.from_config(cfg).eval()
     torch.testing.assert_close(via_cfg.class_probs(img, BOXES, MASK), det.class_probs(img, BOXES, MASK))
+    torch.manual_seed(2)
+    built = RegionFeatureExtractor(cfg).eval()
+    assert not torch.allclose(built.class_probs(img, BOXES, MASK), det.class_probs(img, BOXES, MASK))
+
+
+def test_checkpoint_with_batchnorm_counters_loads_into_frozen_batchnorms(det):
+    """Loading happens after the BatchNorms are frozen (which keep no counter): a checkpoint of a
+    detector trained with live BatchNorm still loads, counters and all."""
+    live = make(seed=3, freeze_batchnorm=False)
+    state = live.detector.state_dict()
+    assert any(k.endswith("num_batches_tracked") for k in state)
+    with fsspec.open("memory://detector_test/live_bn.pth", "wb") as f:
+        torch.save(state, f)
+    frozen = make(seed=4)
+    assert isinstance(frozen.detector.backbone.bn1, FrozenBatchNorm2d)
+    frozen.load_checkpoint("memory://detector_test/live_bn.pth")
+    torch.testing.assert_close(frozen.detector.backbone.bn1.running_var, state["backbone.bn1.running_var"])
+    torch.testing.assert_close(frozen.detector.backbone.layer3[0].conv1.weight,
+                               state["backbone.layer3.0.conv1.weight"])
 
 
 @dataclasses.dataclass

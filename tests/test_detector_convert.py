@@ -1,4 +1,4 @@
-"""tools/convert_detector.py on checkpoints laid out like the published ones, checked numerically.
+"""vlbert-convert-detector (vlbert/cli/convert_detector.py) on checkpoints laid out like the published ones, checked numerically.
 
 For each source layout a random checkpoint is written with the source's exact key names
 and shapes (ResNet-50 block counts instead of 101: the names are the same, the depth is
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from tools import convert_detector
+from vlbert.cli import convert_detector
 from vlbert.config import DetectorConfig, detector_preset, load_config
 from vlbert.model.detector import RegionFeatureExtractor
 from vlbert.model.detector_convert import ConversionError, convert, load_pickle_weights
@@ -239,7 +239,7 @@ def config_yaml(tmp_path, **detector) -> str:
 
 
 def convert_with_tool(tmp_path, source_file, **detector) -> tuple[RegionFeatureExtractor, dict]:
-    """tools/convert_detector.py's conversion; the detector it loaded the written file into."""
+    """vlbert-convert-detector's conversion; the detector it loaded the written file into."""
     out = tmp_path / "converted.pth"
     cfg = load_config(config_yaml(tmp_path, **detector), check_files=False).detector
     summary, det = convert_detector.convert_file(str(source_file), str(out), cfg)

@@ -1,4 +1,4 @@
-"""tools/extract_regions.py on two tiny shards: annotations, skips, resume, rank split."""
+"""vlbert-extract-regions (vlbert/cli/extract_regions.py) on two tiny shards: annotations, skips, resume, rank split."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.extract_regions import main, read_samples
+from vlbert.cli.extract_regions import main, read_samples
 from vlbert.data.formats import write_tar
 from vlbert.data.shards import SkipCounter
 
@@ -93,7 +93,7 @@ def test_extract_regions_resumes_and_splits_by_rank(shards):
 
 
 def test_extracted_shards_decode_with_the_caption_reader(shards):
-    from tools.make_demo_data import build_tokenizer
+    from vlbert.demo.make_data import build_tokenizer
     from vlbert.config import CaptionDataConfig, MaskingConfig
     from vlbert.data.captions import decode_caption_sample
 
@@ -116,7 +116,7 @@ def test_extract_regions_with_the_visual_genome_preset(shards):
     import torch
 
     from test_detector_convert import detectron2_checkpoint
-    from tools import convert_detector
+    from vlbert.cli import convert_detector
     from vlbert.config import load_config
 
     weights = detectron2_checkpoint("bua_caffe", attributes=False)

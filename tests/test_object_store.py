@@ -122,8 +122,7 @@ def tokenizer(demo_data):
 def corpus(demo_data, tmp_path_factory) -> Path:
     """Local copies of what the tests upload: 4 caption shards ``cc/0000i.tar`` (demo
     scenes), and the demo text as JSON Lines (plain, gzip, zstd) and Parquet (5 row groups)."""
-    sys.path.insert(0, str(REPO))
-    from tools.make_demo_data import write_caption_shard
+    from vlbert.demo.make_data import write_caption_shard
 
     root = tmp_path_factory.mktemp("corpus")
     (root / "cc").mkdir()
@@ -536,13 +535,12 @@ def test_checkpoint_upload_killed_midway_is_never_chosen(bucket, tmp_path, kille
 def test_extract_regions_to_s3_resumes_after_a_kill(bucket, tmp_path):
     """Killed while publishing its second output shard (the copy of ``.partial`` to the final
     name hangs): the rerun skips the finished shard, redoes the other, and leaves no ``.partial``."""
-    from tools.extract_regions import main, read_samples
+    from vlbert.cli.extract_regions import main, read_samples
 
     (tmp_path / "cfg.yaml").write_text(EXTRACT_CONFIG)  # the config of tests/test_extract_regions.py
     inputs = tmp_path / "in"
     inputs.mkdir()
-    sys.path.insert(0, str(REPO))
-    from tools.make_demo_data import write_caption_shard
+    from vlbert.demo.make_data import write_caption_shard
 
     rng = np.random.default_rng(7)
     for i in range(2):  # 2 samples a shard: the detector runs on CPU
@@ -551,7 +549,7 @@ def test_extract_regions_to_s3_resumes_after_a_kill(bucket, tmp_path):
     args = ["--config", str(tmp_path / "cfg.yaml"), "--input", f"{bucket.url}/in/s{{0..1}}.tar",
             "--output", f"{bucket.url}/out", "--device", "cpu", "--num-proposals", "20", "--batch-size", "4"]
     with FaultProxy(bucket.endpoint) as proxy:
-        run_until_stalled([sys.executable, "-m", "tools.extract_regions", *args], proxy,
+        run_until_stalled([sys.executable, "-m", "vlbert.cli.extract_regions", *args], proxy,
                           path_matches(r"/out/s1\.tar$"), REPO, tmp_path / "extract.log")
     assert bucket.ls("out") == ["s0.tar", "s1.tar.partial"]  # killed between writing and publishing s1
     fs = fresh_s3(bucket.endpoint)

@@ -1,4 +1,4 @@
-"""tools/prepare_captions.py: TSV + image folder, and img2dataset shards, to checked shards."""
+"""vlbert-prepare-captions (vlbert/cli/prepare_captions.py): TSV + image folder, and img2dataset shards, to checked shards."""
 
 import io
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tools.prepare_captions import main
+from vlbert.cli.prepare_captions import main
 
 
 def _img(fmt, w=40, h=30):

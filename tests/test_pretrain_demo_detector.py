@@ -1,7 +1,6 @@
 """The demo detector's pretraining: it learns to classify the demo's boxes, and what it saves is a
 plain state dict that ``detector.checkpoint`` loads into the same detector."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +10,8 @@ from vlbert.config import load_config
 from vlbert.model.detector import RegionFeatureExtractor
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from tools.make_demo_data import make_demo_data  # noqa: E402
-from tools.pretrain_demo_detector import main  # noqa: E402
+from vlbert.demo.make_data import make_demo_data
+from vlbert.demo.pretrain_detector import main
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -41,7 +39,7 @@ def test_detector_learns_the_demo_classes_and_its_checkpoint_loads(tmp_path, cap
     assert 0.0 <= acc["class"] <= min(acc["colour"], acc["shape"]) <= 1.0, acc  # right class: both parts right
 
     cfg = load_config(REPO / "configs/demo.yaml", [*overrides(root), f"detector.checkpoint={out}"])
-    loaded = RegionFeatureExtractor(cfg.detector)
+    loaded = RegionFeatureExtractor.from_config(cfg.detector)
     saved = torch.load(out, weights_only=True)
     for key, value in loaded.detector.state_dict().items():
         assert torch.equal(value, saved[key]), key

@@ -1,6 +1,7 @@
 """VLBertForPretraining with the real depth-18 detector: losses by hand, gradients, tying, checkpointing."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -164,6 +165,40 @@ def test_online_targets_do_not_drift_while_the_detector_trains():
     assert any(k.startswith("target_detector.") for k in model.state_dict())
 
 
+def test_frozen_target_copy_holds_the_loaded_detector_not_a_random_one(tmp_path):
+    """from_config loads the detector checkpoint and only then takes the frozen target copy:
+    online masked-RoI targets come from the trained detector's distributions."""
+    model_cfg, detector_cfg = tiny_cfgs()
+    torch.manual_seed(7)
+    trained = VLBertForPretraining(model_cfg, detector_cfg).detector.eval()
+    with torch.no_grad():  # distributions that no random init gives
+        trained.detector.roi_head.bbox_head.fc_cls.bias.copy_(torch.arange(C) * 2.0)
+    path = tmp_path / "detector.pth"
+    torch.save(trained.detector.state_dict(), path)
+    c = caption_batch(with_targets=False)
+    want = trained.class_probs(c.images, c.boxes, c.box_mask)
+
+    cfg = dataclasses.replace(detector_cfg, checkpoint=str(path))
+    torch.manual_seed(0)
+    model = VLBertForPretraining.from_config(model_cfg, cfg)
+    torch.testing.assert_close(model.target_detector.class_probs(c.images, c.boxes, c.box_mask), want)
+    torch.testing.assert_close(model._online_targets(c), want)
+    assert model.target_detector is not model.detector
+    assert not any(p.requires_grad for p in model.target_detector.parameters())
+    torch.manual_seed(0)
+    built = VLBertForPretraining(model_cfg, cfg)  # the constructor reads no file: random detector and copy
+    assert not torch.allclose(built._online_targets(c), want, atol=1e-3)
+
+
+def test_from_config_reads_what_the_config_names_and_the_constructor_nothing(tmp_path):
+    model_cfg, detector_cfg = tiny_cfgs(bert=str(tmp_path / "no_bert"), checkpoint=str(tmp_path / "no.pth"))
+    VLBertForPretraining(model_cfg, detector_cfg)
+    with pytest.raises(OSError):
+        VLBertForPretraining.from_config(model_cfg, dataclasses.replace(detector_cfg, checkpoint=""))
+    with pytest.raises(FileNotFoundError):
+        VLBertForPretraining.from_config(dataclasses.replace(model_cfg, bert=""), detector_cfg)
+
+
 def test_precomputed_targets_required_raises_on_a_batch_without_them():
     torch.manual_seed(0)
     model = VLBertForPretraining(*tiny_cfgs(roi_targets="precomputed"))
@@ -277,7 +312,7 @@ def test_mlm_head_loaded_from_checkpoint_when_present(tmp_path):
     with torch.no_grad():
         bert.cls.predictions.bias.normal_()
     bert.save_pretrained(tmp_path)
-    model = VLBertForPretraining(*tiny_cfgs(bert=str(tmp_path)))
+    model = VLBertForPretraining.from_config(*tiny_cfgs(bert=str(tmp_path)))
     torch.testing.assert_close(model.mlm_head.predictions.transform.dense.weight,
                                bert.cls.predictions.transform.dense.weight)
     torch.testing.assert_close(model.mlm_head.predictions.decoder.bias, bert.cls.predictions.bias)

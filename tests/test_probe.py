@@ -6,7 +6,7 @@ import torch
 from vlbert.config import DetectorConfig, ModelConfig
 from vlbert.batch import IGNORE_INDEX, CaptionBatch, PretrainBatch
 from vlbert.model.pretraining import VLBertForPretraining
-from vlbert.probe import colour_fill_accuracy, colour_queries
+from vlbert.demo.probe import colour_fill_accuracy, colour_queries
 
 MASK, COLOURS = 4, torch.tensor([10, 11, 12])
 

@@ -62,7 +62,6 @@ def test_on_a_terminal_a_live_bar_that_does_not_redraw_per_update():
 @pytest.mark.integration
 @pytest.mark.timeout(600)
 def test_trainer_log_file_has_a_few_lines_per_logging_interval(demo_data, tmp_path):
-    sys.path.insert(0, str(REPO / "tests"))
     from test_train_e2e import clean_env, tiny_config
 
     steps, every = 60, 15
@@ -73,7 +72,7 @@ def test_trainer_log_file_has_a_few_lines_per_logging_interval(demo_data, tmp_pa
     path.write_text(yaml.safe_dump(cfg))
     log = tmp_path / "train.log"
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "tools/train.py", "--config", str(path)], cwd=REPO, env=clean_env(),
+        proc = subprocess.run([sys.executable, "-m", "vlbert.cli.train", "--config", str(path)], cwd=REPO, env=clean_env(),
                               stdout=f, stderr=subprocess.STDOUT, timeout=540)
     text = log.read_text()
     assert proc.returncode == 0, text[-3000:]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import sys
 import tarfile
 from pathlib import Path
 
@@ -34,8 +33,7 @@ def _add(tar, name, data):
 def refer(tmp_path_factory) -> Path:
     """REFER-style files on demo scenes: one ref per shape ("red circle"), 'detected' boxes =
     the shapes' boxes shifted by 2 pixels, plus a decoy box overlapping nothing."""
-    sys.path.insert(0, str(REPO))
-    from tools.make_demo_data import make_scene
+    from vlbert.demo.make_data import make_scene
 
     root = tmp_path_factory.mktemp("refer")
     rng = np.random.default_rng(0)

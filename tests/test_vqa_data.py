@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
@@ -24,8 +23,7 @@ IMAGE_CFG = CaptionDataConfig(short_side=64, max_long_side=64, min_boxes=1, max_
 
 @pytest.fixture(scope="module")
 def vqa(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(REPO))
-    from tools.make_demo_vqa import make_demo_vqa
+    from vlbert.demo.make_vqa import make_demo_vqa
 
     root = tmp_path_factory.mktemp("vqa")
     make_demo_vqa(root, train_questions=12, val_questions=6, seed=0)

@@ -5,12 +5,13 @@ on demo VQA files in the official formats.
 - a tiny fine-tune overfits a few questions (the real model, engine, loss, official metric);
 - a run stopped by SIGTERM resumes to the same losses as an uninterrupted one, in the same
   MLflow run, tagged with the pretraining run it started from;
-- tools/evaluate.py reproduces the run's accuracy and writes the submission file;
+- vlbert-evaluate reproduces the run's accuracy and writes the submission file;
 - the shipped VQA configs load.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -29,8 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def vqa(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(REPO))
-    from tools.make_demo_vqa import make_demo_vqa
+    from vlbert.demo.make_vqa import make_demo_vqa
 
     root = tmp_path_factory.mktemp("vqa")
     make_demo_vqa(root, train_questions=8, val_questions=8, seed=0)
@@ -50,9 +50,10 @@ def tiny(demo_data: Path, vqa: Path, out: Path, *overrides: str):
 def _pretraining_state(cfg) -> dict:
     """The state dict a pretraining run of the same model/detector sections exports."""
     from vlbert.model.pretraining import VLBertForPretraining
+    from vlbert.model.vlbert import bert_architecture
 
     torch.manual_seed(1)
-    model = VLBertForPretraining(cfg.model, cfg.detector)
+    model = VLBertForPretraining(cfg.model, cfg.detector, bert_architecture(cfg.model))
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -78,6 +79,35 @@ def test_pretrained_weights_and_head_transform_load(demo_data, vqa, tmp_path):
         model.load_pretrained(bad)
     with pytest.raises(ValueError, match="no detector"):
         model.load_pretrained({"x": torch.zeros(1)})
+
+
+def test_from_config_loads_the_starting_weights_the_config_names(demo_data, vqa, tmp_path):
+    """model.bert: encoder and the head's transform from BERT's MLM transform; model.pretrained: the
+    pretraining run's weights in the architecture of model.bert. The constructor reads neither."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from vlbert.tasks.vqa_model import VLBertForVQA
+
+    base = tiny(demo_data, vqa, tmp_path / "out")
+    bert = BertForMaskedLM(BertConfig(vocab_size=base.model.vocab_size, hidden_size=48, num_hidden_layers=1,
+                                      num_attention_heads=2, intermediate_size=64, max_position_embeddings=64))
+    bert.save_pretrained(tmp_path / "bert")
+    model_cfg = dataclasses.replace(base.model, bert=str(tmp_path / "bert"))
+    model = VLBertForVQA.from_config(model_cfg, base.detector, 3)
+    assert model.backbone.config.hidden_size == 48  # the checkpoint's architecture, not the config's sizes
+    assert torch.equal(model.head.transform.dense.weight, bert.cls.predictions.transform.dense.weight)
+    assert torch.equal(model.backbone.vlbert.encoder.layer[0].output.dense.weight,
+                       bert.bert.encoder.layer[0].output.dense.weight)
+    built = VLBertForVQA(model_cfg, base.detector, 3)
+    assert not torch.equal(built.head.transform.dense.weight, bert.cls.predictions.transform.dense.weight)
+
+    pretraining_cfg = dataclasses.replace(base, model=model_cfg)
+    weights = _save_pretrained(pretraining_cfg, tmp_path / "run")
+    state = _pretraining_state(pretraining_cfg)
+    model = VLBertForVQA.from_config(dataclasses.replace(model_cfg, pretrained=str(weights)), base.detector, 3)
+    assert torch.equal(model.head.transform.dense.weight, state["mlm_head.predictions.transform.dense.weight"])
+    assert torch.equal(model.backbone.detector.detector.backbone.conv1.weight,
+                       state["detector.detector.backbone.conv1.weight"])
 
 
 def _save_pretrained(cfg, folder: Path, run_id: str = "pretrain-run-123") -> Path:
@@ -126,8 +156,8 @@ def test_tiny_finetune_overfits_a_few_questions(demo_data, vqa, tmp_path):
     assert set(preds.values()) <= set(answers)
     assert (out / "model.safetensors").exists() and json.loads((out / "model.json").read_text())["task"] == "vqa"
 
-    # tools/evaluate.py on the exported weights: the same accuracy, and the submission file.
-    from tools.evaluate import main as evaluate_main
+    # vlbert-evaluate on the exported weights: the same accuracy, and the submission file.
+    from vlbert.cli.evaluate import main as evaluate_main
 
     config_path = tmp_path / "ft.yaml"
     config_path.write_text(yaml.safe_dump(cfg.to_dict()))
@@ -202,9 +232,9 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_demo_comparison_tool_runs_both_arms(demo_data, vqa, tmp_path, capsys):
-    """tools/demo_vqa_compare.py: one seed per arm on the tiny config (the real demo uses
+    """vlbert.demo.vqa_compare: one seed per arm on the tiny config (the real demo uses
     configs/vqa_demo.yaml and the demo pretraining run; see the README)."""
-    from tools.demo_vqa_compare import main
+    from vlbert.demo.vqa_compare import main
 
     cfg = tiny(demo_data, vqa, tmp_path / "x")
     pretrained = _save_pretrained(cfg, tmp_path / "pretrain", run_id="demo-pretrain")
@@ -228,8 +258,8 @@ def test_demo_comparison_tool_runs_both_arms(demo_data, vqa, tmp_path, capsys):
 
 
 def test_cli_config_errors_exit_2(capsys):
-    from tools.evaluate import main as evaluate_main
-    from tools.finetune import main as finetune_main
+    from vlbert.cli.evaluate import main as evaluate_main
+    from vlbert.cli.finetune import main as finetune_main
 
     assert finetune_main(["--config", str(REPO / "configs/vqa_tiny.yaml"), "vqa.batch_sise=3"]) == 2
     assert "vqa.batch_sise" in capsys.readouterr().err

@@ -1,54 +1,9 @@
-"""Pretrain VL-BERT.
+"""``deepspeed tools/train.py ...`` and slurm/pretrain.sh run this file: launchers take a script path.
+The command is ``vlbert.cli.train`` (``vlbert-train``); see its ``--help``."""
 
-    python tools/train.py --config configs/demo.yaml [key=value ...]        # one process
-    torchrun --nproc_per_node 8 tools/train.py --config configs/base_e2e.yaml
-    deepspeed tools/train.py --config configs/base_e2e.yaml optim.lr=2e-5
-
-Exit status: 0 when training finished or stopped cleanly on SIGTERM/SIGUSR1
-(a checkpoint was written; a requeued job resumes from it), 2 for a config
-error, 1 for a data error (a source with no usable sample, no batch within
-data.wait_timeout_s) or any other failure.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
-from typing import Optional
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vlbert.config import ConfigError, load_config  # noqa: E402
-from vlbert.launch import parse_run_args  # noqa: E402
-from vlbert.data.mixture import DataWaitTimeout  # noqa: E402
-from vlbert.data.shards import SourceUnusable  # noqa: E402
-
-DATA_ERRORS = (SourceUnusable, DataWaitTimeout)
-
-
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    return parse_run_args(__doc__, "YAML run config (configs/*.yaml)", "optim.lr=1e-4", argv)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        from vlbert.train.loop import train
-
-        result = train(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except DATA_ERRORS as e:  # a source with nothing usable, or a store that never answers
-        print(f"data error: {e}", file=sys.stderr)
-        return 1
-    if result.preempted:
-        print(f"stopped on {result.signal} at step {result.step}; checkpoint {result.checkpoint}", file=sys.stderr)
-    return 0
-
+from vlbert.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

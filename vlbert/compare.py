@@ -1,4 +1,4 @@
-"""Compare tracked runs: the pure logic behind ``tools/compare_runs.py``.
+"""Compare tracked runs: the pure logic behind ``vlbert-compare`` (``vlbert/cli/compare.py``).
 
 Nothing here talks to MLflow (only ``vlbert/tracking`` does); the CLI
 fetches runs and metric histories and hands them over as :class:`RunView`.
@@ -152,7 +152,7 @@ MAIN_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("peak_gpu_mem_gb", "max"),
     MetricSpec("samples_seen"),
     MetricSpec("tokens_seen"),
-    # Figures logged after training (tools/probe_colours.py on the demo).
+    # Figures logged after training (vlbert.demo.probe_colours on the demo).
     MetricSpec("probe_colour_acc_with_image"),
     MetricSpec("probe_colour_acc_blanked"),
 )
@@ -412,7 +412,7 @@ def plot_runs(runs: Sequence[RunView], path: str, panels: Sequence[Panel] = PANE
 
 # --------------------------------------------------------------------------- downstream scores
 
-# Fine-tuning runs (tools/finetune.py) carry this tag: the MLflow id of the pretraining run they started from.
+# Fine-tuning runs (vlbert-finetune) carry this tag: the MLflow id of the pretraining run they started from.
 PRETRAIN_TAG = "vlbert.pretrain_run_id"
 DOWNSTREAM_SUFFIXES = ("vqa_acc", "refcoco_acc")  # "val/vqa_acc", "testA/refcoco_acc", ...
 

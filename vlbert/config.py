@@ -66,7 +66,7 @@ class DetectorConfig:
 
     preset: str = ""  # "" or one of DETECTOR_PRESETS
     depth: int = 101
-    checkpoint: str = ""  # path or URL of a detector state dict (tools/convert_detector.py); empty = random init
+    checkpoint: str = ""  # path or URL of a detector state dict (vlbert-convert-detector); empty = random init
     num_classes: int = 1601  # classes of the box head (Visual Genome detector: 1601)
     roi_size: int = 14
     frozen_stages: int = 1  # 1 = stem and res2 frozen, as in the paper
@@ -97,7 +97,7 @@ class DetectorConfig:
     # sizes, centre 7.5) and widths x2 - x1 + 1 when decoding RPN deltas.
     caffe_boxes: bool = False
     # Where masked-RoI targets come from for samples without ``regions.npy``:
-    #   "precomputed": nowhere: such a batch is an error (run tools/extract_regions.py first);
+    #   "precomputed": nowhere: such a batch is an error (run vlbert-extract-regions first);
     #   "frozen_copy": a frozen copy of the detector as loaded, never the one being trained;
     #   "detector": the detector itself, allowed only when it is not trainable.
     roi_targets: str = "frozen_copy"
@@ -490,7 +490,7 @@ def validate_detector(det: DetectorConfig, source: str = "<config>") -> None:
              f"expected precomputed, frozen_copy or detector, got {det.roi_targets!r}")
     _require(not (det.roi_targets == "detector" and det.trainable), source, "detector.roi_targets",
              "'detector' takes masked-RoI targets from the detector being trained, so they would drift; "
-             "with detector.trainable use 'precomputed' (regions.npy from tools/extract_regions.py) "
+             "with detector.trainable use 'precomputed' (regions.npy from vlbert-extract-regions) "
              "or 'frozen_copy'")
 
 

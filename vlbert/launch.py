@@ -1,4 +1,4 @@
-"""The command line shared by the run commands (``tools/train.py``, ``tools/finetune.py``):
+"""The command line shared by the run commands (``vlbert.cli.train``, ``vlbert.cli.finetune``):
 ``--config FILE [key=value ...]``, under ``python``, ``torchrun`` or ``deepspeed``."""
 
 from __future__ import annotations

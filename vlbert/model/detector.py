@@ -12,7 +12,7 @@ Shapes: B images, R box slots, H/W padded image size, C = ``cfg.num_classes``.
 Architecture options (``DetectorConfig``; the ``butd_r101_vg`` preset sets them to the
 published Visual Genome network): Caffe stem pool, dilated res5 at stride 1, the RoI op
 (mmcv RoIAlign, or Caffe's RoIPool), RPN width, anchors (Caffe geometry and order),
-BGR input. ``tools/convert_detector.py`` (``vlbert.model.detector_convert``) turns the
+BGR input. ``vlbert-convert-detector`` (``vlbert.model.detector_convert``) turns the
 published checkpoints into this module's state dict.
 
 Class distributions: ``cfg.num_classes`` counts every output of the box
@@ -25,12 +25,9 @@ background last). Rows sum to 1; this is the masked-RoI target of the paper.
 
 from __future__ import annotations
 
-import io
 import logging
-import pickle
 from typing import Optional
 
-import fsspec
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -44,14 +41,13 @@ from mmengine.config import ConfigDict
 from mmengine.logging import MMLogger
 
 from vlbert.config import DetectorConfig
-from vlbert.model.detector_convert import HEAD_PREFIXES
+from vlbert.model.detector_convert import HEAD_PREFIXES, read_checkpoint
 from vlbert.model.detector_parts import CaffeAnchorGenerator, CaffeRoIPool, freeze_batchnorms, mmdet_config
 
 # Checkpoint keys we may lack or ignore: the box regressor is never used (regions
 # are RPN proposals, as in bottom-up attention), and mask heads are not built.
 _IGNORED_MISSING = ("roi_head.bbox_head.fc_reg.",)
 _IGNORED_UNEXPECTED = ("roi_head.mask_head.", "roi_head.mask_roi_extractor.", "data_preprocessor.")
-_STRIPPED_PREFIXES = ("module.", "detector.")
 
 
 def zero_masked_regions(images: Tensor, boxes: Tensor, masked: Tensor) -> Tensor:
@@ -75,40 +71,12 @@ def zero_masked_regions(images: Tensor, boxes: Tensor, masked: Tensor) -> Tensor
     return images.masked_fill(covered[:, None], 0)
 
 
-def read_state_dict(url: str) -> dict[str, Tensor]:
-    """The state dict of ``read_checkpoint(url)``."""
-    return read_checkpoint(url)[0]
-
-
-def read_checkpoint(url: str) -> tuple[dict[str, Tensor], dict]:
-    """Read a checkpoint through fsspec; only tensors and plain containers are accepted.
-
-    Accepts ``{"state_dict": {...}, "meta": {...}}`` (MMDetection/mmengine, and what
-    tools/convert_detector.py writes) or a bare state dict. Returns (state dict, meta).
-    """
-    with fsspec.open(url, "rb") as f:
-        data = f.read()
-    try:
-        obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(
-            f"{url}: refused to load: not a plain tensor checkpoint (torch.load weights_only=True). "
-            f"Re-save it as torch.save(ckpt['state_dict'], path). Cause: {e}"
-        ) from e
-    meta = {}
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{url}: expected a state dict of tensors or {{'state_dict': ...}}, got {type(obj).__name__}")
-    for prefix in _STRIPPED_PREFIXES:
-        if obj and all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
-    return obj, meta
-
-
 class RegionFeatureExtractor(nn.Module):
-    """Boxes -> one appearance feature each (RoIAlign on res4, res5, average pool)."""
+    """Boxes -> one appearance feature each (RoIAlign on res4, res5, average pool).
+
+    The constructor builds a randomly initialised detector and reads no file;
+    ``from_config`` also loads ``cfg.checkpoint``.
+    """
 
     def __init__(self, cfg: DetectorConfig):
         super().__init__()
@@ -133,9 +101,15 @@ class RegionFeatureExtractor(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
         # False after loading a backbone-only checkpoint: the RPN and box head are random.
         self.has_heads = True
-        if cfg.checkpoint:
-            self.load_checkpoint(cfg.checkpoint)
         self._freeze()
+
+    @classmethod
+    def from_config(cls, cfg: DetectorConfig) -> "RegionFeatureExtractor":
+        """Build, then load ``cfg.checkpoint`` when it names one (random init otherwise)."""
+        detector = cls(cfg)
+        if cfg.checkpoint:
+            detector.load_checkpoint(cfg.checkpoint)
+        return detector
 
     def _apply_architecture(self, cfg: DetectorConfig) -> None:
         """The options mmdet's config dicts cannot express, set on the built modules."""
@@ -342,27 +316,34 @@ class RegionFeatureExtractor(nn.Module):
         return [_select_regions(p, q, score_thr, min_boxes, max_boxes, nms_iou) for p, q in zip(proposals, probs)]
 
     def load_checkpoint(self, url: str) -> None:
-        """Load MMDetection weights from a path or any fsspec URL (see ``read_checkpoint``).
+        """Load MMDetection weights from a path or any fsspec URL, read by
+        ``detector_convert.read_checkpoint`` (tensors only); see ``load_detector_state``."""
+        state, meta = read_checkpoint(url)
+        self.load_detector_state(state, meta, source=url)
+
+    def load_detector_state(self, state: dict[str, Tensor], meta: Optional[dict] = None, source: str = "") -> None:
+        """Load mmdet-named weights (``backbone.*``, ``rpn_head.*``, ``roi_head.*``) into ``self.detector``.
 
         Raises ValueError naming missing, unexpected and mis-shaped keys, except
-        keys of parts we never use (box regressor, mask heads), and the RPN and box
-        head when the checkpoint's meta says ``parts: backbone`` (then ``has_heads``
+        keys of parts we never use (box regressor, mask heads), BatchNorm counters, and
+        the RPN and box head when ``meta`` says ``parts: backbone`` (then ``has_heads``
         is False and ``detect``/``class_probs`` refuse to run).
         """
-        state, meta = read_checkpoint(url)
-        backbone_only = meta.get("parts") == "backbone"
+        backbone_only = (meta or {}).get("parts") == "backbone"
         ignored_missing = _IGNORED_MISSING + (HEAD_PREFIXES if backbone_only else ())
         own = self.detector.state_dict()
         missing = [k for k in own if k not in state and not k.startswith(ignored_missing)
                    and not k.endswith("num_batches_tracked")]
-        unexpected = [k for k in state if k not in own and not k.startswith(_IGNORED_UNEXPECTED)]
+        # A frozen BatchNorm keeps no counter, so a checkpoint's counters have nowhere to go.
+        unexpected = [k for k in state if k not in own and not k.startswith(_IGNORED_UNEXPECTED)
+                      and not k.endswith("num_batches_tracked")]
         mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                       for k in state if k in own and state[k].shape != own[k].shape]
         if missing or unexpected or mismatched:
             parts = [f"{name} {len(keys)} (e.g. {', '.join(keys[:3])})"
                      for name, keys in (("missing", missing), ("unexpected", unexpected),
                                         ("shape mismatch", mismatched)) if keys]
-            raise ValueError(f"{url}: checkpoint does not fit detector depth={self.cfg.depth} "
+            raise ValueError(f"{source or 'detector state'}: checkpoint does not fit detector depth={self.cfg.depth} "
                              f"num_classes={self.cfg.num_classes}: " + "; ".join(parts))
         self.detector.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
         self.has_heads = not backbone_only

@@ -60,6 +60,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import fsspec
 import numpy as np
 import torch
 from torch import Tensor
@@ -70,6 +71,8 @@ BOX_DELTA_STDS = (0.1, 0.1, 0.2, 0.2)
 # Parts a backbone-only source lacks (as in vlbert.model.detector.HEAD_PREFIXES).
 HEAD_PREFIXES = ("rpn_head.", "roi_head.bbox_head.")
 _BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
+# Prefixes a whole saved state dict may carry (DataParallel, or our own RegionFeatureExtractor).
+_STRIPPED_PREFIXES = ("module.", "detector.")
 
 
 class ConversionError(ValueError):
@@ -86,7 +89,7 @@ class Conversion:
     unused: list[str] = field(default_factory=list)
 
     def checkpoint(self, source: str = "") -> dict:
-        """What ``RegionFeatureExtractor.load_checkpoint`` reads (``torch.save`` it)."""
+        """What ``read_checkpoint`` reads (``torch.save`` it)."""
         return {"state_dict": self.state_dict,
                 "meta": {"source_format": self.source_format, "parts": self.parts, "source": source,
                          "unused_source_keys": list(self.unused)}}
@@ -146,11 +149,15 @@ def load_pickle_weights(data: bytes) -> dict[str, np.ndarray]:
 
 def load_torch_weights(data: bytes) -> dict[str, Tensor]:
     """A torch checkpoint of tensors (``torch.load(weights_only=True)``), bare or under model/state_dict."""
+    return _weights_dict(_load_tensors(data))
+
+
+def _load_tensors(data: bytes):
+    """``torch.load(weights_only=True)``: tensors and plain containers only."""
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
         raise ConversionError(f"not a plain tensor checkpoint (torch.load weights_only=True): {e}") from None
-    return _weights_dict(obj)
 
 
 def _weights_dict(obj) -> dict:
@@ -168,6 +175,32 @@ def _weights_dict(obj) -> dict:
         if all(str(k).startswith(prefix) for k in obj):
             obj = {k[len(prefix):]: v for k, v in obj.items()}
     return {str(k): v for k, v in obj.items()}
+
+
+def read_checkpoint(url: str) -> tuple[dict[str, Tensor], dict]:
+    """A detector checkpoint from a path or any fsspec URL -> (state dict, meta).
+
+    Accepts ``{"state_dict": {...}, "meta": {...}}`` (MMDetection/mmengine, and what
+    ``Conversion.checkpoint`` writes) or a bare state dict; only tensors and plain
+    containers are built (``torch.load(weights_only=True)``). This is the one place the
+    detector's weights are read (``RegionFeatureExtractor.load_checkpoint``).
+    """
+    with fsspec.open(url, "rb") as f:
+        data = f.read()
+    try:
+        obj = _load_tensors(data)
+    except ConversionError as e:
+        raise ValueError(f"{url}: refused to load: {e}. Re-save it as torch.save(ckpt['state_dict'], path)") from None
+    meta = {}
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{url}: expected a state dict of tensors or {{'state_dict': ...}}, got {type(obj).__name__}")
+    for prefix in _STRIPPED_PREFIXES:
+        if obj and all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return obj, meta
 
 
 def read_source(data: bytes) -> dict:

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead, BertPredictionHeadTransform
 
 from vlbert.config import DetectorConfig, ModelConfig
@@ -96,18 +97,23 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> tuple[tor
 class VLBertForPretraining(nn.Module):
     """Detector + VL-BERT + pretraining heads.
 
-    ``cfg.bert`` non-empty: the encoder (and the MLM head's transform and bias,
-    when the checkpoint has them) start from that BERT checkpoint.
+    The constructor builds every module with random weights and reads no file;
+    ``bert_config`` (a checkpoint's architecture) replaces the sizes in ``model_cfg``.
+    ``from_config`` builds and then loads what the configs name: the BERT checkpoint
+    ``model_cfg.bert`` (encoder, and the MLM head's transform and bias when the checkpoint
+    has them) and the detector checkpoint ``detector_cfg.checkpoint``.
 
     Masked-RoI targets are the detector's class distributions on the unmasked image,
     fixed for the whole run. Batches carry them (``regions.npy``); for batches without,
     ``detector_cfg.roi_targets`` decides: "precomputed" raises, "frozen_copy" uses
-    ``target_detector``, a frozen copy of the detector as loaded (part of the state dict,
-    so a resumed run keeps the initial weights), and "detector" the detector itself
-    (only allowed when it is frozen). The moving detector never gives targets.
+    ``target_detector``, a frozen copy of the detector as loaded (retaken by
+    ``load_detector_checkpoint``; part of the state dict, so a resumed run keeps the
+    initial weights), and "detector" the detector itself (only allowed when it is frozen).
+    The moving detector never gives targets.
     """
 
-    def __init__(self, model_cfg: ModelConfig, detector_cfg: DetectorConfig):
+    def __init__(self, model_cfg: ModelConfig, detector_cfg: DetectorConfig,
+                 bert_config: Optional[BertConfig] = None):
         super().__init__()
         self.detector = RegionFeatureExtractor(detector_cfg)
         self.roi_targets = detector_cfg.roi_targets
@@ -115,25 +121,51 @@ class VLBertForPretraining(nn.Module):
             raise ValueError("detector.roi_targets 'detector' with a trainable detector: the targets would drift")
         self.target_detector: Optional[RegionFeatureExtractor] = None
         if self.roi_targets == "frozen_copy" and detector_cfg.trainable:
-            self.target_detector = copy.deepcopy(self.detector).requires_grad_(False).eval()
-        bert_config, state = load_bert_checkpoint(model_cfg.bert) if model_cfg.bert else (None, {})
+            self.target_detector = self._frozen_copy()
         self.vlbert = VLBertModel(model_cfg, self.detector.out_channels, bert_config)
-        if state:
-            self.vlbert.load_bert_state_dict(state)
         config = self.vlbert.config
         self.mlm_head = BertOnlyMLMHead(config)
         self.roi_head = RoIClassificationHead(config, detector_cfg.num_classes)
         init_bert_weights(self.mlm_head, config.initializer_range)
         init_bert_weights(self.roi_head, config.initializer_range)
+        # Tie: the decoder is the word embedding matrix; its bias is the head's bias.
+        predictions = self.mlm_head.predictions
+        predictions.decoder.weight = self.vlbert.embeddings.word_embeddings.weight
+        predictions.decoder.bias = predictions.bias
+
+    # ----------------------------------------------------------------- loading
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, detector_cfg: DetectorConfig) -> "VLBertForPretraining":
+        """Build with the architecture of ``model_cfg.bert``, then load the BERT and detector
+        checkpoints the configs name (each stays randomly initialised when its entry is empty)."""
+        bert_config, state = load_bert_checkpoint(model_cfg.bert) if model_cfg.bert else (None, {})
+        model = cls(model_cfg, detector_cfg, bert_config)
+        if state:
+            model.load_bert_state_dict(state)
+        if detector_cfg.checkpoint:
+            model.load_detector_checkpoint(detector_cfg.checkpoint)
+        return model
+
+    def load_bert_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """BERT weights (``load_bert_checkpoint``'s keys) into the encoder, and ``cls.predictions.*``,
+        when present, into the MLM head (its decoder stays tied to the word embeddings)."""
+        self.vlbert.load_bert_state_dict(state)
         head = {k[len("cls."):]: v for k, v in state.items() if k.startswith("cls.predictions.")}
         head.pop("predictions.decoder.weight", None)
         head.pop("predictions.decoder.bias", None)
         if head:
             self.mlm_head.load_state_dict(head, strict=False)
-        # Tie: the decoder is the word embedding matrix; its bias is the head's bias.
-        predictions = self.mlm_head.predictions
-        predictions.decoder.weight = self.vlbert.embeddings.word_embeddings.weight
-        predictions.decoder.bias = predictions.bias
+
+    def load_detector_checkpoint(self, url: str) -> None:
+        """Load the detector's weights; the frozen target copy is retaken from them, so that
+        masked-RoI targets come from the loaded detector, not from a random one."""
+        self.detector.load_checkpoint(url)
+        if self.target_detector is not None:
+            self.target_detector = self._frozen_copy()
+
+    def _frozen_copy(self) -> RegionFeatureExtractor:
+        return copy.deepcopy(self.detector).requires_grad_(False).eval()
 
     # ----------------------------------------------------------------- tasks
 
@@ -170,7 +202,7 @@ class VLBertForPretraining(nn.Module):
         if self.roi_targets == "precomputed":
             raise ValueError(
                 "a caption batch has no masked-RoI targets (some sample lacks regions.npy) and "
-                "detector.roi_targets is 'precomputed': run tools/extract_regions.py over the shards, "
+                "detector.roi_targets is 'precomputed': run vlbert-extract-regions over the shards, "
                 "or set detector.roi_targets: frozen_copy")
         source = self.target_detector if self.target_detector is not None else self.detector
         return source.class_probs(c.images, c.boxes, c.box_mask)  # unmasked image, no grad

@@ -44,6 +44,13 @@ def _with_run_settings(config: BertConfig, cfg: ModelConfig) -> BertConfig:
     return config
 
 
+def bert_architecture(cfg: ModelConfig) -> Optional[BertConfig]:
+    """The BertConfig of ``cfg.bert`` (its ``config.json`` only, no weights), or None when it is
+    empty (the sizes in ``cfg`` then apply). For building a model whose trained weights come
+    from elsewhere (a finished run's state dict) with the architecture they were trained in."""
+    return BertConfig.from_pretrained(cfg.bert) if cfg.bert else None
+
+
 def load_bert_checkpoint(name_or_folder: str) -> tuple[BertConfig, dict[str, torch.Tensor]]:
     """Read a BERT checkpoint (hub name or folder; safetensors or pytorch_model.bin).
 
@@ -98,8 +105,8 @@ class VLBertModel(nn.Module):
     """VL-BERT encoder. ``appearance_dim`` is the detector's RoI feature size.
 
     ``bert_config`` gives the architecture (from a checkpoint); without it the
-    sizes come from ``cfg``. The weights start random (BERT init); use
-    ``from_config`` / ``from_pretrained`` to load a checkpoint.
+    sizes come from ``cfg``. The constructor reads no file: the weights start
+    random (BERT init); ``from_config`` loads the checkpoint ``cfg.bert`` names.
     """
 
     def __init__(self, cfg: ModelConfig, appearance_dim: int = 2048, bert_config: Optional[BertConfig] = None):
@@ -120,15 +127,10 @@ class VLBertModel(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, appearance_dim: int = 2048) -> "VLBertModel":
-        """``from_pretrained(cfg.bert)`` when a checkpoint is named, else random init."""
-        if cfg.bert:
-            return cls.from_pretrained(cfg.bert, cfg, appearance_dim)
-        return cls(cfg, appearance_dim)
-
-    @classmethod
-    def from_pretrained(cls, name_or_folder: str, cfg: ModelConfig, appearance_dim: int = 2048) -> "VLBertModel":
-        """Build with the checkpoint's architecture and load its BERT weights."""
-        bert_config, state = load_bert_checkpoint(name_or_folder)
+        """Build with the architecture of ``cfg.bert`` and load its weights; random init when it is empty."""
+        if not cfg.bert:
+            return cls(cfg, appearance_dim)
+        bert_config, state = load_bert_checkpoint(cfg.bert)
         model = cls(cfg, appearance_dim, bert_config)
         model.load_bert_state_dict(state)
         return model

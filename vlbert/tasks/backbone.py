@@ -1,6 +1,6 @@
 """Detector + VL-BERT encoder for fine-tuning, and where their weights come from.
 
-Two starting points:
+``TaskModel.from_config`` builds a task's model and loads one of two starting points:
 - a pretraining run: ``load_pretrained_state`` takes the run's exported state
   dict (``model.safetensors`` of ``VLBertForPretraining``: ``detector.*``,
   ``vlbert.*``, ``mlm_head.*``, ``roi_head.*``) and loads the detector and the
@@ -16,12 +16,16 @@ from typing import Optional
 
 import torch
 from torch import nn
+from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from vlbert.config import DetectorConfig, ModelConfig
 from vlbert.model.detector import RegionFeatureExtractor
 from vlbert.model.embeddings import VisualInputs
-from vlbert.model.vlbert import VLBertModel, VLBertOutput, init_bert_weights, load_bert_checkpoint
+from vlbert.model.vlbert import (VLBertModel, VLBertOutput, bert_architecture, init_bert_weights,
+                                 load_bert_checkpoint)
+from vlbert.tasks.config import FinetuneModelConfig
+from vlbert.tasks.pretrained import read_pretrained
 
 PRETRAINED_TRANSFORM = "mlm_head.predictions.transform."
 BERT_TRANSFORM = "cls.predictions.transform."
@@ -38,17 +42,14 @@ class ImageInputs:
 
 
 class Backbone(nn.Module):
-    """Detector + encoder. ``bert`` non-empty: the encoder starts from that checkpoint
-    (``bert_transform`` then holds its MLM transform weights, if any, for the heads)."""
+    """Detector + encoder, randomly initialised (no file is read); ``bert_config``, a
+    checkpoint's architecture, replaces the sizes in ``model_cfg``."""
 
-    def __init__(self, model_cfg: ModelConfig, detector_cfg: DetectorConfig):
+    def __init__(self, model_cfg: ModelConfig, detector_cfg: DetectorConfig,
+                 bert_config: Optional[BertConfig] = None):
         super().__init__()
         self.detector = RegionFeatureExtractor(detector_cfg)
-        bert_config, state = load_bert_checkpoint(model_cfg.bert) if model_cfg.bert else (None, {})
         self.vlbert = VLBertModel(model_cfg, self.detector.out_channels, bert_config)
-        if state:
-            self.vlbert.load_bert_state_dict(state)
-        self.bert_transform = {k[len(BERT_TRANSFORM):]: v for k, v in state.items() if k.startswith(BERT_TRANSFORM)}
 
     @property
     def config(self):
@@ -61,12 +62,60 @@ class Backbone(nn.Module):
         return self.vlbert(input_ids, attention_mask, visual, token_type_ids)
 
     def new_transform(self) -> BertPredictionHeadTransform:
-        """A head transform (dense, GELU, LayerNorm) started from BERT's MLM transform when known."""
+        """A head transform (dense, GELU, LayerNorm), BERT-initialised; the starting weights
+        (``TaskModel.from_config``) replace it with the MLM head's transform when there is one."""
         transform = BertPredictionHeadTransform(self.config)
         init_bert_weights(transform, self.config.initializer_range)
-        if self.bert_transform:
-            transform.load_state_dict(self.bert_transform)
         return transform
+
+
+class TaskModel(nn.Module):
+    """A fine-tuning model: ``self.backbone`` plus task heads, built by the subclass's
+    constructor with random weights (no file read). ``head_transforms`` names the head
+    transforms that start from the MLM head's transform."""
+
+    backbone: Backbone
+
+    def head_transforms(self) -> dict[str, nn.Module]:
+        """Description (for error messages) -> transform module."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, model_cfg: FinetuneModelConfig, detector_cfg: DetectorConfig, *args) -> "TaskModel":
+        """``cls(model_cfg, detector_cfg, *args)`` in the architecture of ``model_cfg.bert`` (when
+        named), then the starting weights the config names: a pretraining run's (``model.pretrained``:
+        detector, encoder, MLM transform), else BERT's (``model.bert``: encoder, and the MLM transform
+        when the checkpoint has one) and the detector's (``detector.checkpoint``)."""
+        if model_cfg.pretrained:
+            model = cls(model_cfg, detector_cfg, *args, bert_config=bert_architecture(model_cfg))
+            model.load_pretrained(read_pretrained(model_cfg.pretrained).state)
+            return model
+        bert_config, state = load_bert_checkpoint(model_cfg.bert) if model_cfg.bert else (None, {})
+        model = cls(model_cfg, detector_cfg, *args, bert_config=bert_config)
+        if state:
+            model.load_bert(state)
+        if detector_cfg.checkpoint:
+            model.backbone.detector.load_checkpoint(detector_cfg.checkpoint)
+        return model
+
+    @classmethod
+    def for_weights(cls, model_cfg: FinetuneModelConfig, detector_cfg: DetectorConfig, *args) -> "TaskModel":
+        """Random weights in the architecture the fine-tuned weights were trained in (``model.bert``'s
+        ``config.json`` when named): what a fine-tuned state dict is loaded into."""
+        return cls(model_cfg, detector_cfg, *args, bert_config=bert_architecture(model_cfg))
+
+    def load_pretrained(self, state: dict[str, torch.Tensor]) -> None:
+        """Detector, encoder and the head transforms from a pretraining run's state dict."""
+        load_pretrained_state(self, state, self.head_transforms())
+
+    def load_bert(self, state: dict[str, torch.Tensor]) -> None:
+        """A BERT checkpoint (``load_bert_checkpoint``'s state): the encoder, and the MLM transform,
+        when the checkpoint has one, into every head transform."""
+        self.backbone.vlbert.load_bert_state_dict(state)
+        transform = {k[len(BERT_TRANSFORM):]: v for k, v in state.items() if k.startswith(BERT_TRANSFORM)}
+        if transform:
+            for module in self.head_transforms().values():
+                module.load_state_dict(transform)
 
 
 def load_pretrained_state(model: nn.Module, state: dict[str, torch.Tensor],

@@ -27,7 +27,7 @@ def load_finetuned(task, weights_url: str) -> torch.nn.Module:
     """The task's model with a fine-tuning run's weights (every key must match)."""
     with fsspec.open(weights_url, "rb") as f:
         state = load_safetensors(f.read())
-    model = task.build_model()
+    model = task.build_model(starting_weights=False)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{weights_url} does not fit the config's model: missing {missing[:5]}, "

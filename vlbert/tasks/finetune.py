@@ -27,7 +27,7 @@ import yaml
 
 from vlbert.config import flatten
 from vlbert.tasks.config import FinetuneConfig, batch_as_data_config
-from vlbert.tasks.pretrained import read_pretrained
+from vlbert.tasks.pretrained import read_pretrained_info
 from vlbert.tasks.sampling import EpochBatchSampler
 from vlbert.train import dist
 from vlbert.train.checkpoint import Checkpointer, rng_state, set_rng_state
@@ -130,11 +130,7 @@ def _finetune(cfg: FinetuneConfig, stop: StopRequest, on_step) -> FinetuneResult
     # ---- model: the same initial weights on every rank
     seed_everything(r.seed)
     model = task.build_model()
-    pretrained_info: dict = {}
-    if cfg.model.pretrained:
-        weights = read_pretrained(cfg.model.pretrained)
-        model.load_pretrained(weights.state)
-        pretrained_info = weights.info
+    pretrained_info = read_pretrained_info(cfg.model.pretrained) if cfg.model.pretrained else {}
     engine = Engine(model, optim, ds_json)
     checkpointer = Checkpointer(r.checkpoint_dir or str(out_dir / "checkpoints"), r.keep_last, rank, world)
 

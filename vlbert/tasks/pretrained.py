@@ -1,6 +1,6 @@
 """Read a pretraining run's exported weights: ``model.safetensors`` and ``model.json``.
 
-``tools/train.py`` writes both into the run's output folder at the end of
+The trainer (``vlbert-train``) writes both into the run's output folder at the end of
 training; ``model.json`` holds the step and the MLflow run id, which the
 fine-tuning run records as a tag (``vlbert.pretrain_run_id``).
 """
@@ -32,11 +32,15 @@ def read_pretrained(url: str) -> PretrainedWeights:
     except FileNotFoundError:
         raise FileNotFoundError(f"model.pretrained: {url} not found (the model.safetensors of a pretraining "
                                 "run, written when its training finished)") from None
-    info: dict[str, Any] = {}
+    return PretrainedWeights(state, read_pretrained_info(url), url)
+
+
+def read_pretrained_info(url: str) -> dict[str, Any]:
+    """The ``model.json`` beside a pretraining run's ``model.safetensors`` (step, MLflow run id);
+    empty when it is absent or unreadable."""
     info_url = posixpath.join(posixpath.dirname(url), "model.json") if "/" in url else "model.json"
     try:
         with fsspec.open(info_url, "r") as f:
-            info = json.load(f)
+            return json.load(f)
     except (FileNotFoundError, json.JSONDecodeError):
-        info = {}
-    return PretrainedWeights(state, info, url)
+        return {}

@@ -9,13 +9,15 @@ correct when its IoU with the ground-truth box is at least 0.5.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import BertConfig
 
 from vlbert.config import DetectorConfig
-from vlbert.tasks.backbone import Backbone, ImageInputs, load_pretrained_state
+from vlbert.tasks.backbone import Backbone, ImageInputs, TaskModel
 from vlbert.tasks.config import FinetuneModelConfig
 from vlbert.tasks.refcoco_data import RefBatch
 
@@ -41,10 +43,11 @@ class RefOutput:
         return {"loss": self.loss.detach(), "acc": self.acc.detach()}
 
 
-class VLBertForRefCOCO(nn.Module):
-    def __init__(self, model_cfg: FinetuneModelConfig, detector_cfg: DetectorConfig):
+class VLBertForRefCOCO(TaskModel):
+    def __init__(self, model_cfg: FinetuneModelConfig, detector_cfg: DetectorConfig,
+                 bert_config: Optional[BertConfig] = None):
         super().__init__()
-        self.backbone = Backbone(model_cfg, detector_cfg)
+        self.backbone = Backbone(model_cfg, detector_cfg, bert_config)
         config = self.backbone.config
         self.transform = self.backbone.new_transform()
         self.dropout = nn.Dropout(model_cfg.head_dropout)
@@ -52,8 +55,8 @@ class VLBertForRefCOCO(nn.Module):
         nn.init.normal_(self.scorer.weight, std=config.initializer_range)
         nn.init.zeros_(self.scorer.bias)
 
-    def load_pretrained(self, state: dict[str, torch.Tensor]) -> None:
-        load_pretrained_state(self, state, {"the RefCOCO+ head": self.transform})
+    def head_transforms(self) -> dict[str, nn.Module]:
+        return {"the RefCOCO+ head": self.transform}
 
     def forward(self, batch: RefBatch) -> RefOutput:
         image = ImageInputs(batch.images, batch.image_sizes, batch.boxes, batch.box_mask)

@@ -50,8 +50,11 @@ class RefCOCOTask:
     def eval_sets(self) -> list[RefEvalSet]:
         return [RefEvalSet(s, self._dataset(s, train=False)) for s in self.c.val_splits]
 
-    def build_model(self) -> VLBertForRefCOCO:
-        return VLBertForRefCOCO(self.cfg.model, self.cfg.detector)
+    def build_model(self, starting_weights: bool = True) -> VLBertForRefCOCO:
+        """With the starting weights the config names (``from_config``), or random weights in the
+        same architecture, to load a fine-tuned state dict into (``for_weights``)."""
+        build = VLBertForRefCOCO.from_config if starting_weights else VLBertForRefCOCO.for_weights
+        return build(self.cfg.model, self.cfg.detector)
 
     def save_artifacts(self, out_dir) -> None:
         pass

@@ -10,13 +10,15 @@ as the reference scales it).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import BertConfig
 
 from vlbert.config import DetectorConfig
-from vlbert.tasks.backbone import Backbone, ImageInputs, load_pretrained_state
+from vlbert.tasks.backbone import Backbone, ImageInputs, TaskModel
 from vlbert.tasks.config import FinetuneModelConfig
 from vlbert.tasks.vqa_data import VQABatch
 
@@ -51,20 +53,20 @@ def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="sum") / logits.shape[0]
 
 
-class VLBertForVQA(nn.Module):
-    def __init__(self, model_cfg: FinetuneModelConfig, detector_cfg: DetectorConfig, num_answers: int):
+class VLBertForVQA(TaskModel):
+    def __init__(self, model_cfg: FinetuneModelConfig, detector_cfg: DetectorConfig, num_answers: int,
+                 bert_config: Optional[BertConfig] = None):
         super().__init__()
         if num_answers < 1:
             raise ValueError(f"num_answers must be >= 1, got {num_answers}")
-        self.backbone = Backbone(model_cfg, detector_cfg)
+        self.backbone = Backbone(model_cfg, detector_cfg, bert_config)
         config = self.backbone.config
         self.head = VQAHead(self.backbone.new_transform(), config.hidden_size, num_answers, model_cfg.head_dropout)
         nn.init.normal_(self.head.classifier.weight, std=config.initializer_range)
         nn.init.zeros_(self.head.classifier.bias)
 
-    def load_pretrained(self, state: dict[str, torch.Tensor]) -> None:
-        """Detector, encoder and the head's transform from a pretraining run's state dict."""
-        load_pretrained_state(self, state, {"the VQA head": self.head.transform})
+    def head_transforms(self) -> dict[str, nn.Module]:
+        return {"the VQA head": self.head.transform}
 
     def forward(self, batch: VQABatch) -> VQAOutput:
         image = ImageInputs(batch.images, batch.image_sizes, batch.boxes, batch.box_mask)

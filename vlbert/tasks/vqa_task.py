@@ -1,6 +1,6 @@
 """VQA as a fine-tuning task: data sets, answer vocabulary, model, prediction and scoring.
 
-The fine-tuning loop (``finetune.py``) and ``tools/evaluate.py`` talk to a task
+The fine-tuning loop (``finetune.py``) and ``vlbert-evaluate`` talk to a task
 through this small surface: ``train_set``, ``build_model``, ``eval_sets``,
 ``predict`` and ``score``.
 """
@@ -77,8 +77,11 @@ class VQATask:
 
     # ----------------------------------------------------------------- model
 
-    def build_model(self) -> VLBertForVQA:
-        return VLBertForVQA(self.cfg.model, self.cfg.detector, len(self.vocab))
+    def build_model(self, starting_weights: bool = True) -> VLBertForVQA:
+        """With the starting weights the config names (``from_config``), or random weights in the
+        same architecture, to load a fine-tuned state dict into (``for_weights``)."""
+        build = VLBertForVQA.from_config if starting_weights else VLBertForVQA.for_weights
+        return build(self.cfg.model, self.cfg.detector, len(self.vocab))
 
     def save_artifacts(self, out_dir) -> None:
         self.vocab.save(str(out_dir / ANSWERS_FILE))

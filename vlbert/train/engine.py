@@ -2,7 +2,7 @@
 
 - ``init_distributed()``: the process group (NCCL on GPUs, gloo on CPUs). Under
   ``torchrun``/``deepspeed``/``srun`` it reads the usual environment; a plain
-  ``python tools/train.py`` gets a one-process group on a free loopback port.
+  ``vlbert-train`` in one process gets a one-process group on a free loopback port.
 - ``Engine``: AdamW with BERT's parameter groups (no weight decay on biases and
   normalisation weights) and the detector's parameters in groups of their own
   (peak learning rate ``optim.lr * optim.detector_lr_mult``), linear warmup then

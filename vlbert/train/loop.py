@@ -149,7 +149,7 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
     # ---- build: the same initial weights on every rank (ZeRO-3 partitions each rank's copy)
     seed_everything(r.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer or cfg.model.bert)
-    model = VLBertForPretraining(cfg.model, cfg.detector)
+    model = VLBertForPretraining.from_config(cfg.model, cfg.detector)
     flops_params = count_parameters(model, skip_prefixes=("detector.", "target_detector."))
     engine = Engine(model, o, ds_json)
     stream = build_pretrain_stream(cfg.data, cfg.masking, tokenizer, rank, world, captions_mb, text_mb)

@@ -9,8 +9,8 @@ ranges allowed):
   *.jsonl / *.json[.gz|.zst]  JSON Lines with a ``text`` field
   *.parquet                Parquet with a ``text`` column
 
-    python tools/prepare_text.py 'dumps/wiki/*.jsonl.gz' --out s3://b/wiki --rows-per-shard 20000
-    python tools/prepare_text.py --check 'dumps/books/*.parquet'
+    vlbert-prepare-text 'dumps/wiki/*.jsonl.gz' --out s3://b/wiki --rows-per-shard 20000
+    vlbert-prepare-text --check 'dumps/books/*.parquet'
 
 ``--check`` reads the inputs and reports, per input, the usable rows, the
 empty or bad ones (by reason) and whether the training loader can read it as

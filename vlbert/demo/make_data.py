@@ -1,6 +1,6 @@
 """Write the demo data set: coloured shapes with captions, a text corpus, a tokenizer.
 
-    python tools/make_demo_data.py --out demo_data [--train-shards 4 --per-shard 250 --val 500 --seed 0 --size 96]
+    python -m vlbert.demo.make_data --out demo_data [--train-shards 4 --per-shard 250 --val 500 --seed 0 --size 96]
 
 Layout under ``--out``:
 
@@ -253,7 +253,7 @@ def make_demo_data(out: Path, train_shards: int = 4, per_shard: int = 250, val: 
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     (out / "README.txt").write_text(
-        "vlbert demo data, made by tools/make_demo_data.py (seed %d).\n"
+        "vlbert demo data, made by vlbert.demo.make_data (seed %d).\n"
         "captions/: WebDataset shards of %dpx images with 1-3 coloured shapes; KEY.json has exact boxes,\n"
         "KEY.regions.npy one-hot targets over manifest.json's class_names (colour x shape).\n"
         "text/: documents of sentences about shapes and colours (JSON Lines and Parquet, 'text' field).\n"

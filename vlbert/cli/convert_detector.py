@@ -1,6 +1,6 @@
 """Convert a published Visual Genome detector checkpoint into this project's detector weights.
 
-    python -m tools.convert_detector SOURCE OUTPUT --config configs/base_e2e.yaml
+    vlbert-convert-detector SOURCE OUTPUT --config configs/base_e2e.yaml
         [--format vlbert_resnet|detectron2_caffe|bua_caffe] [--set detector.depth=101]
 
 SOURCE is one of (README, "Getting the Visual Genome detector"):
@@ -49,7 +49,7 @@ def convert_file(source: str, output: str, det_cfg: DetectorConfig,
     strictly. Returns (summary, the detector holding the converted weights)."""
     with fsspec.open(source, "rb") as f:
         data = f.read()
-    detector = RegionFeatureExtractor(DetectorConfig(**{**det_cfg.__dict__, "checkpoint": ""}))
+    detector = RegionFeatureExtractor(det_cfg)
     try:
         result = convert(read_source(data), detector.detector.state_dict(), fmt,
                          num_anchor_sizes=len(det_cfg.anchor_scales), num_anchor_ratios=len(det_cfg.anchor_ratios))
@@ -78,5 +78,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+
+def cli() -> None:
+    """The console script ``vlbert-convert-detector``: exit status 0 (``main`` returns its summary to Python callers)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,6 +1,6 @@
 """Write a VQA set on demo scenes, in the official VQA v2 formats, for the fine-tuning demo.
 
-    python tools/make_demo_vqa.py --out demo_vqa [--train-questions 1000 --val-questions 500 --seed 1 --size 64]
+    python -m vlbert.demo.make_vqa --out demo_vqa [--train-questions 1000 --val-questions 500 --seed 1 --size 64]
 
 Layout under ``--out``::
 
@@ -11,7 +11,7 @@ Layout under ``--out``::
     val_questions.json               {"answer", "answer_confidence", "answer_id"}], "answer_type",
     val_annotations.json             "question_type", "multiple_choice_answer"}]}
 
-Scenes are drawn as ``tools/make_demo_data.py`` draws them (new images, other
+Scenes are drawn as ``vlbert.demo.make_data`` draws them (new images, other
 seed). Questions ask for colours, shapes, counts, existence and left/right/
 above/below relations; each has 10 human answers, most of them right, some
 wrong, and spelled variously ("2"/"two", "Yes"/"yes", "none" for 0) so that the
@@ -23,17 +23,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tools.make_demo_data import COLOURS, NUMBERS, SHAPES, _add, _relation, make_scene  # noqa: E402
+from vlbert.demo.make_data import COLOURS, NUMBERS, SHAPES, _add, _relation, make_scene
 
 P_RIGHT = 0.8  # chance that a simulated human gives the right answer
 COLOUR_NAMES = list(COLOURS)

@@ -1,6 +1,6 @@
 """Probe a pretrained demo model: fill in masked colour words, with the image and with it blanked.
 
-    python tools/probe_colours.py --config configs/demo.yaml [key=value ...]
+    python -m vlbert.demo.probe_colours --config configs/demo.yaml [key=value ...]
 
 Reads the weights that training exported (``<runtime.output_dir>/model.safetensors``),
 the held-out caption shards (``data.validation``) without any other masking, and the
@@ -17,10 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vlbert.config import ConfigError, MaskingConfig, load_config  # noqa: E402
+from vlbert.config import ConfigError, MaskingConfig, load_config
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -47,7 +44,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from vlbert.data.mixture import build_validation_stream
     from vlbert.model.pretraining import VLBertForPretraining
-    from vlbert.probe import colour_fill_accuracy
+    from vlbert.model.vlbert import bert_architecture
+    from vlbert.demo.probe import colour_fill_accuracy
     from vlbert.tracking import build_tracker
 
     out_dir = Path(cfg.runtime.output_dir)
@@ -68,7 +66,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: not every colour word is one token of the tokenizer: {colours}", file=sys.stderr)
         return 1
 
-    model = VLBertForPretraining(cfg.model, cfg.detector)
+    model = VLBertForPretraining(cfg.model, cfg.detector, bert_architecture(cfg.model))
     model.load_state_dict(load_file(str(weights)), strict=True)
     no_masking = MaskingConfig(mlm_prob=0.0, roi_prob=0.0)
     data_cfg = dataclasses.replace(cfg.data, num_workers=0)

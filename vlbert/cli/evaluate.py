@@ -1,8 +1,8 @@
 """Evaluate a fine-tuned VL-BERT: the official accuracy on a split, or its submission file.
 
-    python tools/evaluate.py --config configs/vqa_base.yaml --weights runs/vqa/model.safetensors --out runs/vqa/eval
+    vlbert-evaluate --config configs/vqa_base.yaml --weights runs/vqa/model.safetensors --out runs/vqa/eval
     # test-dev: no annotations, so only the submission file <out>/val_predictions.json
-    python tools/evaluate.py --config configs/vqa_base.yaml --weights runs/vqa/model.safetensors --out sub \
+    vlbert-evaluate --config configs/vqa_base.yaml --weights runs/vqa/model.safetensors --out sub \
         vqa.val.questions=v2_OpenEnded_mscoco_test-dev2015_questions.json vqa.val.annotations="" \
         'vqa.val.images=[coco/test2015-{00000..00099}.tar]'
 
@@ -16,14 +16,10 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vlbert.config import ConfigError  # noqa: E402
-from vlbert.tasks.config import load_finetune_config  # noqa: E402
+from vlbert.config import ConfigError
+from vlbert.tasks.config import load_finetune_config
 
 
 def main(argv: Optional[list[str]] = None) -> int:

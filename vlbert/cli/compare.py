@@ -5,7 +5,7 @@
     vlbert-compare --run-ids 3f2a... 9c1e... --plot cmp.png --table-out cmp.md
     vlbert-compare --names base-lr1e-4 base-lr2e-4 --tracking-uri http://mlflow:5000
     vlbert-compare --experiment vlbert --filter "params.optim.lr = '2.56e-05'"
-    (or: python tools/compare_runs.py ...)
+    (or: python -m vlbert.cli.compare ...)
 
 Store: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the
 working folder (as training uses). Runs: by ``--run-ids``, or by ``--names`` and/or
@@ -34,13 +34,9 @@ import os
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):  # run as a script: make the repository's vlbert importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from vlbert.compare import (  # noqa: E402  (after the path fix above)
+from vlbert.compare import (
     FETCH_KEYS,
     PRETRAIN_TAG,
     CompareError,

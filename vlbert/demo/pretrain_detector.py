@@ -1,6 +1,6 @@
 """Train the demo's detector to classify its regions, as VL-BERT's detector is trained before pretraining.
 
-    python tools/pretrain_demo_detector.py --config configs/demo.yaml --out demo_data/detector.pth
+    python -m vlbert.demo.pretrain_detector --config configs/demo.yaml --out demo_data/detector.pth
 
 VL-BERT starts from a Faster R-CNN already trained on Visual Genome: its region
 features name what is in each box, and the visual gate (the visual LayerNorm,
@@ -25,10 +25,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vlbert.config import ConfigError, MaskingConfig, load_config  # noqa: E402
+from vlbert.config import ConfigError, MaskingConfig, load_config
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -2,7 +2,7 @@
 
 From the TSV and a folder of downloaded images:
 
-    python tools/prepare_captions.py --tsv Train_GCC-training.tsv --image-dir images/ \\
+    vlbert-prepare-captions --tsv Train_GCC-training.tsv --image-dir images/ \\
         --out s3://bucket/cc3m --per-shard 10000 [--image-name '{index:09d}.jpg'] [--workers 8]
 
 Rows are ``caption<TAB>url`` (the official file) or ``url<TAB>caption``; the URL
@@ -15,8 +15,8 @@ number in the TSV, and the image of a row is ``<image-dir>/<image-name>`` with
 From an img2dataset output (already tar shards), to check and count, or to
 re-shard into ``--per-shard`` samples while dropping the bad ones:
 
-    python tools/prepare_captions.py --shards '/data/cc3m/{00000..00331}.tar' --validate-only
-    python tools/prepare_captions.py --shards '/data/cc3m/*.tar' --out /data/cc3m-clean
+    vlbert-prepare-captions --shards '/data/cc3m/{00000..00331}.tar' --validate-only
+    vlbert-prepare-captions --shards '/data/cc3m/*.tar' --out /data/cc3m-clean
 
 Every image is fully decoded once, so missing, truncated and corrupt images are
 skipped and counted (as are bad rows and empty or non-UTF-8 captions). JPEG,
@@ -300,5 +300,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return result
 
 
-if __name__ == "__main__":
+
+def cli() -> None:
+    """The console script ``vlbert-prepare-captions``: exit status 0 (``main`` returns its summary to Python callers)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

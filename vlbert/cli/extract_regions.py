@@ -1,6 +1,6 @@
 """Detect regions in caption shards; write shards that carry boxes and class distributions.
 
-    python -m tools.extract_regions --config configs/base_e2e.yaml \\
+    vlbert-extract-regions --config configs/base_e2e.yaml \\
         --input 's3://bucket/cc3m/{00000..00331}.tar' --output s3://bucket/cc3m-regions \\
         [--rank $SLURM_PROCID --world-size $SLURM_NTASKS] [--device cuda] [--set detector.checkpoint=...]
 
@@ -214,7 +214,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if not cfg.detector.checkpoint:
         print("warning: detector.checkpoint is empty: regions come from a randomly initialised detector",
               file=sys.stderr)
-    detector = RegionFeatureExtractor(cfg.detector).eval().to(opts.device)
+    detector = RegionFeatureExtractor.from_config(cfg.detector).eval().to(opts.device)
     fs, root = fsspec.core.url_to_fs(opts.output)
     fs.makedirs(root, exist_ok=True)
 
@@ -233,5 +233,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return stats
 
 
-if __name__ == "__main__":
+
+def cli() -> None:
+    """The console script ``vlbert-extract-regions``: exit status 0 (``main`` returns its summary to Python callers)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

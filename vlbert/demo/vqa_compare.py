@@ -1,6 +1,6 @@
 """The fine-tuning demo: does visual-linguistic pretraining help? VQA on the demo scenes.
 
-    python tools/demo_vqa_compare.py --pretrained runs/demo/model.safetensors [--seeds 0 1 2] [key=value ...]
+    python -m vlbert.demo.vqa_compare --pretrained runs/demo/model.safetensors [--seeds 0 1 2] [key=value ...]
 
 Fine-tunes ``configs/vqa_demo.yaml`` once per seed from the demo pretraining run and once
 per seed from the same network without that pretraining (random encoder, the same demo
@@ -15,14 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from vlbert.tasks.config import load_finetune_config  # noqa: E402
+from vlbert.tasks.config import load_finetune_config
 
 ARMS = {"pretrained": None, "no_pretraining": ""}  # model.pretrained override (None: --pretrained)
 
