@@ -158,33 +158,6 @@ def test_random_init_uses_model_config_sizes():
     assert model.encoder.layer[0].attention.self.query.weight.std().item() == pytest.approx(0.02, rel=0.2)
 
 
-def test_visual_gate_init_sets_the_visual_layernorm_weight_and_opens_the_visual_path():
-    """With the gate open the visual term changes the text's embeddings at step 0; closed it does not."""
-    torch.manual_seed(0)
-    closed = VLBertModel.from_config(tiny_cfg(), appearance_dim=A)
-    opened = VLBertModel.from_config(tiny_cfg(visual_gate_init=1.0), appearance_dim=A)
-    assert torch.all(opened.embeddings.visual_layer_norm.weight == 1.0)
-    assert torch.all(opened.embeddings.visual_layer_norm.bias == 0.0)
-    opened.load_state_dict(closed.state_dict() | {"embeddings.visual_layer_norm.weight":
-                                                   torch.ones_like(closed.embeddings.visual_layer_norm.weight)})
-    T, R = 5, 3
-    ids = torch.randint(1, 50, (2, T))
-    mask = torch.ones(2, T, dtype=torch.bool)
-    generator = torch.Generator().manual_seed(1)
-    visual = VisualInputs(appearance=torch.rand(2, R, A, generator=generator),
-                          boxes=torch.tensor([[0.0, 0.0, 20.0, 20.0], [2.0, 3.0, 9.0, 8.0], [5.0, 5.0, 15.0, 18.0]])
-                          .expand(2, R, 4).contiguous(),
-                          image_sizes=torch.tensor([[20, 20], [20, 20]]),
-                          box_mask=torch.ones(2, R, dtype=torch.bool))
-    closed.eval(), opened.eval()
-    other = VisualInputs(**{**visual.__dict__, "appearance": torch.rand(2, R, A, generator=generator)})
-    with torch.no_grad():
-        text_closed = [closed.embeddings(ids, mask, visual=v)[0][:, :T] for v in (visual, other)]
-        text_opened = [opened.embeddings(ids, mask, visual=v)[0][:, :T] for v in (visual, other)]
-    torch.testing.assert_close(text_closed[0], text_closed[1])  # the image cannot reach the text at init
-    assert (text_opened[0] - text_opened[1]).abs().max() > 1e-3  # it does with the gate open
-
-
 # --------------------------------------------------------------------------- padding
 
 

@@ -45,10 +45,6 @@ class ModelConfig:
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     visual_dropout: float = 0.1
-    # Initial weight of the visual LayerNorm, which scales the visual term of every input
-    # element: 0 (the paper) leaves a pretrained BERT's outputs unchanged at the start;
-    # a randomly initialised BERT (bert: "") learns to ground faster starting from 1.
-    visual_gate_init: float = 0.0
     # Geometry embedding: 4 coordinates x geometry_freqs x (sin, cos).
     geometry_freqs: int = 256
     activation_checkpointing: bool = False
@@ -418,8 +414,6 @@ def validate(cfg: Config, source: str = "<config>", check_files: bool = True) ->
     for name in ("hidden_dropout", "attention_dropout", "visual_dropout"):
         v = getattr(m, name)
         _require(0.0 <= v < 1.0, source, f"model.{name}", f"expected a probability in [0, 1), got {v}")
-    _require(0.0 <= m.visual_gate_init <= 10.0, source, "model.visual_gate_init",
-             f"expected a weight in [0, 10] (0 = the paper's closed gate), got {m.visual_gate_init}")
     _require(cfg.detector.depth in (18, 34, 50, 101, 152), source, "detector.depth",
              f"expected one of 18, 34, 50, 101, 152, got {cfg.detector.depth}")
     _require(-1 <= cfg.detector.frozen_stages <= 4, source, "detector.frozen_stages",

@@ -10,8 +10,8 @@ slots, A = appearance feature size, H = hidden size.
 The text part keeps Hugging Face BERT's parameter names (``word_embeddings``,
 ``position_embeddings``, ``token_type_embeddings``, ``LayerNorm``) so BERT
 checkpoints load as they are. The visual part is added to every element after
-its own LayerNorm, whose weight starts at ``visual_gate_init`` (0 by default, as
-in the paper: at initialisation the model is exactly the text BERT).
+its own LayerNorm, whose weight starts at 0: at initialisation the model is
+exactly the text BERT.
 """
 
 from __future__ import annotations
@@ -120,11 +120,9 @@ class VLBertEmbeddings(nn.Module):
         appearance_dim: int,
         geometry_freqs: int = 256,
         visual_dropout: float = 0.1,
-        visual_gate_init: float = 0.0,
     ):
         super().__init__()
         hidden = bert_config.hidden_size
-        self.visual_gate_init = visual_gate_init
         self.geometry_freqs = geometry_freqs
         self.appearance_dim = appearance_dim
         # Text part: Hugging Face BertEmbeddings names.
@@ -145,15 +143,12 @@ class VLBertEmbeddings(nn.Module):
         self.reset_visual_parameters(bert_config.initializer_range)
 
     def reset_visual_parameters(self, std: float = 0.02) -> None:
-        """BERT-style init of the visual part. The visual LayerNorm weight (the "gate" on
-        the visual term) starts at ``visual_gate_init``: 0 keeps a pretrained BERT's
-        outputs unchanged at first (the paper); a randomly initialised BERT has nothing
-        to protect and learns grounding faster with the gate open (1)."""
+        """BERT-style init of the visual part; the visual LayerNorm weight starts at 0."""
         for p in (self.img_token, self.masked_roi_token, self.end_token, self.aux_visual_embedding):
             nn.init.normal_(p, std=std)
         nn.init.normal_(self.visual_projection.weight, std=std)
         nn.init.zeros_(self.visual_projection.bias)
-        nn.init.constant_(self.visual_layer_norm.weight, self.visual_gate_init)
+        nn.init.zeros_(self.visual_layer_norm.weight)
         nn.init.zeros_(self.visual_layer_norm.bias)
 
     # ----------------------------------------------------------------- visual features

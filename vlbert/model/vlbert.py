@@ -117,8 +117,7 @@ class VLBertModel(nn.Module):
             config = bert_config_from_model_config(cfg)
         self.config = config
         self.activation_checkpointing = cfg.activation_checkpointing
-        self.embeddings = VLBertEmbeddings(config, appearance_dim, cfg.geometry_freqs, cfg.visual_dropout,
-                                           cfg.visual_gate_init)
+        self.embeddings = VLBertEmbeddings(config, appearance_dim, cfg.geometry_freqs, cfg.visual_dropout)
         self.encoder = BertEncoder(config)
         init_bert_weights(self, config.initializer_range)
         self.embeddings.reset_visual_parameters(config.initializer_range)
