@@ -5,6 +5,10 @@
 # Extra arguments are config overrides for the training run, e.g. `optim.lr=3e-4`.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
+# One compute thread per process, on any machine: the figures the README shows are those of one
+# thread (floating-point sums, hence the run, differ with the thread count), and on a busy
+# machine two threads that wait for each other are many times slower than one.
+export OMP_NUM_THREADS=1
 OUT="${VLBERT_DEMO_OUT:-runs/demo}"
 start=$SECONDS
 if [ -d "$OUT" ]; then

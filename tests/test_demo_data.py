@@ -77,6 +77,8 @@ def test_boxes_match_shapes_and_captions_name_colours(demo):
         regions = np.load(io.BytesIO(s["regions.npy"]))
         assert regions.dtype == np.float16 and regions.shape == (len(meta["boxes"]), 15)
         assert (regions.sum(1) == 1).all()
+        shapes = [label.split()[1] for label in meta["labels"]]
+        assert len(set(shapes)) == len(shapes), meta["labels"]  # a shape word names one box
         named = [w for w in caption.split() if w in COLOURS]
         assert named == [label.split()[0] for label in meta["labels"]], caption  # in box order
         for (x1, y1, x2, y2), label, row in zip(meta["boxes"], meta["labels"], regions):
@@ -89,7 +91,8 @@ def test_boxes_match_shapes_and_captions_name_colours(demo):
             inside = np.array([_nearest_colour(p) == colour for p in img[cy, x1:x2]])
             assert inside.mean() > 0.4
             ring = np.concatenate([img[max(y1 - 2, 0), x1:x2], img[min(y2 + 1, 95), x1:x2]])
-            assert all(_nearest_colour(p) != colour or p.std() < 15 for p in ring)  # grey outside
+            # grey outside (JPEG tints the pixel next to an edge a little: up to a channel spread of ~16)
+            assert all(_nearest_colour(p) != colour or p.std() < 25 for p in ring)
             colour_counts[colour] += 1
     # colours drawn uniformly: every colour appears, none dominates (~240 shapes)
     assert set(colour_counts) == set(COLOURS)

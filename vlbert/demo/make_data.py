@@ -1,6 +1,6 @@
 """Write the demo data set: coloured shapes with captions, a text corpus, a tokenizer.
 
-    python -m vlbert.demo.make_data --out demo_data [--train-shards 4 --per-shard 250 --val 100 --seed 0 --size 96]
+    python -m vlbert.demo.make_data --out demo_data [--train-shards 4 --per-shard 250 --val 500 --seed 0 --size 96]
 
 Layout under ``--out``:
 
@@ -12,7 +12,7 @@ Layout under ``--out``:
     manifest.json                  colour_words, shape_words, class_names, files, counts
     README.txt
 
-Each image shows 1-3 non-overlapping shapes (circle, square, triangle) in one
+Each image shows 1-3 non-overlapping shapes (circle, square, triangle; each at most once) in one
 of five colours on a noisy grey background. The JSON holds the exact pixel box
 of every shape (``boxes``, ``box_scores`` = 1.0) and ``regions.npy`` a one-hot
 target over the 15 colour x shape classes. Colours are drawn uniformly and
@@ -91,7 +91,11 @@ def make_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[d
     noise = rng.normal(0, 6, size=(size, size, 1))
     img = Image.fromarray(np.clip(grey + noise, 0, 255).astype(np.uint8).repeat(3, axis=2))
     objects: list[dict] = []
-    for _ in range(int(rng.integers(1, 4))):
+    # Each shape at most once per scene: the shape word next to a colour word then names exactly one
+    # box, so every colour word can be read off the image in one lookup (with two circles, only the
+    # caption's single relation could tell them apart, and a third object none).
+    shapes = [str(s) for s in rng.permutation(SHAPES)]
+    for shape in shapes[: int(rng.integers(1, 4))]:
         for _try in range(30):  # rejection sampling: shapes never touch, so each box shows one colour
             s = int(rng.integers(round(0.22 * size), round(0.4 * size) + 1))
             x0, y0 = (int(v) for v in rng.integers(2, size - s - 1, size=2))
@@ -101,7 +105,6 @@ def make_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, list[d
         else:
             break
         colour = str(rng.choice(list(COLOURS)))
-        shape = str(rng.choice(SHAPES))
         mask = _shape_mask(shape, x0, y0, s, size)
         jitter = rng.integers(-10, 11, size=3)
         fill = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOURS[colour], jitter))
@@ -212,7 +215,7 @@ def build_tokenizer(folder: Path):
 # --------------------------------------------------------------------------- main
 
 
-def make_demo_data(out: Path, train_shards: int = 4, per_shard: int = 250, val: int = 100, seed: int = 0,
+def make_demo_data(out: Path, train_shards: int = 4, per_shard: int = 250, val: int = 500, seed: int = 0,
                    size: int = 96, book_files: int = 2, docs_per_file: int = 100, wiki_docs: int = 100) -> dict:
     """Write everything under ``out``; returns the manifest."""
     import pyarrow as pa
@@ -268,7 +271,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--train-shards", type=int, default=4)
     p.add_argument("--per-shard", type=int, default=250)
-    p.add_argument("--val", type=int, default=100)
+    # The colour probe asks about every colour word of the held-out captions: 500 images give 977
+    # queries, a standard error of 0.01 on an accuracy near 0.9 (100 images, 180 queries: 0.02-0.03).
+    p.add_argument("--val", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=96, help="image side in pixels")
     p.add_argument("--book-files", type=int, default=2)

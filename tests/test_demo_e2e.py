@@ -1,0 +1,63 @@
+"""The README's demo end to end, exactly as ``scripts/demo.sh`` runs it, with its figures asserted.
+
+The four commands are read from ``scripts/demo.sh`` itself and run with the demo's data and output
+in a temporary folder: make the demo data, train the demo detector, pretrain ``configs/demo.yaml``
+for its full schedule (DeepSpeed ZeRO-2 on the CPU, tracked in MLflow) and probe the model. It must
+fill in masked colour words from the image (accuracy >= 0.85) and fall to chance without it
+(<= 0.30, chance 0.20). Minutes on 2 cores: marked integration (``.ci/run`` runs it with the rest).
+"""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
+
+
+def demo_commands() -> tuple[list[list[str]], dict[str, str]]:
+    """The ``"$VLBERT_PY" -m module args`` lines of scripts/demo.sh, and the variables it exports."""
+    script = (REPO / "scripts/demo.sh").read_text()
+    exports = dict(re.findall(r"^export (\w+)=(\S+)$", script, re.M))
+    commands = [shlex.split(line)[1:] for line in script.splitlines() if line.startswith('"$VLBERT_PY" -m ')]
+    return commands, exports
+
+
+def test_demo_script_has_the_four_steps():
+    commands, exports = demo_commands()
+    assert [c[1] for c in commands] == ["vlbert.demo.make_data", "vlbert.demo.pretrain_detector",
+                                        "vlbert.cli.train", "vlbert.demo.probe_colours"], commands
+    assert exports.get("OMP_NUM_THREADS") == "1"
+
+
+def test_demo_grounds_colour_words_in_the_image(tmp_path):
+    commands, exports = demo_commands()
+    text = (REPO / "configs/demo.yaml").read_text()
+    assert text.count("demo_data/") >= 6, "configs/demo.yaml no longer reads demo_data/: update this test"
+    data, out, config = tmp_path / "demo_data", tmp_path / "run", tmp_path / "demo.yaml"
+    config.write_text(text.replace("demo_data/", f"{data}/"))
+    substitute = {"demo_data": str(data), "configs/demo.yaml": str(config), "demo_data/detector.pth":
+                  str(data / "detector.pth"), 'runtime.output_dir="$OUT"': f"runtime.output_dir={out}",
+                  "runtime.output_dir=$OUT": f"runtime.output_dir={out}"}
+    # The demo's own environment: its thread setting, a fresh process group, an MLflow store of its own.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(exports, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for command in commands:
+        args = [substitute.get(a, a) for a in command if a != "$@"]
+        proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=1200)
+        assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        print(proc.stdout[-1500:])
+
+    result = json.loads((out / "probe.json").read_text())
+    assert result["probe_colour_chance"] == pytest.approx(0.2)
+    assert result["probe_colour_queries"] >= 500  # the held-out set is large enough for a stable figure
+    assert result["probe_colour_acc_with_image"] >= 0.85, result
+    assert result["probe_colour_acc_blanked"] <= 0.30, result
