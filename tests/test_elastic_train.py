@@ -150,9 +150,13 @@ def test_two_by_two_then_one_by_three_then_three_ranks_continue_one_run(data, tm
     assert run.tags["vlbert.world_size"] == "3" and run.tags["vlbert.data_partitions"] == str(PARTITIONS)
     assert run.tags["vlbert.zero_stage"] == str(stage)
 
-    # The loss goes on: the step after each resume moves no more than steps within a layout do.
+    # The loss goes on: the step after each resume moves about as much as steps within a layout do.
+    # A step's change is one more draw of that noise, and it exceeds the largest of n others with
+    # probability 1/(n+1), so the bound has a margin (1.5x) to keep the check from failing by chance.
+    # Over these few tiny steps it only catches a resume that upsets training badly; a lost weight or
+    # optimizer state is caught exactly by the comparisons of the saved and loaded state.
     loss = dict(zip(hist["loss"].steps, hist["loss"].values))
     boundaries = {step_a + 1, step_b + 1}
     within = [abs(loss[s] - loss[s - 1]) for s in range(2, step_c + 1) if s not in boundaries]
     for s in sorted(boundaries):
-        assert abs(loss[s] - loss[s - 1]) <= max(within), (s, loss)
+        assert abs(loss[s] - loss[s - 1]) <= 1.5 * max(within), (s, loss)

@@ -111,6 +111,59 @@ def train_step(engine: Engine, meter: Meter, batches: list) -> tuple[float, floa
     return loss, tokens
 
 
+def resume(engine: Engine, stream, checkpointer: Checkpointer, latest, seed: int, rank: int
+           ) -> tuple[TrainState, Optional[str]]:
+    """Load the latest checkpoint (``peek_latest()``'s answer, or None for a fresh run) into the
+    engine, the data stream and the RNGs, on this world size or another one; returns the run's
+    counters and the checkpoint's URL (None when nothing was loaded)."""
+    if latest is None:
+        return TrainState(), None
+    saved_engine = (latest[1].get("zero_stage"), latest[1].get("precision"))
+    if None not in saved_engine and saved_engine != (engine.zero_stage, engine.precision):
+        raise ConfigError(f"{latest[0].url} was written under ZeRO-{saved_engine[0]} {saved_engine[1]}; this run "
+                          f"uses ZeRO-{engine.zero_stage} {engine.precision}: keep the DeepSpeed config's ZeRO "
+                          "stage and precision when resuming (runtime.deepspeed_config)")
+    loaded = checkpointer.load(engine, *latest, allow_reshard=True)
+    state = TrainState.from_meta(loaded.meta)
+    stream.load_state_dicts([s["data"] for s in loaded.rank_states])
+    if loaded.resharded:  # no saved generator belongs to this rank now: one keyed on rank and step
+        seed_everything(int(np.random.SeedSequence([seed, rank, state.step]).generate_state(1)[0]))
+    else:
+        set_rng_state(loaded.rank_state["rng"])
+    if engine.global_step != state.step:
+        raise RuntimeError(f"{loaded.info.url}: DeepSpeed is at step {engine.global_step}, "
+                           f"the metadata says {state.step}")
+    return state, loaded.info.url
+
+
+def warn_layout_change(layout, was: str, step: int, world: int, num_workers: int) -> None:
+    log.warning("resuming step %d on a new layout: %s (was %s)", step, layout.describe(), was)
+    if len(set(read_rates(layout.partitions, world, num_workers).values())) > 1:
+        log.warning("this layout reads the %d data partitions at unequal rates, so their epochs will end at "
+                    "different steps (each partition still gives every sample once per epoch); ranks x "
+                    "workers that divide %d read them evenly", layout.partitions, layout.partitions)
+
+
+def start_tracking(cfg: Config, rank: int, world: int, state: TrainState, engine: Engine, layout,
+                   layout_change: Optional[str], flops_params: int, ds_json: dict):
+    """The run's tracker; rank 0 logs the config, environment, layout (and its change, if any:
+    ``layout_change`` is the earlier layout's description) and the config files. The MLflow run
+    may not exist yet (store down): the checkpoint keeps its key until it does."""
+    out_dir = Path(cfg.runtime.output_dir)
+    tracker = build_tracker(cfg.tracking, rank, run_id=state.mlflow_run_id, run_key=state.mlflow_run_key,
+                            spool_dir=cfg.tracking.spool_dir or str(out_dir / "mlflow_spool"))
+    if rank == 0:
+        tracker.log_params(flatten(cfg.to_dict()))
+        tracker.set_tags({**environment_tags(world), "vlbert.zero_stage": str(engine.zero_stage),
+                          "vlbert.precision": engine.precision, "vlbert.flops_params": str(flops_params),
+                          "vlbert.layout": layout.describe(), "vlbert.data_partitions": str(layout.partitions)})
+        if layout_change is not None:  # one tag per change, named by the step the new layout starts from
+            tracker.set_tags({f"vlbert.layout_change.step_{state.step:07d}": f"{layout_change} -> {layout.describe()}"})
+        tracker.log_text((out_dir / "config.yaml").read_text(), "config/config.yaml")
+        tracker.log_text(json.dumps(ds_json, indent=2), "config/deepspeed.json")
+    return tracker
+
+
 def _setup_logging(rank: int) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -170,48 +223,14 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
 
     # ---- resume: weights, optimizer, schedule, data position, RNG, counters, MLflow run
     seed_everything(r.seed + rank)  # masking and dropout differ per rank
-    state, resumed_from = TrainState(), None
-    if latest is not None:
-        saved_engine = (latest[1].get("zero_stage"), latest[1].get("precision"))
-        if None not in saved_engine and saved_engine != (engine.zero_stage, engine.precision):
-            raise ConfigError(f"{latest[0].url} was written under ZeRO-{saved_engine[0]} {saved_engine[1]}; this run "
-                              f"uses ZeRO-{engine.zero_stage} {engine.precision}: keep the DeepSpeed config's ZeRO "
-                              "stage and precision when resuming (runtime.deepspeed_config)")
-    loaded = checkpointer.load(engine, *latest, allow_reshard=True) if latest is not None else None
-    if loaded is not None:
-        state, resumed_from = TrainState.from_meta(loaded.meta), loaded.info.url
-        stream.load_state_dicts([s["data"] for s in loaded.rank_states])
-        if loaded.resharded:  # no saved generator belongs to this rank now: one keyed on rank and step
-            seed_everything(int(np.random.SeedSequence([r.seed, rank, state.step]).generate_state(1)[0]))
-        else:
-            set_rng_state(loaded.rank_state["rng"])
-        if engine.global_step != state.step:
-            raise RuntimeError(f"{resumed_from}: DeepSpeed is at step {engine.global_step}, "
-                               f"the metadata says {state.step}")
-    layout_change = saved_layout is not None and layout.changed_from(saved_layout)
-    if layout_change and rank == 0:
-        log.warning("resuming step %d on a new layout: %s (was %s)", state.step, layout.describe(),
-                    describe_layout(saved_layout))
-        if len(set(read_rates(layout.partitions, world, cfg.data.num_workers).values())) > 1:
-            log.warning("this layout reads the %d data partitions at unequal rates, so their epochs will end at "
-                        "different steps (each partition still gives every sample once per epoch); ranks x "
-                        "workers that divide %d read them evenly", layout.partitions, layout.partitions)
+    state, resumed_from = resume(engine, stream, checkpointer, latest, r.seed, rank)
+    change = describe_layout(saved_layout) if saved_layout is not None and layout.changed_from(saved_layout) else None
+    if change is not None and rank == 0:
+        warn_layout_change(layout, change, state.step, world, cfg.data.num_workers)
     state.layout = layout.to_dict()
 
     # ---- tracking (rank 0): config, environment, artifacts
-    # The MLflow run may not exist yet (store down): the checkpoint keeps its key until it does.
-    tracker = build_tracker(cfg.tracking, rank, run_id=state.mlflow_run_id, run_key=state.mlflow_run_key,
-                            spool_dir=cfg.tracking.spool_dir or str(out_dir / "mlflow_spool"))
-    if rank == 0:
-        tracker.log_params(flatten(cfg.to_dict()))
-        tracker.set_tags({**environment_tags(world), "vlbert.zero_stage": str(engine.zero_stage),
-                          "vlbert.precision": engine.precision, "vlbert.flops_params": str(flops_params),
-                          "vlbert.layout": layout.describe(), "vlbert.data_partitions": str(layout.partitions)})
-        if layout_change:  # one tag per change, named by the step the new layout starts from
-            tracker.set_tags({f"vlbert.layout_change.step_{state.step:07d}":
-                              f"{describe_layout(saved_layout)} -> {layout.describe()}"})
-        tracker.log_text((out_dir / "config.yaml").read_text(), "config/config.yaml")
-        tracker.log_text(json.dumps(ds_json, indent=2), "config/deepspeed.json")
+    tracker = start_tracking(cfg, rank, world, state, engine, layout, change, flops_params, ds_json)
     peak = peak_flops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
     meter, key_log = Meter(), SampleKeyLog(out_dir, rank, state.step) if r.log_sample_keys else None
 
@@ -236,7 +255,7 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
     # Off a terminal the bar stays silent: the log line every runtime.log_every steps is the progress.
     bar = Progress(o.total_steps, "train", initial=state.step, enabled=rank == 0)
     seconds, steps_in_interval, status = 0.0, 0, "FAILED"
-    saved_step = state.step if loaded is not None else -1
+    saved_step = state.step if resumed_from is not None else -1
     try:
         with logging_redirect_tqdm():  # log lines go above the bar
             while state.step < o.total_steps:
