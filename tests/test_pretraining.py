@@ -203,7 +203,7 @@ def test_precomputed_targets_required_raises_on_a_batch_without_them():
     torch.manual_seed(0)
     model = VLBertForPretraining(*tiny_cfgs(roi_targets="precomputed"))
     assert model.target_detector is None
-    with pytest.raises(ValueError, match="extract_regions"):
+    with pytest.raises(ValueError, match="extract-regions"):
         model(PretrainBatch(captions=caption_batch(with_targets=False)))
     model(PretrainBatch(captions=caption_batch(with_targets=True)))  # with regions.npy: fine
 
