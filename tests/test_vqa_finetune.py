@@ -5,6 +5,8 @@ on demo VQA files in the official formats.
 - a tiny fine-tune overfits a few questions (the real model, engine, loss, official metric);
 - a run stopped by SIGTERM resumes to the same losses as an uninterrupted one, in the same
   MLflow run, tagged with the pretraining run it started from;
+- a stop request while the loader waits on a stalled store is honoured within the wait, with a
+  checkpoint of the last step; a stall past the task's wait_timeout_s is a data error (exit 1);
 - vlbert-evaluate reproduces the run's accuracy and writes the submission file;
 - the shipped VQA configs load.
 """
@@ -14,8 +16,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -189,19 +193,19 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(demo_data, vqa, tmp_p
     cfg = tiny(demo_data, vqa, tmp_path / "stopped", "tracking.experiment=stopped", *common)
 
     def on_step(step, loss):
-        if step == 3:  # noticed at the next step's vote: the run stops after step 4
+        if step == 3:  # noticed at the next step's vote, before its batches are used
             os.kill(os.getpid(), signal.SIGTERM)
 
     stopped = finetune(cfg, on_step=on_step)
-    assert stopped.preempted and stopped.signal == "SIGTERM" and stopped.step == 4
-    assert stopped.checkpoint.endswith("step-000004") and stopped.eval_metrics == {}
+    assert stopped.preempted and stopped.signal == "SIGTERM" and stopped.step == 3
+    assert stopped.checkpoint.endswith("step-000003") and stopped.eval_metrics == {}
     assert not (tmp_path / "stopped" / "model.safetensors").exists()
     resumed = finetune(cfg)
-    assert resumed.resumed_from.endswith("step-000004") and resumed.step == 6
-    assert sorted(resumed.losses) == [5, 6]
-    for step in (1, 2, 3, 4):
+    assert resumed.resumed_from.endswith("step-000003") and resumed.step == 6
+    assert sorted(resumed.losses) == [4, 5, 6]
+    for step in (1, 2, 3):
         assert stopped.losses[step] == pytest.approx(straight.losses[step], rel=1e-6, abs=1e-7)
-    for step in (5, 6):
+    for step in (4, 5, 6):
         assert resumed.losses[step] == pytest.approx(straight.losses[step], rel=1e-6, abs=1e-7)
     assert resumed.eval_metrics == pytest.approx(straight.eval_metrics)
 
@@ -213,6 +217,80 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(demo_data, vqa, tmp_p
     hist = fetch_metric_histories(uri, run.run_id, ["loss", "val/vqa_acc"])
     assert hist["loss"].steps == [1, 2, 3, 4, 5, 6]
     assert hist["val/vqa_acc"].values == pytest.approx([resumed.eval_metrics["val/vqa_acc"]])
+
+
+class StalledStore:
+    """Makes the ``stall_at``-th training micro-batch (0-based) wait as if on a store that stopped
+    answering, until ``release`` is set; a run that never gives up that wait fails after 60 s
+    instead of hanging."""
+
+    def __init__(self, monkeypatch, stall_at: int):
+        from vlbert.tasks.vqa_data import VQADataset
+
+        self.stalled, self.release, self.calls = threading.Event(), threading.Event(), 0
+        original = VQADataset.__getitem__
+
+        def getitem(dataset, items):
+            self.calls += 1
+            if self.calls - 1 == stall_at:
+                self.stalled.set()
+                if not self.release.wait(60):
+                    raise RuntimeError("the run never gave up waiting for the stalled batch")
+            return original(dataset, items)
+
+        monkeypatch.setattr(VQADataset, "__getitem__", getitem)
+
+
+def test_a_stop_while_waiting_for_data_checkpoints_the_last_step(demo_data, vqa, tmp_path, monkeypatch):
+    """SIGTERM arrives while step 3 waits for its batch on a stalled store: the run stops within
+    the wait, checkpoints step 2 (with the data position before step 3's batches), and the resumed
+    run's losses equal those of a run that never stopped."""
+    from vlbert.tasks.finetune import finetune
+
+    common = ("optim.total_steps=5", "runtime.checkpoint_every=100")
+    straight = finetune(tiny(demo_data, vqa, tmp_path / "straight", "tracking.experiment=straight", *common))
+
+    store = StalledStore(monkeypatch, stall_at=2)  # one micro-batch per step: step 3's batch
+    cfg = tiny(demo_data, vqa, tmp_path / "stopped", "tracking.experiment=stopped", *common)
+
+    def on_step(step, loss):
+        if step == 2:
+            assert store.stalled.wait(30), "the loader never reached the stalled batch"
+            threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()  # arrives during the wait
+
+    try:
+        stopped = finetune(cfg, on_step=on_step)
+    finally:
+        store.release.set()
+    assert stopped.preempted and stopped.signal == "SIGTERM" and stopped.step == 2
+    assert stopped.checkpoint.endswith("step-000002") and not stopped.eval_metrics
+
+    monkeypatch.undo()
+    resumed = finetune(cfg)
+    assert resumed.resumed_from.endswith("step-000002") and sorted(resumed.losses) == [3, 4, 5]
+    for step in (3, 4, 5):
+        assert resumed.losses[step] == pytest.approx(straight.losses[step], rel=1e-6, abs=1e-7)
+
+
+def test_a_store_that_stops_answering_is_a_data_error(demo_data, vqa, tmp_path, monkeypatch, capsys, caplog):
+    """No batch within vqa.wait_timeout_s: a warning every wait_warn_s, then the command exits 1
+    with a message that says what it waited for."""
+    from vlbert.cli.finetune import main as finetune_main
+
+    cfg = tiny(demo_data, vqa, tmp_path / "out", "optim.total_steps=3", "vqa.wait_warn_s=0.5",
+               "vqa.wait_timeout_s=2")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    store = StalledStore(monkeypatch, stall_at=1)
+    try:
+        with caplog.at_level("WARNING", logger="vlbert.data.prefetch"):
+            assert finetune_main(["--config", str(config)]) == 1
+    finally:
+        store.release.set()
+    err = capsys.readouterr().err
+    assert re.search(r"data error: no batch from the data pipeline for \d+ s \(wait limit 2 s\).*skips so far", err)
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting")]
+    assert len(waits) >= 2 and all("for a batch" in w for w in waits)
 
 
 @pytest.mark.parametrize("name", ["vqa_base.yaml", "vqa_demo.yaml", "vqa_tiny.yaml"])

@@ -1,11 +1,14 @@
 """The command line shared by the run commands (``vlbert.cli.train``, ``vlbert.cli.finetune``):
-``--config FILE [key=value ...]``, under ``python``, ``torchrun`` or ``deepspeed``."""
+``--config FILE [key=value ...]``, under ``python``, ``torchrun`` or ``deepspeed``, and their
+exit status: 0 finished or stopped cleanly on a signal, 2 a config error, 1 a data error
+(a source with no usable sample, no batch within the wait limit) or any other failure."""
 
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Optional
+import sys
+from typing import Any, Callable, Optional
 
 
 def parse_run_args(doc: str, config_help: str, override_example: str,
@@ -22,3 +25,29 @@ def parse_run_args(doc: str, config_help: str, override_example: str,
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     return args
+
+
+def run_command(argv: Optional[list[str]], doc: str, config_help: str, override_example: str,
+                load: Callable[[str, list[str]], Any], run: Callable[[Any], Any],
+                on_finished: Optional[Callable[[Any], None]] = None) -> int:
+    """Parse the command line, ``load(config, overrides)``, ``run(cfg)``; returns the exit status.
+    ``run``'s result has ``preempted``, ``signal``, ``step`` and ``checkpoint``; ``on_finished``
+    sees the result of a run that was not stopped."""
+    from vlbert.config import ConfigError
+    from vlbert.data.prefetch import DataWaitTimeout
+    from vlbert.data.shards import SourceUnusable
+
+    args = parse_run_args(doc, config_help, override_example, argv)
+    try:
+        result = run(load(args.config, args.overrides))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (SourceUnusable, DataWaitTimeout) as e:  # a source with nothing usable, or a store that never answers
+        print(f"data error: {e}", file=sys.stderr)
+        return 1
+    if result.preempted:
+        print(f"stopped on {result.signal} at step {result.step}; checkpoint {result.checkpoint}", file=sys.stderr)
+    elif on_finished is not None:
+        on_finished(result)
+    return 0

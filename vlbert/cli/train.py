@@ -12,38 +12,21 @@ data.wait_timeout_s) or any other failure.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional
 
-from vlbert.config import ConfigError, load_config
-from vlbert.launch import parse_run_args
-from vlbert.data.mixture import DataWaitTimeout
-from vlbert.data.shards import SourceUnusable
-
-DATA_ERRORS = (SourceUnusable, DataWaitTimeout)
+from vlbert.config import load_config
+from vlbert.launch import run_command
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    return parse_run_args(__doc__, "YAML run config (configs/*.yaml)", "optim.lr=1e-4", argv)
+def _train(cfg):
+    from vlbert.train.loop import train
+
+    return train(cfg)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        from vlbert.train.loop import train
-
-        result = train(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except DATA_ERRORS as e:  # a source with nothing usable, or a store that never answers
-        print(f"data error: {e}", file=sys.stderr)
-        return 1
-    if result.preempted:
-        print(f"stopped on {result.signal} at step {result.step}; checkpoint {result.checkpoint}", file=sys.stderr)
-    return 0
+    return run_command(argv, __doc__, "YAML run config (configs/*.yaml)", "optim.lr=1e-4", load_config, _train)
 
 
 if __name__ == "__main__":

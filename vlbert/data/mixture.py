@@ -31,8 +31,6 @@ import copy
 import dataclasses
 import logging
 import os
-import queue
-import time
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -42,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlbert.config import CaptionDataConfig, DataConfig, MaskingConfig
 from vlbert.batch import PretrainBatch
 from vlbert.data.captions import BadSample, collate_captions, decode_caption_sample
-from vlbert.data.prefetch import Prefetcher
+from vlbert.data.prefetch import Prefetcher, wait_for_item
 from vlbert.data.partitions import LayoutError, assignment, default_partitions
 from vlbert.data.shards import Cursor, ShardStream, SkipCounter, expand_urls, record_rng
 from vlbert.data.text import TextSegmenter, WordPieces, collate_text
@@ -53,10 +51,6 @@ TAG_CAPTIONS = 1  # record_rng stream tags: caption sample randomness
 TAG_MIX = 3  # choice of text source per batch
 TAG_VALIDATION = 4
 STATE_VERSION = 2
-
-
-class DataWaitTimeout(RuntimeError):
-    """No batch came from the data pipeline within ``data.wait_timeout_s``."""
 
 
 def _identity(x):
@@ -260,26 +254,11 @@ class PretrainStream:
         """
         if self._iter is None:
             self._iter = Prefetcher(self._batches())
-        start = time.monotonic()
-        next_warning = self.cfg.wait_warn_s
-        while True:
-            try:
-                logical, part, worker_next, batch, state = self._iter.get(timeout=Prefetcher.poll_s)
-                break
-            except queue.Empty:
-                pass
-            if should_stop is not None and should_stop():
-                return None
-            waited = time.monotonic() - start
-            if self.cfg.wait_timeout_s and waited >= self.cfg.wait_timeout_s:
-                raise DataWaitTimeout(
-                    f"rank {self.rank}: no batch from the data pipeline for {waited:.0f} s "
-                    f"(data.wait_timeout_s={self.cfg.wait_timeout_s:g}); the store may be unreachable or "
-                    f"very slow; skips so far: {self.skip_counts()}")
-            if waited >= next_warning:
-                log.warning("rank %d: waiting %.0f s for a batch (skips so far: %s)", self.rank, waited,
-                            self.skip_counts())
-                next_warning += self.cfg.wait_warn_s
+        got, item = wait_for_item(self._iter, should_stop, self.cfg.wait_warn_s, self.cfg.wait_timeout_s,
+                                  lambda: f"rank {self.rank}, data.wait_timeout_s; skips so far: {self.skip_counts()}")
+        if not got:
+            return None
+        logical, part, worker_next, batch, state = item
         self._states[part] = state
         self._worker_next[logical] = worker_next
         self._next = (logical + 1) % self.n_logical

@@ -9,11 +9,19 @@ in time; the caller decides what to do between polls.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator, Optional
+
+log = logging.getLogger(__name__)
 
 POLL_S = 0.25  # how often a blocked producer looks whether it was closed
+
+
+class DataWaitTimeout(RuntimeError):
+    """No item came from a data pipeline within its wait limit (``wait_timeout_s``)."""
 
 
 class Prefetcher:
@@ -65,3 +73,27 @@ class Prefetcher:
         self._closed.set()
         if wait_s > 0:
             self._thread.join(wait_s)
+
+
+def wait_for_item(prefetcher: Prefetcher, should_stop: Optional[Callable[[], bool]], warn_s: float,
+                  timeout_s: float, describe: Callable[[], str]) -> tuple[bool, Any]:
+    """Wait for ``prefetcher``'s next item, watching the wait: ``(True, item)``, or ``(False, None)``
+    as soon as ``should_stop()`` is true while nothing has come. A warning every ``warn_s`` seconds;
+    ``DataWaitTimeout`` after ``timeout_s`` (0 = no limit). ``describe()`` adds the pipeline's state
+    (its skip counts, say) to both messages. ``StopIteration`` and the iterator's own errors pass."""
+    start = time.monotonic()
+    next_warning = warn_s
+    while True:
+        try:
+            return True, prefetcher.get(timeout=Prefetcher.poll_s)
+        except queue.Empty:
+            pass
+        if should_stop is not None and should_stop():
+            return False, None
+        waited = time.monotonic() - start
+        if timeout_s and waited >= timeout_s:
+            raise DataWaitTimeout(f"no batch from the data pipeline for {waited:.0f} s (wait limit {timeout_s:g} s); "
+                                  f"the store may be unreachable or very slow; {describe()}")
+        if waited >= next_warning:
+            log.warning("waiting %.0f s for a batch (%s)", waited, describe())
+            next_warning += warn_s

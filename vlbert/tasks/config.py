@@ -35,6 +35,17 @@ def _image_config() -> CaptionDataConfig:
 
 
 @dataclass
+class TaskLoaderConfig:
+    """How a task's training examples are loaded, and how long a step may wait for them."""
+
+    num_workers: int = 2
+    seed: int = 0
+    # Waiting for a batch: a warning every wait_warn_s, an error after wait_timeout_s (0 = no limit).
+    wait_warn_s: float = 60.0
+    wait_timeout_s: float = 900.0
+
+
+@dataclass
 class VQASplitConfig:
     """One split in the official VQA v2 files, plus the image shards that hold its images."""
 
@@ -44,7 +55,7 @@ class VQASplitConfig:
 
 
 @dataclass
-class VQADataConfig:
+class VQADataConfig(TaskLoaderConfig):
     tokenizer: str = ""  # empty = model.bert
     train: list[VQASplitConfig] = field(default_factory=list)  # e.g. train2014 (+ val2014 for test-dev)
     val: Optional[VQASplitConfig] = None
@@ -54,12 +65,10 @@ class VQADataConfig:
     max_question_tokens: int = 32  # question tokens, without [CLS] [SEP] [MASK] [SEP]
     batch_size: int = 256  # global questions per optimizer step
     eval_batch_size: int = 64  # per rank
-    num_workers: int = 2
-    seed: int = 0
 
 
 @dataclass
-class RefCOCODataConfig:
+class RefCOCODataConfig(TaskLoaderConfig):
     """RefCOCO+ in the REFER layout: ``refs(unc).p`` is a pickle, so the refs are read
     from a JSON export of it (``refs``: the same records) plus ``instances.json``."""
 
@@ -75,8 +84,6 @@ class RefCOCODataConfig:
     positive_iou: float = 0.5
     batch_size: int = 32
     eval_batch_size: int = 32
-    num_workers: int = 2
-    seed: int = 0
 
 
 @dataclass
@@ -123,6 +130,8 @@ def validate_finetune(cfg: FinetuneConfig, source: str = "<config>", check_files
     _require(bool(cfg.tokenizer), source, "vqa.tokenizer" if cfg.vqa else "refcoco.tokenizer",
              "set a tokenizer when model.bert is empty")
     _require(t.batch_size > 0 and t.eval_batch_size > 0, source, "batch_size", "must be positive")
+    _require(t.wait_warn_s > 0 and t.wait_timeout_s >= 0, source, "wait_warn_s",
+             "wait_warn_s must be positive and wait_timeout_s >= 0 (0 = no limit)")
     _require(o.lr > 0, source, "optim.lr", "must be positive")
     _require(o.total_steps > 0 or cfg.epochs > 0, source, "epochs", "set epochs or optim.total_steps")
     _require(o.grad_accum >= 1 and t.batch_size % o.grad_accum == 0, source, "optim.grad_accum",

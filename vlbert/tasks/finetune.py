@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from vlbert.config import flatten
+from vlbert.data.prefetch import Prefetcher, wait_for_item
 from vlbert.tasks.config import FinetuneConfig, batch_as_data_config
 from vlbert.tasks.pretrained import read_pretrained_info
 from vlbert.tasks.sampling import EpochBatchSampler
@@ -165,13 +166,19 @@ def _finetune(cfg: FinetuneConfig, stop: StopRequest, on_step) -> FinetuneResult
                                          num_workers=task_cfg.num_workers,
                                          generator=torch.Generator().manual_seed(task_cfg.seed),
                                          prefetch_factor=2 if task_cfg.num_workers else None)
-    batches = iter(loader)
+    # Made in a background thread, so that a step waiting on a slow store still sees a stop request.
+    batches = Prefetcher(iter(loader), name="vlbert-finetune-data")
     skips: dict[str, int] = {}
 
     def next_batch():
+        """The next usable micro-batch, or None when a stop is requested while waiting for one."""
         nonlocal consumed
         while True:
-            batch, skipped = next(batches)
+            got, item = wait_for_item(batches, lambda: stop.requested, task_cfg.wait_warn_s, task_cfg.wait_timeout_s,
+                                      lambda: f"rank {rank}; skips so far: {skips}")
+            if not got:
+                return None
+            batch, skipped = item
             consumed += 1
             for k, n in skipped.items():
                 skips[k] = skips.get(k, 0) + n
@@ -179,18 +186,32 @@ def _finetune(cfg: FinetuneConfig, stop: StopRequest, on_step) -> FinetuneResult
                 return batch
 
     result = FinetuneResult(step=step, total_steps=total_steps, resumed_from=resumed_from)
+    saved_step = step if resumed_from is not None else -1
     sums: dict[str, float] = {}  # the model output's metrics (loss, accuracy), summed over the interval
     interval, t0, status = 0, time.perf_counter(), "FAILED"
     bar = Progress(total_steps, f"finetune {task.name}", initial=step, enabled=rank == 0)
     try:
         while step < total_steps:
+            step_start = consumed
+            micro = []
+            while len(micro) < cfg.optim.grad_accum and (batch := next_batch()) is not None:
+                micro.append(batch)
+            # The ranks agree before the step's first collective: a rank that gave up waiting for
+            # data on a stop request never leaves the others inside one.
+            if dist.any_rank(len(micro) < cfg.optim.grad_accum or stop.requested):
+                consumed = step_start  # this step's batches were not used
+                result.preempted, result.signal = True, stop.signal or "peer"
+                if saved_step != step:
+                    result.checkpoint, saved_step = save(), step
+                log.warning("stopped at step %d on %s; checkpoint %s", step, result.signal, result.checkpoint)
+                break
             lr, local = engine.lr, {}
-            for _ in range(cfg.optim.grad_accum):
-                for k, v in engine.step(next_batch()).metrics().items():
+            for batch in micro:
+                for k, v in engine.step(batch).metrics().items():
                     local[k] = local.get(k, 0.0) + float(v) / cfg.optim.grad_accum
             step += 1
             keys = sorted(local)  # the same on every rank: one model
-            votes, *means = dist.all_sum([float(stop.requested)] + [local[k] for k in keys])
+            means = dist.all_sum([local[k] for k in keys])
             for k, v in zip(keys, means):
                 sums[k] = sums.get(k, 0.0) + v / world
             loss = result.losses[step] = means[keys.index("loss")] / world
@@ -208,14 +229,10 @@ def _finetune(cfg: FinetuneConfig, stop: StopRequest, on_step) -> FinetuneResult
             if r.val_every and step % r.val_every == 0 and step < total_steps:
                 with engine.eval_mode():
                     tracker.log_metrics(run_evaluation(task, engine.evaluate, rank, world, None), step)
-            if step % r.checkpoint_every == 0 or step == total_steps or votes > 0:
-                result.checkpoint = save()
+            if step % r.checkpoint_every == 0 or step == total_steps:
+                result.checkpoint, saved_step = save(), step
             if on_step is not None:
                 on_step(step, loss)
-            if votes > 0:
-                result.preempted, result.signal = True, stop.signal or "peer"
-                log.warning("stopped at step %d on %s; checkpoint %s", step, result.signal, result.checkpoint)
-                break
         if not result.preempted:
             with engine.eval_mode():
                 result.eval_metrics = run_evaluation(task, engine.evaluate, rank, world, out_dir)
@@ -229,6 +246,7 @@ def _finetune(cfg: FinetuneConfig, stop: StopRequest, on_step) -> FinetuneResult
         status = "KILLED" if result.preempted else "FINISHED"
     finally:
         bar.close()
+        batches.close(wait_s=5.0)  # lets the loader's workers go before the process exits
         # Preempted: the requeued attempt sends what is left in the spool.
         tracker.close(status, timeout_s=min(5.0, cfg.tracking.drain_timeout_s) if result.preempted else None)
         engine.close()
