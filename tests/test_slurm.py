@@ -9,7 +9,9 @@ trainer (tools/train.py, configs/tiny.yaml) on 2 ranks, one per node, gloo on th
   the same losses and the same final data position on every rank as the uninterrupted job
   (so no sample was repeated or skipped);
 - a job preempted on 2 nodes and given 1 node while requeued resumes on 1 rank into the same
-  MLflow run, with the layout change tagged and every data partition read in its own order.
+  MLflow run, with the layout change tagged and every data partition read in its own order;
+- a fine-tuning job (slurm/finetune.sh, VQA) preempted the same way resumes and finishes with its
+  evaluation, in one MLflow run.
 
 Needs root and Debian's slurm-wlm and munge (scripts/system_deps.sh). Run alone with
 ``python -m pytest -m slurm``.
@@ -81,12 +83,18 @@ def submit(slurm: SlurmCluster, data: Path, folder: Path, extra: tuple[str, ...]
         # trainer's global torch RNG (which starting a DataLoader draws from).
         "model.hidden_dropout=0", "model.attention_dropout=0", "model.visual_dropout=0", *extra,
     ]
+    return sbatch(slurm, folder, "slurm/pretrain.sh", "configs/tiny.yaml", overrides)
+
+
+def sbatch(slurm: SlurmCluster, folder: Path, script: str, config: str, overrides: list[str]) -> Job:
+    """sbatch ``script config overrides`` on 2 nodes x 1 task, CPU only; output, logs and the
+    MLflow store under ``folder``."""
     env = {"VLBERT_OUTPUT_DIR": str(folder / "run"), "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}",
            "VLBERT_PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO)}  # tools/train.py imports this checkout's vlbert, not another install
+           "PYTHONPATH": str(REPO)}  # the entry script imports this checkout's vlbert, not another install
     job_id = slurm.sbatch(["--job-name=vlbert-test", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
                            "--cpus-per-task=1", "--time=15", f"--output={folder}/job-%j.out",
-                           f"--error={folder}/job-%j.err", "slurm/pretrain.sh", "configs/tiny.yaml", *overrides],
+                           f"--error={folder}/job-%j.err", script, config, *overrides],
                           cwd=REPO, env=env)
     return Job(job_id, folder, {})
 
@@ -147,20 +155,16 @@ def test_two_nodes_train_the_requested_steps_into_one_mlflow_run(straight):
     assert hist["samples_seen"].values == [float(GLOBAL_BATCH * s) for s in range(1, STEPS + 1)]
 
 
-def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_run(slurm, demo_data, straight,
-                                                                         tmp_path_factory):
-    t0 = time.monotonic()
-    job = submit(slurm, demo_data, tmp_path_factory.mktemp("preempted"))
-    first = job.checkpoint(2) / "COMPLETE"
+def preempt_and_requeue(slurm: SlurmCluster, job: Job, checkpoint: Path) -> None:
+    """Once ``checkpoint`` is complete, do what Slurm does before the time limit with
+    --signal=B:USR1@120, wait for the job to requeue itself, and start it again at once."""
     deadline = time.monotonic() + JOB_TIMEOUT
-    while not first.exists():
+    while not (checkpoint / "COMPLETE").exists():
         info = slurm.job(job.id)
         assert info.get("JobState") in ("PENDING", "RUNNING"), f"{info.get('JobState')} before a checkpoint:\n" \
                                                                  + job.log[-4000:]
         assert time.monotonic() < deadline, "no checkpoint in time:\n" + job.log[-4000:]
         time.sleep(0.3)
-
-    # What Slurm does before the time limit with --signal=B:USR1@120.
     slurm.cmd("scancel", "--signal=USR1", "--batch", str(job.id))
     pending = slurm.wait_job(job.id, lambda i: i["JobState"] == "PENDING" and i.get("Restarts") == "1", 120,
                              "requeue", on_timeout=lambda: job.log[-4000:])
@@ -168,6 +172,13 @@ def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_run(slurm,
     # requeue the controller may still show Reason=None): start it now either way.
     assert pending["Reason"] in ("BeginTime", "None"), pending
     slurm.release(job.id)
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_into_the_same_run(slurm, demo_data, straight,
+                                                                         tmp_path_factory):
+    t0 = time.monotonic()
+    job = submit(slurm, demo_data, tmp_path_factory.mktemp("preempted"))
+    preempt_and_requeue(slurm, job, job.checkpoint(2))
     finish(slurm, job)
     print(f"preempted job: {time.monotonic() - t0:.0f} s")
 
@@ -249,3 +260,46 @@ def test_requeued_job_resumes_on_one_node_into_the_same_run(slurm, demo_data, tm
     cfg = load_config(job.output / "config.yaml")
     assert_exactly_once(cfg.data, AutoTokenizer.from_pretrained(cfg.data.tokenizer), 2, consumed_batches(job.output),
                         full_epoch=False)
+
+
+def test_preempted_finetuning_job_resumes_into_the_same_run(slurm, demo_data, tmp_path_factory):
+    """slurm/finetune.sh (tools/finetune.py, configs/vqa_tiny.yaml on the demo VQA files) on 2 nodes:
+    preempted with USR1, requeued, resumed from its checkpoint; it finishes with its evaluation,
+    in one MLflow run with one loss value per step."""
+    from vlbert.demo.make_vqa import make_demo_vqa
+    from vlbert.tracking import fetch_metric_histories, fetch_runs
+
+    folder = tmp_path_factory.mktemp("finetune")
+    vqa = folder / "vqa"
+    make_demo_vqa(vqa, train_questions=16, val_questions=8, seed=0)
+    steps = 60  # a step takes a fraction of a second: room for the signal to arrive mid-run
+
+    def split(name: str) -> str:
+        return json.dumps({"questions": str(vqa / f"{name}_questions.json"),
+                           "annotations": str(vqa / f"{name}_annotations.json"),
+                           "images": [str(vqa / f"images/{name}-*.tar")]})
+
+    t0 = time.monotonic()
+    job = sbatch(slurm, folder, "slurm/finetune.sh", "configs/vqa_tiny.yaml", [
+        f"vqa.tokenizer={demo_data / 'tokenizer'}", f"vqa.train=[{split('train')}]", f"vqa.val={split('val')}",
+        f"optim.total_steps={steps}", "runtime.checkpoint_every=3", "tracking.experiment=slurm-finetune",
+        "tracking.system_metrics=false"])
+    preempt_and_requeue(slurm, job, job.output / "checkpoints" / "step-000003")
+    finish(slurm, job)
+    print(f"preempted fine-tuning job: {time.monotonic() - t0:.0f} s")
+
+    log = job.log
+    assert job.info["JobState"] == "COMPLETED" and job.info["ExitCode"] == "0:0", log[-4000:]
+    assert job.info["Restarts"] == "1" and f"requeueing job {job.id}" in log, log[-4000:]
+    k = int(re.search(r"stopped on SIGUSR1 at step (\d+)", log).group(1))
+    print(f"stopped at step {k} of {steps}")
+    assert 3 <= k < steps, f"stopped at step {k}: the second attempt had nothing to do"
+    assert re.search(rf"resuming from \S*step-{k:06d}", log), log[-4000:]
+    metrics = read_json(job.output / "eval_metrics.json")
+    assert 0.0 <= metrics["val/vqa_acc"] <= 100.0
+    assert (job.output / "model.safetensors").exists()
+    (run,) = fetch_runs(job.tracking_uri, experiment="slurm-finetune")
+    assert run.status == "FINISHED" and run.tags["vlbert.task"] == "vqa" and run.tags["vlbert.world_size"] == "2"
+    hist = fetch_metric_histories(job.tracking_uri, run.run_id, ["loss", "val/vqa_acc"])
+    assert hist["loss"].steps == list(range(1, steps + 1))  # one value per step across both attempts
+    assert hist["val/vqa_acc"].values == pytest.approx([metrics["val/vqa_acc"]])
