@@ -72,6 +72,15 @@ def test_schedule_warms_up_then_decays_linearly_to_zero():
     assert warmup_linear_decay(0, 0, 10) == 1.0
 
 
+def test_schedule_can_hold_the_peak_and_decay_over_the_last_steps():
+    f = [warmup_linear_decay(s, 2, 12, decay_steps=4) for s in range(14)]
+    assert f == pytest.approx([0.0, 0.5, 1, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25, 0.0, 0.0])
+    # A decay as long as the steps after the warmup (or longer) is the plain linear schedule.
+    for decay in (10, 50):
+        assert [warmup_linear_decay(s, 2, 12, decay) for s in range(14)] == [warmup_linear_decay(s, 2, 12)
+                                                                              for s in range(14)]
+
+
 def test_param_groups_exempt_biases_and_normalisation_but_not_embeddings():
     model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 4), nn.LayerNorm(4), nn.BatchNorm1d(4), nn.Linear(4, 5))
     model[4].weight = model[0].weight  # tied, as the MLM decoder

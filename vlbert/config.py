@@ -197,6 +197,9 @@ class OptimConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 16000
     total_steps: int = 250000
+    # 0: decay linearly to 0 over every step after the warmup (BERT, VL-BERT). N > 0: hold the
+    # peak until the last N steps, then decay linearly to 0 over them (warmup-stable-decay).
+    decay_steps: int = 0
     grad_clip: float = 10.0
     grad_accum: int = 1
     # Peak learning rate of the detector's trainable parameters as a multiple of ``lr``
@@ -459,6 +462,9 @@ def validate(cfg: Config, source: str = "<config>", check_files: bool = True) ->
              f"expected two values in [0, 1), got {o.betas}")
     _require(0 <= o.warmup_steps <= o.total_steps and o.total_steps > 0, source, "optim.warmup_steps",
              f"expected 0 <= warmup_steps <= total_steps, got {o.warmup_steps} and {o.total_steps}")
+    _require(0 <= o.decay_steps <= o.total_steps - o.warmup_steps, source, "optim.decay_steps",
+             f"expected 0 <= decay_steps <= total_steps - warmup_steps = {o.total_steps - o.warmup_steps}, "
+             f"got {o.decay_steps}")
     _require(o.grad_accum >= 1, source, "optim.grad_accum", "must be >= 1")
     _require(o.detector_lr_mult > 0, source, "optim.detector_lr_mult",
              f"must be positive (to keep the detector fixed set detector.trainable: false), got {o.detector_lr_mult}")

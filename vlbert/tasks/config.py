@@ -133,6 +133,7 @@ def validate_finetune(cfg: FinetuneConfig, source: str = "<config>", check_files
     _require(t.wait_warn_s > 0 and t.wait_timeout_s >= 0, source, "wait_warn_s",
              "wait_warn_s must be positive and wait_timeout_s >= 0 (0 = no limit)")
     _require(o.lr > 0, source, "optim.lr", "must be positive")
+    _require(o.decay_steps >= 0, source, "optim.decay_steps", "must be >= 0 (0: decay over every step after the warmup)")
     _require(o.total_steps > 0 or cfg.epochs > 0, source, "epochs", "set epochs or optim.total_steps")
     _require(o.grad_accum >= 1 and t.batch_size % o.grad_accum == 0, source, "optim.grad_accum",
              f"must divide the batch size {t.batch_size}")

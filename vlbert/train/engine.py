@@ -280,7 +280,7 @@ class Engine:
 
         def schedule(opt):  # built on DeepSpeed's wrapper of the optimizer
             return torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda step: warmup_linear_decay(step, optim.warmup_steps, optim.total_steps))
+                opt, lambda step: warmup_linear_decay(step, optim.warmup_steps, optim.total_steps, optim.decay_steps))
 
         self._ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
@@ -507,13 +507,13 @@ class Engine:
     def _apply_schedule(self) -> None:
         """Set the learning rate of the restored step from *our* schedule: the
         checkpoint gives the position, the config (peak lr, detector multiplier,
-        warmup, total steps) the shape, so a resumed run may change them."""
+        warmup, decay and total steps) the shape, so a resumed run may change them."""
         sched, o = self.scheduler, self.optim_cfg
         groups = sched.optimizer.param_groups
         if len(groups) != len(self._lr_mults):
             raise RuntimeError(f"the checkpoint's optimizer has {len(groups)} parameter groups, "
                                f"this model {len(self._lr_mults)}")
-        factor = warmup_linear_decay(sched.last_epoch, o.warmup_steps, o.total_steps)
+        factor = warmup_linear_decay(sched.last_epoch, o.warmup_steps, o.total_steps, o.decay_steps)
         sched.base_lrs = [o.lr * mult for mult in self._lr_mults]
         for group, base, mult in zip(groups, sched.base_lrs, self._lr_mults):
             group["lr"], group["initial_lr"], group["lr_mult"] = base * factor, base, mult
