@@ -1,6 +1,6 @@
 """Write the demo data set: coloured shapes with captions, a text corpus, a tokenizer.
 
-    python -m vlbert.demo.make_data --out demo_data [--train-shards 4 --per-shard 250 --val 500 --seed 0 --size 96]
+    python -m vlbert.demo.make_data --out demo_data [--train-shards 16 --per-shard 250 --val 500 --seed 0 --size 96]
 
 Layout under ``--out``:
 
@@ -215,7 +215,7 @@ def build_tokenizer(folder: Path):
 # --------------------------------------------------------------------------- main
 
 
-def make_demo_data(out: Path, train_shards: int = 4, per_shard: int = 250, val: int = 500, seed: int = 0,
+def make_demo_data(out: Path, train_shards: int = 16, per_shard: int = 250, val: int = 500, seed: int = 0,
                    size: int = 96, book_files: int = 2, docs_per_file: int = 100, wiki_docs: int = 100) -> dict:
     """Write everything under ``out``; returns the manifest."""
     import pyarrow as pa
@@ -269,7 +269,9 @@ def make_demo_data(out: Path, train_shards: int = 4, per_shard: int = 250, val: 
 def main(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--train-shards", type=int, default=4)
+    # 4000 training images: with 1000, the demo detector learns them by heart (held-out shape
+    # accuracy 0.89 against 0.99) and pretraining sees each image 24 times.
+    p.add_argument("--train-shards", type=int, default=16)
     p.add_argument("--per-shard", type=int, default=250)
     # The colour probe asks about every colour word of the held-out captions: 500 images give 977
     # queries, a standard error of 0.01 on an accuracy near 0.9 (100 images, 180 queries: 0.02-0.03).
