@@ -52,3 +52,9 @@ def test_cli_shows_downstream_scores(tmp_path, capsys):
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("downstream val/vqa_acc"))
     assert "62.00 ± 2.83 (2)" in line
+
+    # The fine-tuning runs compared with each other: their evaluation is a row of the table.
+    assert main(["--tracking-uri", uri, "--experiment", "vlbert-vqa", "--plot", ""]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("val/vqa_acc final"))
+    assert line.split()[2:] == ["60", "64"]

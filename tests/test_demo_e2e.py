@@ -5,10 +5,11 @@ in a temporary folder: make the demo data, train the demo detector, pretrain ``c
 for its full schedule (DeepSpeed ZeRO-2 on the CPU, tracked in MLflow) and probe the model. It must
 fill in masked colour words from the image and fall to chance without it (<= 0.30, chance 0.20).
 
-The bar with the image, 0.55, is what no model that ignores the image reaches (blanked it scores
-about 0.20) and what every seed measured so far clears with a margin (0.66, 0.86, 0.75 for seeds
-0-2; README). It is below the 0.85 the demo aims at, because the demo does not reach that on
-every seed yet. Minutes on 2 cores: marked integration (``.ci/run`` runs it with the rest).
+The bar with the image, 0.70, is far above what a model that ignores the image reaches (blanked it
+scores about 0.20) and below every seed measured with this config (0.87, 0.83 and 0.89 for seeds
+0-2; README), with room for another CPU's floating-point sums. It is below the 0.85 the demo aims
+at, because seed 1 falls short of that. Minutes on 2 cores: marked integration (``.ci/run`` runs
+it with the rest).
 """
 
 import json
@@ -63,5 +64,5 @@ def test_demo_grounds_colour_words_in_the_image(tmp_path):
     result = json.loads((out / "probe.json").read_text())
     assert result["probe_colour_chance"] == pytest.approx(0.2)
     assert result["probe_colour_queries"] >= 500  # the held-out set is large enough for a stable figure
-    assert result["probe_colour_acc_with_image"] >= 0.55, result
+    assert result["probe_colour_acc_with_image"] >= 0.70, result
     assert result["probe_colour_acc_blanked"] <= 0.30, result

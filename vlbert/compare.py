@@ -155,6 +155,11 @@ MAIN_METRICS: tuple[MetricSpec, ...] = (
     # Figures logged after training (vlbert.demo.probe_colours on the demo).
     MetricSpec("probe_colour_acc_with_image"),
     MetricSpec("probe_colour_acc_blanked"),
+    # Fine-tuning runs (vlbert.tasks.finetune): training accuracy, then the final evaluation.
+    MetricSpec("soft_acc", "max"),
+    MetricSpec("acc", "max"),
+    *(MetricSpec(f"val/vqa_acc{part}") for part in ("", "/yes/no", "/number", "/other")),
+    *(MetricSpec(f"{split}/refcoco_acc") for split in ("val", "testA", "testB")),
 )
 # Metrics the tool fetches in full for every run (the table, and the x axis of "loss vs samples").
 FETCH_KEYS: tuple[str, ...] = tuple(dict.fromkeys([m.key for m in MAIN_METRICS] + ["lr"]))
