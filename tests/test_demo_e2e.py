@@ -3,7 +3,8 @@
 The four commands are read from ``scripts/demo.sh`` itself and run with the demo's data and output
 in a temporary folder: make the demo data, train the demo detector, pretrain ``configs/demo.yaml``
 for its full schedule (DeepSpeed ZeRO-2 on the CPU, tracked in MLflow) and probe the model. It must
-fill in masked colour words from the image and fall to chance without it (<= 0.30, chance 0.20).
+fill in masked colour words from the image and fall to chance without it (<= 0.30, chance 0.20),
+and the probe's figures must reach the training run's MLflow run at its last step.
 
 The bar with the image, 0.70, is far above what a model that ignores the image reaches (blanked it
 scores about 0.20) and below every seed measured with this config (0.87, 0.83 and 0.89 for seeds
@@ -62,6 +63,18 @@ def test_demo_grounds_colour_words_in_the_image(tmp_path):
         print(proc.stdout[-1500:])
 
     result = json.loads((out / "probe.json").read_text())
+    exported = json.loads((out / "model.json").read_text())
+    assert exported["step"] > 0 and (out / "model.safetensors").is_file()
+    # The probe's figures went into the training run's MLflow run, at its last step.
+    from vlbert.tracking import fetch_metric_histories, fetch_runs
+
+    uri = env["MLFLOW_TRACKING_URI"]
+    (run,) = fetch_runs(uri, experiment="vlbert-demo")
+    assert run.run_id == exported["mlflow_run_id"] and run.status == "FINISHED"
+    logged = fetch_metric_histories(uri, run.run_id, ["probe_colour_acc_with_image", "probe_colour_acc_blanked"])
+    for key in logged:
+        assert logged[key].values == [pytest.approx(result[key])] and logged[key].steps == [exported["step"]]
+
     assert result["probe_colour_chance"] == pytest.approx(0.2)
     assert result["probe_colour_queries"] >= 500  # the held-out set is large enough for a stable figure
     assert result["probe_colour_acc_with_image"] >= 0.70, result
