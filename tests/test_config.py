@@ -199,7 +199,7 @@ def test_broken_json_and_yaml(tmp_path):
     "override, key",
     [
         ("optim.warmup_steps=500000", "optim.warmup_steps"),
-        ("optim.decay_steps=1471", "optim.decay_steps"),  # demo: 1500 steps, 30 of warmup
+        ("optim.decay_steps=100000", "optim.decay_steps"),  # more than the steps after the warmup
         ("optim.decay_steps=-1", "optim.decay_steps"),
         ("model.num_heads=5", "model.hidden_size"),
         ("masking.mlm_prob=1.5", "masking.mlm_prob"),
