@@ -39,7 +39,7 @@ def test_a_wait_past_its_limit_is_an_error_and_warns_meanwhile(caplog):
     prefetcher = Prefetcher(stalled_after(0, release))
     try:
         with caplog.at_level("WARNING", logger="vlbert.data.prefetch"), \
-                pytest.raises(DataWaitTimeout, match=r"for \d+ s \(wait limit 1.5 s\).*skips so far: 3 bad"):
+                pytest.raises(DataWaitTimeout, match=r"for \d+ s \(wait_timeout_s = 1.5 s\).*skips so far: 3 bad"):
             wait_for_item(prefetcher, lambda: False, 0.5, 1.5, lambda: "skips so far: 3 bad")
     finally:
         release.set()

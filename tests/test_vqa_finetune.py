@@ -288,7 +288,7 @@ def test_a_store_that_stops_answering_is_a_data_error(demo_data, vqa, tmp_path, 
     finally:
         store.release.set()
     err = capsys.readouterr().err
-    assert re.search(r"data error: no batch from the data pipeline for \d+ s \(wait limit 2 s\).*skips so far", err)
+    assert re.search(r"data error: no batch from the data pipeline for \d+ s \(vqa.wait_timeout_s = 2 s\).*skips so far", err)
     waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting")]
     assert len(waits) >= 2 and all("for a batch" in w for w in waits)
 

@@ -255,7 +255,8 @@ class PretrainStream:
         if self._iter is None:
             self._iter = Prefetcher(self._batches())
         got, item = wait_for_item(self._iter, should_stop, self.cfg.wait_warn_s, self.cfg.wait_timeout_s,
-                                  lambda: f"rank {self.rank}, data.wait_timeout_s; skips so far: {self.skip_counts()}")
+                                  lambda: f"rank {self.rank}; skips so far: {self.skip_counts()}",
+                                  "data.wait_timeout_s")
         if not got:
             return None
         logical, part, worker_next, batch, state = item

@@ -76,11 +76,12 @@ class Prefetcher:
 
 
 def wait_for_item(prefetcher: Prefetcher, should_stop: Optional[Callable[[], bool]], warn_s: float,
-                  timeout_s: float, describe: Callable[[], str]) -> tuple[bool, Any]:
+                  timeout_s: float, describe: Callable[[], str], limit_key: str = "wait_timeout_s") -> tuple[bool, Any]:
     """Wait for ``prefetcher``'s next item, watching the wait: ``(True, item)``, or ``(False, None)``
     as soon as ``should_stop()`` is true while nothing has come. A warning every ``warn_s`` seconds;
     ``DataWaitTimeout`` after ``timeout_s`` (0 = no limit). ``describe()`` adds the pipeline's state
-    (its skip counts, say) to both messages. ``StopIteration`` and the iterator's own errors pass."""
+    (its skip counts, say) to both messages, and the error names the setting ``limit_key``.
+    ``StopIteration`` and the iterator's own errors pass."""
     start = time.monotonic()
     next_warning = warn_s
     while True:
@@ -92,8 +93,8 @@ def wait_for_item(prefetcher: Prefetcher, should_stop: Optional[Callable[[], boo
             return False, None
         waited = time.monotonic() - start
         if timeout_s and waited >= timeout_s:
-            raise DataWaitTimeout(f"no batch from the data pipeline for {waited:.0f} s (wait limit {timeout_s:g} s); "
-                                  f"the store may be unreachable or very slow; {describe()}")
+            raise DataWaitTimeout(f"no batch from the data pipeline for {waited:.0f} s ({limit_key} = "
+                                  f"{timeout_s:g} s); the store may be unreachable or very slow; {describe()}")
         if waited >= next_warning:
             log.warning("waiting %.0f s for a batch (%s)", waited, describe())
             next_warning += warn_s

@@ -175,7 +175,7 @@ def _finetune(cfg: FinetuneConfig, stop: StopRequest, on_step) -> FinetuneResult
         nonlocal consumed
         while True:
             got, item = wait_for_item(batches, lambda: stop.requested, task_cfg.wait_warn_s, task_cfg.wait_timeout_s,
-                                      lambda: f"rank {rank}; skips so far: {skips}")
+                                      lambda: f"rank {rank}; skips so far: {skips}", f"{task.name}.wait_timeout_s")
             if not got:
                 return None
             batch, skipped = item
