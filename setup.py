@@ -18,7 +18,7 @@ setup(
         # mmdet 3.3 asserts mmcv >= 2.0.0rc4 and < 2.2.0 at import; 2.1.0 is the last release in that
         # range. mmcv has no wheel for current torch: it is compiled with its ops (see scripts/env.sh).
         "mmcv>=2.0.0,<2.2.0",
-        "mmdet==3.3.0",  # the last 3.x release; 3.x is the API detector.py is written against
+        "mmdet==3.3.0",  # the last 3.x release; 3.x is the API vlbert/model/detector/ is written against
         "mmengine>=0.10.4,<0.11",
         "deepspeed>=0.16,<0.20",
         "transformers>=4.45,<6",

@@ -457,7 +457,7 @@ def main(argv=None) -> dict:
     todo = variants(args)
     notes = []
     if todo[0]["detector_autocast_forced"]:
-        notes.append("detector autocast forced on: DeepSpeed bf16 weights + float32 normalize() (detector.py)")
+        notes.append("detector autocast forced on: DeepSpeed bf16 weights + float32 normalize() (vlbert/model/detector/extractor.py)")
     if args.channels_last:
         notes.append("channels-last emulates a detector change (input-side layout, contiguous RoIAlign input)")
     report = dict(

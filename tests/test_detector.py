@@ -10,7 +10,7 @@ import torch
 
 from vlbert.config import DetectorConfig
 from vlbert.model.detector import RegionFeatureExtractor, zero_masked_regions
-from vlbert.model.detector_parts import FrozenBatchNorm2d
+from vlbert.model.detector.parts import FrozenBatchNorm2d
 
 NUM_CLASSES = 5  # 4 foreground + background
 
@@ -268,7 +268,7 @@ def test_caffe_roi_pool_matches_mmcv_definition_on_edges():
     """CaffeRoIPool (CPU) against the loop of Caffe's kernel, incl. boxes over the border and x.5 rounding."""
     import math
 
-    from vlbert.model.detector_parts import CaffeRoIPool
+    from vlbert.model.detector.parts import CaffeRoIPool
 
     g = torch.Generator().manual_seed(0)
     feat = torch.randn(2, 3, 5, 7, generator=g)

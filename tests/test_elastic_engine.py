@@ -1,4 +1,4 @@
-"""Model and optimizer on another number of ranks (vlbert/train/engine.py, ``load_state(resharded=True)``).
+"""Model and optimizer on another number of ranks (vlbert/train/engine/, ``load_state(resharded=True)``).
 
 Two gloo processes train a tiny module (with a tied decoder, a frozen layer and a running
 statistic, as the real model) under ZeRO 1, 2 and 3, in fp32 and bf16, and save; the checkpoints are then

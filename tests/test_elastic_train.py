@@ -1,4 +1,4 @@
-"""Elastic resume end to end (vlbert/train/loop.py with layout.py, checkpoint.py, engine.py and the
+"""Elastic resume end to end (vlbert/train/loop.py with layout.py, checkpoint.py, engine/ and the
 data partitions), on the CPU with gloo and the tiny model of test_train_e2e.
 
 One run, three layouts: 2 ranks x 2 workers under torchrun, stopped by SIGUSR1 to one rank; then

@@ -1,4 +1,4 @@
-"""The DeepSpeed engine (vlbert/train/engine.py) on a tiny module in one gloo process:
+"""The DeepSpeed engine (vlbert/train/engine/) on a tiny module in one gloo process:
 schedule, parameter groups, config resolution, overfitting with accumulation,
 and save/load through DeepSpeed with weights_only loading (ZeRO 2/3, fp32/bf16)."""
 

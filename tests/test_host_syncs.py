@@ -87,7 +87,7 @@ def test_one_host_sync_in_a_pretraining_step():
         out.loss.backward()
     assert out.mlm_caption_count.item() == 2 and out.roi_count.item() == 2 and out.mlm_text_count.item() == 2
     assert dict(census.sites) == {
-        ("aten.nonzero.default", "vlbert/model/detector.py:_real_boxes"): 1,
+        ("aten.nonzero.default", "vlbert/model/detector/extractor.py:_real_boxes"): 1,
         ("aten._local_scalar_dense.default", "vlbert/model/vlbert.py:forward"): 2,  # captions pass, text pass
     }
 

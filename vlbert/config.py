@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the key and the file."""
+from vlbert.config_reader import ConfigError, build, read_raw_config, require  # noqa: F401  (ConfigError: imported from here)
 
 
 # --------------------------------------------------------------------------- schema
@@ -259,27 +255,6 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
-def read_raw_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> tuple[dict[str, Any], str]:
-    """The YAML file at ``path`` (none: empty) as a mapping with ``key=value`` overrides applied,
-    and the name to give it in messages. Any config tree is then built from it."""
-    source = str(path) if path is not None else "<defaults>"
-    raw: dict[str, Any] = {}
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: config file not found") from None
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
-    for item in overrides:
-        _apply_override(raw, item)
-    return raw, source
-
-
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check_files: bool = True) -> Config:
     """Read a YAML config, apply ``key=value`` overrides, convert and validate.
 
@@ -290,7 +265,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), check
     raw, source = read_raw_config(path, overrides)
     where = source + (" + overrides" if overrides else "")
     _apply_detector_preset(raw, where)
-    cfg = _build(Config, raw, prefix="", source=where)
+    cfg = build(Config, raw, prefix="", source=where)
     validate(cfg, source, check_files=check_files)
     return cfg
 
@@ -307,193 +282,90 @@ def _apply_detector_preset(raw: dict[str, Any], source: str) -> None:
     raw["detector"] = {**values, **section}
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"command line: override {item!r} is not of the form key=value")
-    try:
-        parsed = yaml.safe_load(value) if value != "" else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"command line: value of {key} is not valid YAML: {e}") from None
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"command line: {key}: {part} is not a section")
-        node = child
-    node[parts[-1]] = parsed
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
-    """Convert a YAML value to ``tp`` or raise ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(arg, value, key, source)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{source}: {key}: no type matched")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key}: expected a section (mapping), got {value!r}")
-        return _build(tp, value, prefix=key + ".", source=source)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{source}: {key}: expected a list of {_type_name(item_tp)}, got {value!r}")
-        return [_convert(item_tp, v, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{source}: {key}: expected a mapping, got {value!r}")
-        return {str(k): _convert(val_tp, v, f"{key}.{k}", source) for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    else:  # pragma: no cover - schema uses only the types above
-        raise ConfigError(f"{source}: {key}: unsupported schema type {tp}")
-    raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-
-
-# Keys that moved: an old config gets a message saying where, not just "unknown key".
-MOVED_KEYS = {"tracking.log_every": "runtime.log_every (one cadence for the log line and MLflow)"}
-
-
-def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    moved = [f"{prefix}{k}" for k in unknown if f"{prefix}{k}" in MOVED_KEYS]
-    if moved:
-        raise ConfigError(f"{source}: {moved[0]} is now {MOVED_KEYS[moved[0]]}")
-    if unknown:
-        where = prefix.rstrip(".") or "top level"
-        raise ConfigError(
-            f"{source}: unknown key {prefix}{unknown[0]} (in {where}; known keys: {', '.join(sorted(names))})"
-        )
-    kwargs = {name: _convert(hints[name], raw[name], prefix + name, source) for name in raw}
-    return cls(**kwargs)
-
-
 # --------------------------------------------------------------------------- validation
-
-
-def _require(cond: bool, source: str, key: str, expected: str) -> None:
-    if not cond:
-        raise ConfigError(f"{source}: {key}: {expected}")
 
 
 def validate(cfg: Config, source: str = "<config>", check_files: bool = True) -> None:
     """Cross-field rules. Raise ConfigError naming the first problem."""
     m, d, k, o, r = cfg.model, cfg.data, cfg.masking, cfg.optim, cfg.runtime
-    _require(m.hidden_size % m.num_heads == 0, source, "model.hidden_size",
+    require(m.hidden_size % m.num_heads == 0, source, "model.hidden_size",
              f"must be divisible by model.num_heads ({m.num_heads}), got {m.hidden_size}")
     for name in ("hidden_dropout", "attention_dropout", "visual_dropout"):
         v = getattr(m, name)
-        _require(0.0 <= v < 1.0, source, f"model.{name}", f"expected a probability in [0, 1), got {v}")
-    _require(cfg.detector.depth in (18, 34, 50, 101, 152), source, "detector.depth",
+        require(0.0 <= v < 1.0, source, f"model.{name}", f"expected a probability in [0, 1), got {v}")
+    require(cfg.detector.depth in (18, 34, 50, 101, 152), source, "detector.depth",
              f"expected one of 18, 34, 50, 101, 152, got {cfg.detector.depth}")
-    _require(-1 <= cfg.detector.frozen_stages <= 4, source, "detector.frozen_stages",
+    require(-1 <= cfg.detector.frozen_stages <= 4, source, "detector.frozen_stages",
              f"expected -1..4, got {cfg.detector.frozen_stages}")
-    _require(len(cfg.detector.pixel_mean) == 3 and len(cfg.detector.pixel_std) == 3, source,
+    require(len(cfg.detector.pixel_mean) == 3 and len(cfg.detector.pixel_std) == 3, source,
              "detector.pixel_mean", "pixel_mean and pixel_std need 3 values each")
     validate_detector(cfg.detector, source)
-    _require(d.captions.max_sequence_length == 0 or d.captions.max_sequence_length >= 4, source,
+    require(d.captions.max_sequence_length == 0 or d.captions.max_sequence_length >= 4, source,
              "data.captions.max_sequence_length",
              f"0 (no cap) or at least 4 ([CLS] word [SEP] + the whole-image box), got {d.captions.max_sequence_length}")
     for name in ("mlm_prob", "mlm_mask_frac", "mlm_random_frac", "roi_prob", "roi_mask_frac"):
         v = getattr(k, name)
-        _require(0.0 <= v <= 1.0, source, f"masking.{name}", f"expected a probability in [0, 1], got {v}")
-    _require(k.mlm_mask_frac + k.mlm_random_frac <= 1.0, source, "masking.mlm_random_frac",
+        require(0.0 <= v <= 1.0, source, f"masking.{name}", f"expected a probability in [0, 1], got {v}")
+    require(k.mlm_mask_frac + k.mlm_random_frac <= 1.0, source, "masking.mlm_random_frac",
              "mlm_mask_frac + mlm_random_frac must be at most 1")
-    _require(d.captions_per_step >= 0 and d.text_per_step >= 0 and cfg.global_batch_size > 0, source,
+    require(d.captions_per_step >= 0 and d.text_per_step >= 0 and cfg.global_batch_size > 0, source,
              "data.captions_per_step", "captions_per_step + text_per_step must be positive")
-    _require(d.partitions >= 0, source, "data.partitions", f"must be 0 (automatic) or positive, got {d.partitions}")
-    _require(d.captions_per_step == 0 or bool(d.captions.urls), source, "data.captions.urls",
+    require(d.partitions >= 0, source, "data.partitions", f"must be 0 (automatic) or positive, got {d.partitions}")
+    require(d.captions_per_step == 0 or bool(d.captions.urls), source, "data.captions.urls",
              "captions_per_step > 0 needs at least one caption shard URL")
-    _require(d.text_per_step == 0 or bool(d.text.sources), source, "data.text.sources",
+    require(d.text_per_step == 0 or bool(d.text.sources), source, "data.text.sources",
              "text_per_step > 0 needs at least one text source")
     for name, src in d.text.sources.items():
-        _require(bool(src.urls), source, f"data.text.sources.{name}.urls", "expected at least one URL")
-        _require(src.weight > 0, source, f"data.text.sources.{name}.weight", f"must be positive, got {src.weight}")
-    _require(d.captions.max_caption_tokens >= 3, source, "data.captions.max_caption_tokens", "must be at least 3")
-    _require(d.text.segment_length >= 3, source, "data.text.segment_length", "must be at least 3")
-    _require(1 <= d.captions.min_boxes <= d.captions.max_boxes, source, "data.captions.min_boxes",
+        require(bool(src.urls), source, f"data.text.sources.{name}.urls", "expected at least one URL")
+        require(src.weight > 0, source, f"data.text.sources.{name}.weight", f"must be positive, got {src.weight}")
+    require(d.captions.max_caption_tokens >= 3, source, "data.captions.max_caption_tokens", "must be at least 3")
+    require(d.text.segment_length >= 3, source, "data.text.segment_length", "must be at least 3")
+    require(1 <= d.captions.min_boxes <= d.captions.max_boxes, source, "data.captions.min_boxes",
              f"expected 1 <= min_boxes <= max_boxes, got {d.captions.min_boxes} and {d.captions.max_boxes}")
-    _require(d.captions.short_side <= d.captions.max_long_side, source, "data.captions.short_side",
+    require(d.captions.short_side <= d.captions.max_long_side, source, "data.captions.short_side",
              "must not exceed data.captions.max_long_side")
-    _require(d.num_workers >= 0, source, "data.num_workers", "must be >= 0")
-    _require(d.wait_warn_s > 0 and d.wait_timeout_s >= 0, source, "data.wait_warn_s",
+    require(d.num_workers >= 0, source, "data.num_workers", "must be >= 0")
+    require(d.wait_warn_s > 0 and d.wait_timeout_s >= 0, source, "data.wait_warn_s",
              "wait_warn_s must be positive and wait_timeout_s >= 0 (0 = no limit)")
-    _require(bool(m.bert) or bool(d.tokenizer), source, "data.tokenizer",
+    require(bool(m.bert) or bool(d.tokenizer), source, "data.tokenizer",
              "set data.tokenizer when model.bert is empty (random init)")
-    _require(o.lr > 0, source, "optim.lr", f"must be positive, got {o.lr}")
-    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), source, "optim.betas",
+    require(o.lr > 0, source, "optim.lr", f"must be positive, got {o.lr}")
+    require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), source, "optim.betas",
              f"expected two values in [0, 1), got {o.betas}")
-    _require(0 <= o.warmup_steps <= o.total_steps and o.total_steps > 0, source, "optim.warmup_steps",
+    require(0 <= o.warmup_steps <= o.total_steps and o.total_steps > 0, source, "optim.warmup_steps",
              f"expected 0 <= warmup_steps <= total_steps, got {o.warmup_steps} and {o.total_steps}")
-    _require(0 <= o.decay_steps <= o.total_steps - o.warmup_steps, source, "optim.decay_steps",
+    require(0 <= o.decay_steps <= o.total_steps - o.warmup_steps, source, "optim.decay_steps",
              f"expected 0 <= decay_steps <= total_steps - warmup_steps = {o.total_steps - o.warmup_steps}, "
              f"got {o.decay_steps}")
-    _require(o.grad_accum >= 1, source, "optim.grad_accum", "must be >= 1")
-    _require(o.detector_lr_mult > 0, source, "optim.detector_lr_mult",
+    require(o.grad_accum >= 1, source, "optim.grad_accum", "must be >= 1")
+    require(o.detector_lr_mult > 0, source, "optim.detector_lr_mult",
              f"must be positive (to keep the detector fixed set detector.trainable: false), got {o.detector_lr_mult}")
-    _require(cfg.global_batch_size % o.grad_accum == 0, source, "optim.grad_accum",
+    require(cfg.global_batch_size % o.grad_accum == 0, source, "optim.grad_accum",
              f"must divide the global batch {cfg.global_batch_size}")
-    _require(r.checkpoint_every > 0 and r.keep_last >= 1 and r.log_every > 0, source, "runtime.checkpoint_every",
+    require(r.checkpoint_every > 0 and r.keep_last >= 1 and r.log_every > 0, source, "runtime.checkpoint_every",
              "checkpoint_every and log_every must be positive and keep_last >= 1")
     t = cfg.tracking
-    _require(t.spool_max_records >= 1 and t.retry_max_s > 0 and t.drain_timeout_s >= 0, source,
+    require(t.spool_max_records >= 1 and t.retry_max_s > 0 and t.drain_timeout_s >= 0, source,
              "tracking.spool_max_records", "spool_max_records and retry_max_s must be positive, drain_timeout_s >= 0")
     if check_files:
-        _require(os.path.isfile(r.deepspeed_config), source, f"runtime.deepspeed_config ({r.deepspeed_config})",
+        require(os.path.isfile(r.deepspeed_config), source, f"runtime.deepspeed_config ({r.deepspeed_config})",
                  "file not found")
 
 
 def validate_detector(det: DetectorConfig, source: str = "<config>") -> None:
     """Rules of the detector section alone (also used by tools that read only it)."""
-    _require(det.res5_dilation in (1, 2), source, "detector.res5_dilation", f"expected 1 or 2, got {det.res5_dilation}")
-    _require(det.roi_op in ("align", "pool"), source, "detector.roi_op", f"expected align or pool, got {det.roi_op!r}")
-    _require(det.roi_sampling_ratio >= 0, source, "detector.roi_sampling_ratio", "must be >= 0")
-    _require(det.rpn_channels >= 0, source, "detector.rpn_channels", "must be >= 0 (0 = res4 channels)")
-    _require(bool(det.anchor_scales) and bool(det.anchor_ratios)
+    require(det.res5_dilation in (1, 2), source, "detector.res5_dilation", f"expected 1 or 2, got {det.res5_dilation}")
+    require(det.roi_op in ("align", "pool"), source, "detector.roi_op", f"expected align or pool, got {det.roi_op!r}")
+    require(det.roi_sampling_ratio >= 0, source, "detector.roi_sampling_ratio", "must be >= 0")
+    require(det.rpn_channels >= 0, source, "detector.rpn_channels", "must be >= 0 (0 = res4 channels)")
+    require(bool(det.anchor_scales) and bool(det.anchor_ratios)
              and all(v > 0 for v in det.anchor_scales + det.anchor_ratios), source, "detector.anchor_scales",
              "anchor_scales and anchor_ratios need at least one positive value each")
-    _require(det.res5_dilation == 2 or det.roi_size % 2 == 0, source, "detector.roi_size",
+    require(det.res5_dilation == 2 or det.roi_size % 2 == 0, source, "detector.roi_size",
              f"must be even when res5 halves it (res5_dilation 1), got {det.roi_size}")
-    _require(det.roi_targets in ("precomputed", "frozen_copy", "detector"), source, "detector.roi_targets",
+    require(det.roi_targets in ("precomputed", "frozen_copy", "detector"), source, "detector.roi_targets",
              f"expected precomputed, frozen_copy or detector, got {det.roi_targets!r}")
-    _require(not (det.roi_targets == "detector" and det.trainable), source, "detector.roi_targets",
+    require(not (det.roi_targets == "detector" and det.trainable), source, "detector.roi_targets",
              "'detector' takes masked-RoI targets from the detector being trained, so they would drift; "
              "with detector.trainable use 'precomputed' (regions.npy from vlbert-extract-regions) "
              "or 'frozen_copy'")

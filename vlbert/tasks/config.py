@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from vlbert.config import (CaptionDataConfig, DataConfig, DetectorConfig, ModelConfig, OptimConfig,
-                           RuntimeConfig, TrackingConfig, _build, _require, read_raw_config)
+                           RuntimeConfig, TrackingConfig)
+from vlbert.config_reader import build, read_raw_config, require
 
 
 @dataclass
@@ -115,46 +116,46 @@ def load_finetune_config(path: str | os.PathLike | None, overrides: list[str] = 
                          check_files: bool = True) -> FinetuneConfig:
     """Read a YAML fine-tuning config, apply ``key=value`` overrides, validate."""
     raw, source = read_raw_config(path, overrides)
-    cfg = _build(FinetuneConfig, raw, prefix="", source=source + (" + overrides" if overrides else ""))
+    cfg = build(FinetuneConfig, raw, prefix="", source=source + (" + overrides" if overrides else ""))
     validate_finetune(cfg, source, check_files)
     return cfg
 
 
 def validate_finetune(cfg: FinetuneConfig, source: str = "<config>", check_files: bool = True) -> None:
     m, o, r = cfg.model, cfg.optim, cfg.runtime
-    _require((cfg.vqa is None) != (cfg.refcoco is None), source, "vqa",
+    require((cfg.vqa is None) != (cfg.refcoco is None), source, "vqa",
              "set exactly one task section: vqa or refcoco")
     t = cfg.task
-    _require(m.hidden_size % m.num_heads == 0, source, "model.hidden_size", "must be divisible by model.num_heads")
-    _require(0.0 <= m.head_dropout < 1.0, source, "model.head_dropout", "expected a probability in [0, 1)")
-    _require(bool(cfg.tokenizer), source, "vqa.tokenizer" if cfg.vqa else "refcoco.tokenizer",
+    require(m.hidden_size % m.num_heads == 0, source, "model.hidden_size", "must be divisible by model.num_heads")
+    require(0.0 <= m.head_dropout < 1.0, source, "model.head_dropout", "expected a probability in [0, 1)")
+    require(bool(cfg.tokenizer), source, "vqa.tokenizer" if cfg.vqa else "refcoco.tokenizer",
              "set a tokenizer when model.bert is empty")
-    _require(t.batch_size > 0 and t.eval_batch_size > 0, source, "batch_size", "must be positive")
-    _require(t.wait_warn_s > 0 and t.wait_timeout_s >= 0, source, "wait_warn_s",
+    require(t.batch_size > 0 and t.eval_batch_size > 0, source, "batch_size", "must be positive")
+    require(t.wait_warn_s > 0 and t.wait_timeout_s >= 0, source, "wait_warn_s",
              "wait_warn_s must be positive and wait_timeout_s >= 0 (0 = no limit)")
-    _require(o.lr > 0, source, "optim.lr", "must be positive")
-    _require(o.decay_steps >= 0, source, "optim.decay_steps", "must be >= 0 (0: decay over every step after the warmup)")
-    _require(o.total_steps > 0 or cfg.epochs > 0, source, "epochs", "set epochs or optim.total_steps")
-    _require(o.grad_accum >= 1 and t.batch_size % o.grad_accum == 0, source, "optim.grad_accum",
+    require(o.lr > 0, source, "optim.lr", "must be positive")
+    require(o.decay_steps >= 0, source, "optim.decay_steps", "must be >= 0 (0: decay over every step after the warmup)")
+    require(o.total_steps > 0 or cfg.epochs > 0, source, "epochs", "set epochs or optim.total_steps")
+    require(o.grad_accum >= 1 and t.batch_size % o.grad_accum == 0, source, "optim.grad_accum",
              f"must divide the batch size {t.batch_size}")
-    _require(r.checkpoint_every > 0 and r.keep_last >= 1 and r.log_every > 0, source, "runtime.checkpoint_every",
+    require(r.checkpoint_every > 0 and r.keep_last >= 1 and r.log_every > 0, source, "runtime.checkpoint_every",
              "checkpoint_every and log_every must be positive and keep_last >= 1")
     if cfg.vqa is not None:
         v = cfg.vqa
-        _require(bool(v.train) or bool(v.val), source, "vqa.train", "give a train or a val split")
+        require(bool(v.train) or bool(v.val), source, "vqa.train", "give a train or a val split")
         for i, split in enumerate(v.train + ([v.val] if v.val else [])):
-            _require(bool(split.questions) and bool(split.images), source, f"vqa split {i}",
+            require(bool(split.questions) and bool(split.images), source, f"vqa split {i}",
                      "every split needs questions and images")
-        _require(v.min_answer_count >= 1, source, "vqa.min_answer_count", "must be >= 1")
+        require(v.min_answer_count >= 1, source, "vqa.min_answer_count", "must be >= 1")
     else:
         rc = cfg.refcoco
-        _require(bool(rc.refs) and bool(rc.instances) and bool(rc.images), source, "refcoco.refs",
+        require(bool(rc.refs) and bool(rc.instances) and bool(rc.images), source, "refcoco.refs",
                  "refs, instances and images are required")
-        _require(rc.boxes in ("detected", "gt"), source, "refcoco.boxes", "expected 'detected' or 'gt'")
-        _require(0.0 < rc.positive_iou < 1.0, source, "refcoco.positive_iou", "expected a value in (0, 1)")
+        require(rc.boxes in ("detected", "gt"), source, "refcoco.boxes", "expected 'detected' or 'gt'")
+        require(0.0 < rc.positive_iou < 1.0, source, "refcoco.positive_iou", "expected a value in (0, 1)")
     if check_files:
         # Its contents are read and checked where the run starts (vlbert.train.ds_config).
-        _require(os.path.isfile(r.deepspeed_config), source, f"runtime.deepspeed_config ({r.deepspeed_config})",
+        require(os.path.isfile(r.deepspeed_config), source, f"runtime.deepspeed_config ({r.deepspeed_config})",
                  "file not found")
 
 

@@ -1,6 +1,6 @@
 """The detector's building blocks: the mmdet model dict shaped by ``DetectorConfig``, and the
 parts of the Caffe network that mmdet lacks (anchor geometry and order, RoIPool on CPU) or
-that freezing needs (BatchNorm as a fixed scale and shift). ``detector.py`` assembles them."""
+that freezing needs (BatchNorm as a fixed scale and shift). ``extractor.py`` assembles them."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Faster R-CNN ResNet C4 (MMDetection) as a region feature extractor.
 
-With ``detector_parts.py``, the only code that imports mmdet/mmcv/mmengine. The detector is mmdet's
+The detector is mmdet's
 ``FasterRCNN`` built from the ``faster-rcnn_r50-caffe-c4`` dicts: a ResNet with
 three stages (stem, res2, res3, res4; output stride 16), an RPN on res4, and a
 ``StandardRoIHead`` whose shared head is res5 (``ResLayer`` stage 3) followed by
@@ -42,7 +42,7 @@ from mmengine.logging import MMLogger
 
 from vlbert.config import DetectorConfig
 from vlbert.model.detector_convert import HEAD_PREFIXES, read_checkpoint
-from vlbert.model.detector_parts import CaffeAnchorGenerator, CaffeRoIPool, freeze_batchnorms, mmdet_config
+from vlbert.model.detector.parts import CaffeAnchorGenerator, CaffeRoIPool, freeze_batchnorms, mmdet_config
 
 # Checkpoint keys we may lack or ignore: the box regressor is never used (regions
 # are RPN proposals, as in bottom-up attention), and mask heads are not built.

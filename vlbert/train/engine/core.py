@@ -1,139 +1,31 @@
-"""DeepSpeed behind a small interface: the only module that imports ``deepspeed``.
-
-- ``init_distributed()``: the process group (NCCL on GPUs, gloo on CPUs). Under
-  ``torchrun``/``deepspeed``/``srun`` it reads the usual environment; a plain
-  ``vlbert-train`` in one process gets a one-process group on a free loopback port.
-- ``Engine``: AdamW with BERT's parameter groups (no weight decay on biases and
-  normalisation weights) and the detector's parameters in groups of their own
-  (peak learning rate ``optim.lr * optim.detector_lr_mult``), linear warmup then
-  linear decay to 0 applied to every group's own peak, and DeepSpeed
-  for ZeRO 1-3, bf16/fp16 (dynamic loss scaling as the JSON says), gradient
-  accumulation and clipping.
-
-The optimizer is PyTorch's own ``torch.optim.AdamW`` handed to DeepSpeed as a
-client optimizer: DeepSpeed's fused/CPU Adam are JIT-compiled on first use,
-which takes minutes (and needs a compiler) on CPU hosts. Only ZeRO optimizer
-offload, which requires it, uses ``DeepSpeedCPUAdam``.
-
-Checkpoints are DeepSpeed's own (``save_checkpoint``/``load_checkpoint``:
-ZeRO-partitioned optimizer state, schedule, step counters), but loading never
-unpickles arbitrary objects: DeepSpeed's torch checkpoint engine is replaced by
-one that calls ``torch.load(weights_only=True)`` with an allowlist of the four
-plain DeepSpeed types its files hold (``DEEPSPEED_SAFE_GLOBALS``).
-
-A checkpoint written by another number of ranks is loaded through DeepSpeed's
-*universal checkpoint*: ``ds_to_universal`` turns the ZeRO partitions into one
-file per parameter and state (fp32 weights, Adam moments), which
-``load_checkpoint`` with ``checkpoint.load_universal`` cuts into this world's
-partitions (ZeRO 1-3, fp32 or bf16). The conversion runs once per node, into a
-temporary folder, with every ``torch.load`` it makes held to ``weights_only``.
-A universal checkpoint restores only what the optimizer holds, so every save also
-writes the frozen parameters and the buffers whole (``FROZEN_FILE``, safetensors).
-"""
+"""``Engine``: the model, AdamW and the schedule under DeepSpeed (ZeRO 1-3, bf16/fp16, accumulation,
+clipping), its checkpoints, and BERT's parameter groups. See the package docstring."""
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 import os
 import shutil
-import socket
 import tempfile
-import time
 import uuid
-import warnings
-from argparse import Namespace
-from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
+import deepspeed
 import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from torch import nn
 
-if not torch.cuda.is_available():  # must be set before deepspeed picks its accelerator
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-import deepspeed  # noqa: E402
-from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
-from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler  # noqa: E402
-from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
-from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
-
-from vlbert.config import OptimConfig  # noqa: E402
-from vlbert.train.ds_config import offload_device  # noqa: E402
-from vlbert.train.schedule import warmup_linear_decay  # noqa: E402
+from vlbert.config import OptimConfig
+from vlbert.train.ds_config import offload_device
+from vlbert.train.engine.process_group import disable_shm_comm
+from vlbert.train.engine.universal import SafeTorchCheckpointEngine, convert_to_universal, weights_only_torch_load
+from vlbert.train.schedule import warmup_linear_decay
 
 log = logging.getLogger(__name__)
-# DeepSpeed 0.19's ZeRO calls collectives that torch 2.13 marks deprecated, warning at every call.
-warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
-                        category=FutureWarning)
 
 # Beside DeepSpeed's files: the frozen parameters and buffers, which a universal checkpoint leaves out.
 FROZEN_FILE = "vlbert_frozen.safetensors"
-
-# The only non-tensor types in DeepSpeed 0.16-0.19 checkpoint files (found with
-# torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO 0-3 x fp32/bf16/fp16).
-DEEPSPEED_SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-# --------------------------------------------------------------------------- process group
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _disable_shm_comm() -> None:
-    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (about two
-    minutes of C++ on 2 cores) when it sets up communication; that op serves only
-    inference all-reduce, which training never calls. On CPU we use no DeepSpeed
-    op at all (torch AdamW, gloo), so mark every op unavailable, which also skips
-    DeepSpeed's compiler probes."""
-    if "__compatible_ops__" not in vars(deepspeed.ops):
-        from deepspeed.ops.op_builder.all_ops import ALL_OPS
-
-        vars(deepspeed.ops)["__compatible_ops__"] = dict.fromkeys(ALL_OPS, False)
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
-    """Join (or create) the process group; idempotent.
-
-    Reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (torchrun, the
-    deepspeed launcher). Under ``srun`` without a launcher, SLURM_PROCID /
-    SLURM_STEP_NUM_TASKS / SLURM_LOCALID stand in when MASTER_ADDR and
-    MASTER_PORT are exported. Without any of these: one process.
-    """
-    env = os.environ
-    if "RANK" not in env or "WORLD_SIZE" not in env:
-        if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env and "MASTER_ADDR" in env and "MASTER_PORT" in env:
-            env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_STEP_NUM_TASKS"]
-            env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        else:
-            env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    local_rank = int(env.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    else:
-        _disable_shm_comm()
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
-
-
-# --------------------------------------------------------------------------- optimizer
 
 
 # Name prefix of the detector's parameters (``VLBertForPretraining.detector``): lr x optim.detector_lr_mult.
@@ -181,64 +73,6 @@ def count_parameters(model: nn.Module, skip_prefixes: tuple[str, ...] = ()) -> i
                if not n.startswith(skip_prefixes))
 
 
-class SafeTorchCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True``."""
-
-    def load(self, path: str, map_location=None):
-        with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-
-# --------------------------------------------------------------------------- resharding
-
-
-@contextlib.contextmanager
-def weights_only_torch_load() -> Iterator[None]:
-    """Every ``torch.load`` inside (DeepSpeed's universal conversion and loading call it
-    with ``weights_only=False``) loads with ``weights_only=True`` and the DeepSpeed
-    allowlist: a checkpoint file can hold tensors and plain data, never code."""
-    original = torch.load
-
-    def load(f, map_location=None, pickle_module=None, *, weights_only=None, **kwargs):
-        with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
-            return original(f, map_location=map_location, weights_only=True, **kwargs)
-
-    torch.load = load
-    try:
-        yield
-    finally:
-        torch.load = original
-
-
-def convert_to_universal(ds_dir: str, out_dir: str) -> float:
-    """DeepSpeed's ``ds_to_universal`` over one checkpoint folder (``<step>/ds``), in this
-    process; returns the seconds it took. ``out_dir`` becomes a folder that
-    ``load_checkpoint`` reads with ``checkpoint.load_universal``."""
-    from deepspeed.checkpoint import ds_to_universal
-
-    t0 = time.perf_counter()
-    parent = os.path.dirname(out_dir.rstrip("/"))
-    os.makedirs(parent, exist_ok=True)
-    args = Namespace(input_folder=ds_dir, output_folder=out_dir, num_extract_workers=1, num_merge_workers=1,
-                     keep_temp_folder=False, strict=True, inject_missing_state=True)
-    # Its prints and per-parameter progress bars (stderr) would flood the training log.
-    with weights_only_torch_load(), contextlib.redirect_stdout(_LogWriter()), \
-            contextlib.redirect_stderr(_LogWriter()):
-        ds_to_universal.main(args)
-    return time.perf_counter() - t0
-
-
-class _LogWriter:
-    """What ds_to_universal prints goes to the debug log instead."""
-
-    def write(self, text: str) -> None:
-        if text.strip():
-            log.debug("ds_to_universal: %s", text.strip())
-
-    def flush(self) -> None:
-        pass
-
-
 def _broadcast_token() -> str:
     box = [uuid.uuid4().hex]
     torch.distributed.broadcast_object_list(box, src=0)
@@ -251,9 +85,6 @@ def _all_gather(obj: Any) -> list[Any]:
     return out
 
 
-# --------------------------------------------------------------------------- engine
-
-
 class Engine:
     """One model under DeepSpeed. ``step(batch)`` runs one micro-batch (forward,
     backward, and the optimizer step on the last micro-batch of an accumulation
@@ -264,7 +95,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, optim: OptimConfig, ds_config: dict[str, Any]):
         if not torch.cuda.is_available():
-            _disable_shm_comm()
+            disable_shm_comm()
         self.optim_cfg = optim
         groups = param_groups(model, optim.weight_decay, {DETECTOR_PREFIX: optim.detector_lr_mult})
         for group in groups:  # each group's peak; LambdaLR scales every group's own initial lr
