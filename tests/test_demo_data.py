@@ -43,6 +43,7 @@ def test_files_and_manifest(demo):
     m = json.loads((demo / "manifest.json").read_text())
     assert m["colour_words"] == list(COLOURS) and m["shape_words"] == list(SHAPES)
     assert m["n_classes"] == len(m["class_names"]) == 15 and "red circle" in m["class_names"]
+    assert m["max_objects"] == 2
     for name in m["captions"]["train"] + m["captions"]["val"] + m["text"]["books"] + m["text"]["wiki"]:
         assert (demo / name).is_file(), name
     assert m["captions"]["train"] == ["captions/train-00000.tar", "captions/train-00001.tar"]
@@ -72,7 +73,7 @@ def test_boxes_match_shapes_and_captions_name_colours(demo):
         meta = json.loads(s["json"])
         caption = s["txt"].decode()
         assert (meta["width"], meta["height"]) == (img.shape[1], img.shape[0]) == (96, 96)
-        assert meta["box_scores"] == [1.0] * len(meta["boxes"]) and 1 <= len(meta["boxes"]) <= 3
+        assert meta["box_scores"] == [1.0] * len(meta["boxes"]) and 1 <= len(meta["boxes"]) <= 2
         n_objects[len(meta["boxes"])] += 1
         regions = np.load(io.BytesIO(s["regions.npy"]))
         assert regions.dtype == np.float16 and regions.shape == (len(meta["boxes"]), 15)
@@ -97,7 +98,19 @@ def test_boxes_match_shapes_and_captions_name_colours(demo):
     # colours drawn uniformly: every colour appears, none dominates (~240 shapes)
     assert set(colour_counts) == set(COLOURS)
     assert max(colour_counts.values()) < 2.2 * min(colour_counts.values()), colour_counts
-    assert set(n_objects) == {1, 2, 3}
+    assert set(n_objects) == {1, 2}  # --max-objects 2, the default
+
+
+def test_max_objects():
+    from vlbert.demo.make_data import make_scene
+
+    rng = np.random.default_rng(0)
+    counts = Counter(len(make_scene(rng, 64, max_objects=3)[1]) for _ in range(300))
+    assert set(counts) == {1, 2, 3} and min(counts.values()) > 60, counts
+    assert {len(make_scene(rng, 64, max_objects=1)[1]) for _ in range(20)} == {1}
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="max_objects"):
+            make_scene(rng, 64, max_objects=bad)
 
 
 def test_relations_follow_positions(demo):
@@ -150,4 +163,5 @@ def test_demo_shards_decode_and_collate(demo):
         assert s.roi_targets.shape == (len(s.boxes), 15) and (s.roi_targets[0] == 0).all()
         assert s.image.shape == (3, 96, 96)
     b = collate_captions(samples)
-    assert b.images.shape == (20, 3, 96, 96) and b.roi_targets.shape[2] == 15 and b.boxes.shape[1] == 4
+    # box slots: the whole image and at most 2 shapes
+    assert b.images.shape == (20, 3, 96, 96) and b.roi_targets.shape[2] == 15 and b.boxes.shape[1] == 3
