@@ -289,67 +289,67 @@ def validate(cfg: Config, source: str = "<config>", check_files: bool = True) ->
     """Cross-field rules. Raise ConfigError naming the first problem."""
     m, d, k, o, r = cfg.model, cfg.data, cfg.masking, cfg.optim, cfg.runtime
     require(m.hidden_size % m.num_heads == 0, source, "model.hidden_size",
-             f"must be divisible by model.num_heads ({m.num_heads}), got {m.hidden_size}")
+            f"must be divisible by model.num_heads ({m.num_heads}), got {m.hidden_size}")
     for name in ("hidden_dropout", "attention_dropout", "visual_dropout"):
         v = getattr(m, name)
         require(0.0 <= v < 1.0, source, f"model.{name}", f"expected a probability in [0, 1), got {v}")
     require(cfg.detector.depth in (18, 34, 50, 101, 152), source, "detector.depth",
-             f"expected one of 18, 34, 50, 101, 152, got {cfg.detector.depth}")
+            f"expected one of 18, 34, 50, 101, 152, got {cfg.detector.depth}")
     require(-1 <= cfg.detector.frozen_stages <= 4, source, "detector.frozen_stages",
-             f"expected -1..4, got {cfg.detector.frozen_stages}")
+            f"expected -1..4, got {cfg.detector.frozen_stages}")
     require(len(cfg.detector.pixel_mean) == 3 and len(cfg.detector.pixel_std) == 3, source,
-             "detector.pixel_mean", "pixel_mean and pixel_std need 3 values each")
+            "detector.pixel_mean", "pixel_mean and pixel_std need 3 values each")
     validate_detector(cfg.detector, source)
     require(d.captions.max_sequence_length == 0 or d.captions.max_sequence_length >= 4, source,
-             "data.captions.max_sequence_length",
-             f"0 (no cap) or at least 4 ([CLS] word [SEP] + the whole-image box), got {d.captions.max_sequence_length}")
+            "data.captions.max_sequence_length",
+            f"0 (no cap) or at least 4 ([CLS] word [SEP] + the whole-image box), got {d.captions.max_sequence_length}")
     for name in ("mlm_prob", "mlm_mask_frac", "mlm_random_frac", "roi_prob", "roi_mask_frac"):
         v = getattr(k, name)
         require(0.0 <= v <= 1.0, source, f"masking.{name}", f"expected a probability in [0, 1], got {v}")
     require(k.mlm_mask_frac + k.mlm_random_frac <= 1.0, source, "masking.mlm_random_frac",
-             "mlm_mask_frac + mlm_random_frac must be at most 1")
+            "mlm_mask_frac + mlm_random_frac must be at most 1")
     require(d.captions_per_step >= 0 and d.text_per_step >= 0 and cfg.global_batch_size > 0, source,
-             "data.captions_per_step", "captions_per_step + text_per_step must be positive")
+            "data.captions_per_step", "captions_per_step + text_per_step must be positive")
     require(d.partitions >= 0, source, "data.partitions", f"must be 0 (automatic) or positive, got {d.partitions}")
     require(d.captions_per_step == 0 or bool(d.captions.urls), source, "data.captions.urls",
-             "captions_per_step > 0 needs at least one caption shard URL")
+            "captions_per_step > 0 needs at least one caption shard URL")
     require(d.text_per_step == 0 or bool(d.text.sources), source, "data.text.sources",
-             "text_per_step > 0 needs at least one text source")
+            "text_per_step > 0 needs at least one text source")
     for name, src in d.text.sources.items():
         require(bool(src.urls), source, f"data.text.sources.{name}.urls", "expected at least one URL")
         require(src.weight > 0, source, f"data.text.sources.{name}.weight", f"must be positive, got {src.weight}")
     require(d.captions.max_caption_tokens >= 3, source, "data.captions.max_caption_tokens", "must be at least 3")
     require(d.text.segment_length >= 3, source, "data.text.segment_length", "must be at least 3")
     require(1 <= d.captions.min_boxes <= d.captions.max_boxes, source, "data.captions.min_boxes",
-             f"expected 1 <= min_boxes <= max_boxes, got {d.captions.min_boxes} and {d.captions.max_boxes}")
+            f"expected 1 <= min_boxes <= max_boxes, got {d.captions.min_boxes} and {d.captions.max_boxes}")
     require(d.captions.short_side <= d.captions.max_long_side, source, "data.captions.short_side",
-             "must not exceed data.captions.max_long_side")
+            "must not exceed data.captions.max_long_side")
     require(d.num_workers >= 0, source, "data.num_workers", "must be >= 0")
     require(d.wait_warn_s > 0 and d.wait_timeout_s >= 0, source, "data.wait_warn_s",
-             "wait_warn_s must be positive and wait_timeout_s >= 0 (0 = no limit)")
+            "wait_warn_s must be positive and wait_timeout_s >= 0 (0 = no limit)")
     require(bool(m.bert) or bool(d.tokenizer), source, "data.tokenizer",
-             "set data.tokenizer when model.bert is empty (random init)")
+            "set data.tokenizer when model.bert is empty (random init)")
     require(o.lr > 0, source, "optim.lr", f"must be positive, got {o.lr}")
     require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), source, "optim.betas",
-             f"expected two values in [0, 1), got {o.betas}")
+            f"expected two values in [0, 1), got {o.betas}")
     require(0 <= o.warmup_steps <= o.total_steps and o.total_steps > 0, source, "optim.warmup_steps",
-             f"expected 0 <= warmup_steps <= total_steps, got {o.warmup_steps} and {o.total_steps}")
+            f"expected 0 <= warmup_steps <= total_steps, got {o.warmup_steps} and {o.total_steps}")
     require(0 <= o.decay_steps <= o.total_steps - o.warmup_steps, source, "optim.decay_steps",
-             f"expected 0 <= decay_steps <= total_steps - warmup_steps = {o.total_steps - o.warmup_steps}, "
-             f"got {o.decay_steps}")
+            f"expected 0 <= decay_steps <= total_steps - warmup_steps = {o.total_steps - o.warmup_steps}, "
+            f"got {o.decay_steps}")
     require(o.grad_accum >= 1, source, "optim.grad_accum", "must be >= 1")
     require(o.detector_lr_mult > 0, source, "optim.detector_lr_mult",
-             f"must be positive (to keep the detector fixed set detector.trainable: false), got {o.detector_lr_mult}")
+            f"must be positive (to keep the detector fixed set detector.trainable: false), got {o.detector_lr_mult}")
     require(cfg.global_batch_size % o.grad_accum == 0, source, "optim.grad_accum",
-             f"must divide the global batch {cfg.global_batch_size}")
+            f"must divide the global batch {cfg.global_batch_size}")
     require(r.checkpoint_every > 0 and r.keep_last >= 1 and r.log_every > 0, source, "runtime.checkpoint_every",
-             "checkpoint_every and log_every must be positive and keep_last >= 1")
+            "checkpoint_every and log_every must be positive and keep_last >= 1")
     t = cfg.tracking
     require(t.spool_max_records >= 1 and t.retry_max_s > 0 and t.drain_timeout_s >= 0, source,
-             "tracking.spool_max_records", "spool_max_records and retry_max_s must be positive, drain_timeout_s >= 0")
+            "tracking.spool_max_records", "spool_max_records and retry_max_s must be positive, drain_timeout_s >= 0")
     if check_files:
         require(os.path.isfile(r.deepspeed_config), source, f"runtime.deepspeed_config ({r.deepspeed_config})",
-                 "file not found")
+                "file not found")
 
 
 def validate_detector(det: DetectorConfig, source: str = "<config>") -> None:
@@ -359,16 +359,16 @@ def validate_detector(det: DetectorConfig, source: str = "<config>") -> None:
     require(det.roi_sampling_ratio >= 0, source, "detector.roi_sampling_ratio", "must be >= 0")
     require(det.rpn_channels >= 0, source, "detector.rpn_channels", "must be >= 0 (0 = res4 channels)")
     require(bool(det.anchor_scales) and bool(det.anchor_ratios)
-             and all(v > 0 for v in det.anchor_scales + det.anchor_ratios), source, "detector.anchor_scales",
-             "anchor_scales and anchor_ratios need at least one positive value each")
+            and all(v > 0 for v in det.anchor_scales + det.anchor_ratios), source, "detector.anchor_scales",
+            "anchor_scales and anchor_ratios need at least one positive value each")
     require(det.res5_dilation == 2 or det.roi_size % 2 == 0, source, "detector.roi_size",
-             f"must be even when res5 halves it (res5_dilation 1), got {det.roi_size}")
+            f"must be even when res5 halves it (res5_dilation 1), got {det.roi_size}")
     require(det.roi_targets in ("precomputed", "frozen_copy", "detector"), source, "detector.roi_targets",
-             f"expected precomputed, frozen_copy or detector, got {det.roi_targets!r}")
+            f"expected precomputed, frozen_copy or detector, got {det.roi_targets!r}")
     require(not (det.roi_targets == "detector" and det.trainable), source, "detector.roi_targets",
-             "'detector' takes masked-RoI targets from the detector being trained, so they would drift; "
-             "with detector.trainable use 'precomputed' (regions.npy from vlbert-extract-regions) "
-             "or 'frozen_copy'")
+            "'detector' takes masked-RoI targets from the detector being trained, so they would drift; "
+            "with detector.trainable use 'precomputed' (regions.npy from vlbert-extract-regions) "
+            "or 'frozen_copy'")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -124,39 +124,39 @@ def load_finetune_config(path: str | os.PathLike | None, overrides: list[str] = 
 def validate_finetune(cfg: FinetuneConfig, source: str = "<config>", check_files: bool = True) -> None:
     m, o, r = cfg.model, cfg.optim, cfg.runtime
     require((cfg.vqa is None) != (cfg.refcoco is None), source, "vqa",
-             "set exactly one task section: vqa or refcoco")
+            "set exactly one task section: vqa or refcoco")
     t = cfg.task
     require(m.hidden_size % m.num_heads == 0, source, "model.hidden_size", "must be divisible by model.num_heads")
     require(0.0 <= m.head_dropout < 1.0, source, "model.head_dropout", "expected a probability in [0, 1)")
     require(bool(cfg.tokenizer), source, "vqa.tokenizer" if cfg.vqa else "refcoco.tokenizer",
-             "set a tokenizer when model.bert is empty")
+            "set a tokenizer when model.bert is empty")
     require(t.batch_size > 0 and t.eval_batch_size > 0, source, "batch_size", "must be positive")
     require(t.wait_warn_s > 0 and t.wait_timeout_s >= 0, source, "wait_warn_s",
-             "wait_warn_s must be positive and wait_timeout_s >= 0 (0 = no limit)")
+            "wait_warn_s must be positive and wait_timeout_s >= 0 (0 = no limit)")
     require(o.lr > 0, source, "optim.lr", "must be positive")
     require(o.decay_steps >= 0, source, "optim.decay_steps", "must be >= 0 (0: decay over every step after the warmup)")
     require(o.total_steps > 0 or cfg.epochs > 0, source, "epochs", "set epochs or optim.total_steps")
     require(o.grad_accum >= 1 and t.batch_size % o.grad_accum == 0, source, "optim.grad_accum",
-             f"must divide the batch size {t.batch_size}")
+            f"must divide the batch size {t.batch_size}")
     require(r.checkpoint_every > 0 and r.keep_last >= 1 and r.log_every > 0, source, "runtime.checkpoint_every",
-             "checkpoint_every and log_every must be positive and keep_last >= 1")
+            "checkpoint_every and log_every must be positive and keep_last >= 1")
     if cfg.vqa is not None:
         v = cfg.vqa
         require(bool(v.train) or bool(v.val), source, "vqa.train", "give a train or a val split")
         for i, split in enumerate(v.train + ([v.val] if v.val else [])):
             require(bool(split.questions) and bool(split.images), source, f"vqa split {i}",
-                     "every split needs questions and images")
+                    "every split needs questions and images")
         require(v.min_answer_count >= 1, source, "vqa.min_answer_count", "must be >= 1")
     else:
         rc = cfg.refcoco
         require(bool(rc.refs) and bool(rc.instances) and bool(rc.images), source, "refcoco.refs",
-                 "refs, instances and images are required")
+                "refs, instances and images are required")
         require(rc.boxes in ("detected", "gt"), source, "refcoco.boxes", "expected 'detected' or 'gt'")
         require(0.0 < rc.positive_iou < 1.0, source, "refcoco.positive_iou", "expected a value in (0, 1)")
     if check_files:
         # Its contents are read and checked where the run starts (vlbert.train.ds_config).
         require(os.path.isfile(r.deepspeed_config), source, f"runtime.deepspeed_config ({r.deepspeed_config})",
-                 "file not found")
+                "file not found")
 
 
 def batch_as_data_config(cfg: FinetuneConfig) -> DataConfig:

@@ -1,10 +1,9 @@
 """Faster R-CNN ResNet C4 (MMDetection) as a region feature extractor.
 
-The detector is mmdet's
-``FasterRCNN`` built from the ``faster-rcnn_r50-caffe-c4`` dicts: a ResNet with
-three stages (stem, res2, res3, res4; output stride 16), an RPN on res4, and a
-``StandardRoIHead`` whose shared head is res5 (``ResLayer`` stage 3) followed by
-a ``BBoxHead``. Parameter names are mmdet's (``backbone.*``, ``rpn_head.*``,
+The detector is mmdet's ``FasterRCNN`` built from the ``faster-rcnn_r50-caffe-c4``
+dicts: a ResNet with three stages (stem, res2, res3, res4; output stride 16), an
+RPN on res4, and a ``StandardRoIHead`` whose shared head is res5 (``ResLayer``
+stage 3) followed by a ``BBoxHead``. Parameter names are mmdet's (``backbone.*``, ``rpn_head.*``,
 ``roi_head.*``) under ``self.detector``, so MMDetection checkpoints load as they are.
 
 Shapes: B images, R box slots, H/W padded image size, C = ``cfg.num_classes``.

@@ -1,6 +1,6 @@
-"""DeepSpeed behind a small interface: the only package that imports ``deepspeed``
-(``process_group``: the process group; ``core``: ``Engine`` and the parameter groups;
-``universal``: safe loading and resharding of checkpoints).
+"""DeepSpeed behind a small interface: ``core`` is the only module that imports ``deepspeed``
+(the process group, ``Engine`` and the parameter groups, safe loading and resharding of
+checkpoints); this package sets DeepSpeed's accelerator before it is imported.
 
 - ``init_distributed()``: the process group (NCCL on GPUs, gloo on CPUs). Under
   ``torchrun``/``deepspeed``/``srun`` it reads the usual environment; a plain
@@ -44,10 +44,9 @@ if not torch.cuda.is_available():  # must be set before deepspeed picks its acce
 warnings.filterwarnings("ignore", message=r".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated",
                         category=FutureWarning)
 
-from vlbert.train.engine.core import DETECTOR_PREFIX, FROZEN_FILE, Engine, count_parameters, param_groups  # noqa: E402
-from vlbert.train.engine.process_group import DistInfo, init_distributed  # noqa: E402
-from vlbert.train.engine.universal import (DEEPSPEED_SAFE_GLOBALS, SafeTorchCheckpointEngine,  # noqa: E402
-                                           convert_to_universal, weights_only_torch_load)
+from vlbert.train.engine.core import (DEEPSPEED_SAFE_GLOBALS, DETECTOR_PREFIX, FROZEN_FILE, DistInfo,  # noqa: E402
+                                      Engine, SafeTorchCheckpointEngine, convert_to_universal, count_parameters,
+                                      init_distributed, param_groups, weights_only_torch_load)
 
 __all__ = ["DEEPSPEED_SAFE_GLOBALS", "DETECTOR_PREFIX", "FROZEN_FILE", "DistInfo", "Engine", "SafeTorchCheckpointEngine",
            "convert_to_universal", "count_parameters", "init_distributed", "param_groups", "weights_only_torch_load"]

@@ -1,28 +1,158 @@
-"""``Engine``: the model, AdamW and the schedule under DeepSpeed (ZeRO 1-3, bf16/fp16, accumulation,
-clipping), its checkpoints, and BERT's parameter groups. See the package docstring."""
+"""DeepSpeed, the only module that imports it (see the package docstring): the process group,
+``Engine`` (the model, AdamW and the schedule under DeepSpeed: ZeRO 1-3, bf16/fp16, accumulation,
+clipping) and its checkpoints, BERT's parameter groups, and checkpoint files loaded safely and
+resharded through DeepSpeed's universal checkpoints."""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 import uuid
+from argparse import Namespace
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import deepspeed
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
 from vlbert.config import OptimConfig
 from vlbert.train.ds_config import offload_device
-from vlbert.train.engine.process_group import disable_shm_comm
-from vlbert.train.engine.universal import SafeTorchCheckpointEngine, convert_to_universal, weights_only_torch_load
 from vlbert.train.schedule import warmup_linear_decay
 
 log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------- the process group
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def disable_shm_comm() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (about two
+    minutes of C++ on 2 cores) when it sets up communication; that op serves only
+    inference all-reduce, which training never calls. On CPU we use no DeepSpeed
+    op at all (torch AdamW, gloo), so mark every op unavailable, which also skips
+    DeepSpeed's compiler probes."""
+    if "__compatible_ops__" not in vars(deepspeed.ops):
+        from deepspeed.ops.op_builder.all_ops import ALL_OPS
+
+        vars(deepspeed.ops)["__compatible_ops__"] = dict.fromkeys(ALL_OPS, False)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
+    """Join (or create) the process group; idempotent.
+
+    Reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT (torchrun, the
+    deepspeed launcher). Under ``srun`` without a launcher, SLURM_PROCID /
+    SLURM_STEP_NUM_TASKS / SLURM_LOCALID stand in when MASTER_ADDR and
+    MASTER_PORT are exported. Without any of these: one process.
+    """
+    env = os.environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env and "MASTER_ADDR" in env and "MASTER_PORT" in env:
+            env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_STEP_NUM_TASKS"]
+            env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        else:
+            env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    else:
+        disable_shm_comm()
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=timeout_s))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+# ----------------------------------------------------------------- safe checkpoint files
+
+# The only non-tensor types in DeepSpeed 0.16-0.19 checkpoint files (found with
+# torch.serialization.get_unsafe_globals_in_checkpoint over ZeRO 0-3 x fp32/bf16/fp16).
+DEEPSPEED_SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, loading with ``weights_only=True``."""
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+@contextlib.contextmanager
+def weights_only_torch_load() -> Iterator[None]:
+    """Every ``torch.load`` inside (DeepSpeed's universal conversion and loading call it
+    with ``weights_only=False``) loads with ``weights_only=True`` and the DeepSpeed
+    allowlist: a checkpoint file can hold tensors and plain data, never code."""
+    original = torch.load
+
+    def load(f, map_location=None, pickle_module=None, *, weights_only=None, **kwargs):
+        with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
+            return original(f, map_location=map_location, weights_only=True, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def convert_to_universal(ds_dir: str, out_dir: str) -> float:
+    """DeepSpeed's ``ds_to_universal`` over one checkpoint folder (``<step>/ds``), in this
+    process; returns the seconds it took. ``out_dir`` becomes a folder that
+    ``load_checkpoint`` reads with ``checkpoint.load_universal``."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    t0 = time.perf_counter()
+    parent = os.path.dirname(out_dir.rstrip("/"))
+    os.makedirs(parent, exist_ok=True)
+    args = Namespace(input_folder=ds_dir, output_folder=out_dir, num_extract_workers=1, num_merge_workers=1,
+                     keep_temp_folder=False, strict=True, inject_missing_state=True)
+    # Its prints and per-parameter progress bars (stderr) would flood the training log.
+    with weights_only_torch_load(), contextlib.redirect_stdout(_LogWriter()), \
+            contextlib.redirect_stderr(_LogWriter()):
+        ds_to_universal.main(args)
+    return time.perf_counter() - t0
+
+
+class _LogWriter:
+    """What ds_to_universal prints goes to the debug log instead."""
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            log.debug("ds_to_universal: %s", text.strip())
+
+    def flush(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------- the engine
 
 # Beside DeepSpeed's files: the frozen parameters and buffers, which a universal checkpoint leaves out.
 FROZEN_FILE = "vlbert_frozen.safetensors"
