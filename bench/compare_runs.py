@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")  # the baseline is slow on a busy machine
 
-from vlbert.compare import FETCH_KEYS, RunView, continuous_curve, plot_runs
+from vlbert.tracking.compare import FETCH_KEYS, RunView, continuous_curve, plot_runs
 from vlbert.config import TrackingConfig
 from vlbert import tracking
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from vlbert.compare import PRETRAIN_TAG, downstream_rows
+from vlbert.tracking.compare import PRETRAIN_TAG, downstream_rows
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The run comparison tool: pure logic (vlbert/compare.py) and, against a real
+"""The run comparison tool: pure logic (vlbert/tracking/compare.py) and, against a real
 ``mlflow server`` on loopback, the CLI end to end (vlbert-compare, vlbert/cli/compare.py)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from vlbert.compare import (
+from vlbert.tracking.compare import (
     CompareError,
     Curve,
     RunView,

@@ -26,7 +26,7 @@ import yaml
 from vlbert.cli import convert_detector
 from vlbert.config import DetectorConfig, detector_preset, load_config
 from vlbert.model.detector import RegionFeatureExtractor
-from vlbert.model.detector_convert import ConversionError, convert, load_pickle_weights
+from vlbert.model.detector.convert import ConversionError, convert, load_pickle_weights
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.filterwarnings("ignore::UserWarning")]
 

@@ -16,7 +16,7 @@ import torch
 from vlbert.config import CaptionDataConfig
 from vlbert.tasks.config import load_finetune_config
 from vlbert.tasks.images import ImageIndex
-from vlbert.tasks.refcoco_data import RefDataset, box_iou, load_refcoco, read_refs
+from vlbert.tasks.refcoco.data import RefDataset, box_iou, load_refcoco, read_refs
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore::FutureWarning")]
 REPO = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_short_refcoco_finetune_runs_and_evaluates(demo_data, refer, tmp_path):
 
 def test_head_starts_from_the_pretrained_transform(demo_data, tmp_path):
     from vlbert.model.pretraining import VLBertForPretraining
-    from vlbert.tasks.refcoco_model import VLBertForRefCOCO
+    from vlbert.tasks.refcoco.model import VLBertForRefCOCO
 
     cfg = load_finetune_config(REPO / "configs/vqa_tiny.yaml", check_files=False)
     state = VLBertForPretraining(cfg.model, cfg.detector).state_dict()

@@ -14,8 +14,8 @@ from PIL import Image
 from vlbert.config import CaptionDataConfig
 from vlbert.tasks.images import ImageIndex
 from vlbert.tasks.sampling import EpochBatchSampler, eval_batches
-from vlbert.tasks.vqa_answers import AnswerVocab
-from vlbert.tasks.vqa_data import VQADataset, VQAQuestion, encode_question, load_vqa_split
+from vlbert.tasks.vqa.answers import AnswerVocab
+from vlbert.tasks.vqa.data import VQADataset, VQAQuestion, encode_question, load_vqa_split
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_CFG = CaptionDataConfig(short_side=64, max_long_side=64, min_boxes=1, max_boxes=4, flip_prob=0.0)

@@ -62,7 +62,7 @@ def _pretraining_state(cfg) -> dict:
 
 
 def test_pretrained_weights_and_head_transform_load(demo_data, vqa, tmp_path):
-    from vlbert.tasks.vqa_model import VLBertForVQA
+    from vlbert.tasks.vqa.model import VLBertForVQA
 
     cfg = tiny(demo_data, vqa, tmp_path / "out")
     state = _pretraining_state(cfg)
@@ -90,7 +90,7 @@ def test_from_config_loads_the_starting_weights_the_config_names(demo_data, vqa,
     pretraining run's weights in the architecture of model.bert. The constructor reads neither."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from vlbert.tasks.vqa_model import VLBertForVQA
+    from vlbert.tasks.vqa.model import VLBertForVQA
 
     base = tiny(demo_data, vqa, tmp_path / "out")
     bert = BertForMaskedLM(BertConfig(vocab_size=base.model.vocab_size, hidden_size=48, num_hidden_layers=1,
@@ -125,7 +125,7 @@ def _save_pretrained(cfg, folder: Path, run_id: str = "pretrain-run-123") -> Pat
 
 def test_tiny_finetune_overfits_a_few_questions(demo_data, vqa, tmp_path):
     from vlbert.tasks.finetune import finetune
-    from vlbert.tasks.vqa_answers import read_submission
+    from vlbert.tasks.vqa.answers import read_submission
 
     out = tmp_path / "overfit"
     cfg = tiny(demo_data, vqa, out, "optim.lr=1e-2", "optim.total_steps=40", "runtime.checkpoint_every=100",
@@ -133,7 +133,7 @@ def test_tiny_finetune_overfits_a_few_questions(demo_data, vqa, tmp_path):
     result = finetune(cfg)
     assert not result.preempted and result.step == 40
     # Soft targets (0.3, 0.6, 0.9) bound the BCE away from 0: compare with its floor, the targets' entropy.
-    from vlbert.tasks.vqa_task import VQATask
+    from vlbert.tasks.vqa.task import VQATask
     from transformers import AutoTokenizer
 
     task = VQATask(cfg, AutoTokenizer.from_pretrained(cfg.tokenizer))
@@ -145,7 +145,7 @@ def test_tiny_finetune_overfits_a_few_questions(demo_data, vqa, tmp_path):
     # The training questions scored by the official metric, against the best single answer for all
     # (what a model that ignores question and image can reach). On 2 CPU cores the 40 steps fit the
     # yes/no and number questions; colour/shape need longer to ground in a random detector's features.
-    from vlbert.tasks.vqa_metric import evaluate_vqa
+    from vlbert.tasks.vqa.metric import evaluate_vqa
 
     anns = json.loads((vqa / "train_annotations.json").read_text())["annotations"]
     constant = max(evaluate_vqa({a["question_id"]: answer for a in anns}, anns).overall
@@ -225,7 +225,7 @@ class StalledStore:
     instead of hanging."""
 
     def __init__(self, monkeypatch, stall_at: int):
-        from vlbert.tasks.vqa_data import VQADataset
+        from vlbert.tasks.vqa.data import VQADataset
 
         self.stalled, self.release, self.calls = threading.Event(), threading.Event(), 0
         original = VQADataset.__getitem__

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from vlbert.tasks.vqa_answers import (AnswerVocab, answer_targets, build_answer_vocab, read_submission,
+from vlbert.tasks.vqa.answers import (AnswerVocab, answer_targets, build_answer_vocab, read_submission,
                                       swap_left_right, write_submission)
-from vlbert.tasks.vqa_metric import (evaluate_vqa, normalize_answer, process_digits_articles,
+from vlbert.tasks.vqa.metric import (evaluate_vqa, normalize_answer, process_digits_articles,
                                      process_punctuation, soft_score, vqa_score)
 
 DISAGREE = ["other"]  # appended to human answers so that they are not all the same

@@ -36,7 +36,7 @@ import urllib.error
 import urllib.request
 from typing import Optional
 
-from vlbert.compare import (
+from vlbert.tracking.compare import (
     FETCH_KEYS,
     PRETRAIN_TAG,
     CompareError,

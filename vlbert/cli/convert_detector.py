@@ -13,7 +13,7 @@ the ``butd_r101_vg`` preset); every one of its weights must be filled, or nothin
 written. The output (any fsspec URL) is ``{"state_dict", "meta"}``: set
 ``detector.checkpoint`` to it. Source weights that were not used (attribute heads)
 are listed. Conventions (background index, softmax RPN, delta scaling, BGR input):
-``vlbert.model.detector_convert``.
+``vlbert.model.detector.convert``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 
 from vlbert.config import DetectorConfig, load_config
 from vlbert.model.detector import RegionFeatureExtractor
-from vlbert.model.detector_convert import FORMATS, ConversionError, architecture_differences, convert, read_source
+from vlbert.model.detector.convert import FORMATS, ConversionError, architecture_differences, convert, read_source
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

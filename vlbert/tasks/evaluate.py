@@ -45,8 +45,8 @@ def evaluate_finetuned(cfg: FinetuneConfig, weights_url: str, out_dir: Optional[
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
     vocab = None
     if cfg.vqa is not None:
-        from vlbert.tasks.vqa_answers import AnswerVocab
-        from vlbert.tasks.vqa_task import ANSWERS_FILE
+        from vlbert.tasks.vqa.answers import AnswerVocab
+        from vlbert.tasks.vqa.task import ANSWERS_FILE
 
         vocab = AnswerVocab.load(posixpath.join(posixpath.dirname(weights_url) or ".", ANSWERS_FILE))
         cfg.vqa.train = []  # evaluation reads no training data

@@ -59,10 +59,10 @@ class FinetuneResult:
 def build_task(cfg: FinetuneConfig, tokenizer, vocab=None):
     """The task object for the config's task section."""
     if cfg.vqa is not None:
-        from vlbert.tasks.vqa_task import VQATask
+        from vlbert.tasks.vqa.task import VQATask
 
         return VQATask(cfg, tokenizer, vocab)
-    from vlbert.tasks.refcoco_task import RefCOCOTask
+    from vlbert.tasks.refcoco.task import RefCOCOTask
 
     return RefCOCOTask(cfg, tokenizer)
 

@@ -3,7 +3,7 @@
 ``extractor``: Faster R-CNN ResNet C4 as a region feature extractor (``RegionFeatureExtractor``);
 ``parts``: its building blocks (the mmdet model dicts, Caffe anchors, the CPU RoIPool, the
 frozen BatchNorm). Checkpoint reading and conversion, which need no mmdet, are in
-``vlbert.model.detector_convert``.
+``vlbert.model.detector.convert``.
 """
 
 from vlbert.model.detector.extractor import HEAD_PREFIXES, RegionFeatureExtractor, zero_masked_regions

@@ -11,7 +11,7 @@ Shapes: B images, R box slots, H/W padded image size, C = ``cfg.num_classes``.
 Architecture options (``DetectorConfig``; the ``butd_r101_vg`` preset sets them to the
 published Visual Genome network): Caffe stem pool, dilated res5 at stride 1, the RoI op
 (mmcv RoIAlign, or Caffe's RoIPool), RPN width, anchors (Caffe geometry and order),
-BGR input. ``vlbert-convert-detector`` (``vlbert.model.detector_convert``) turns the
+BGR input. ``vlbert-convert-detector`` (``vlbert.model.detector.convert``) turns the
 published checkpoints into this module's state dict.
 
 Class distributions: ``cfg.num_classes`` counts every output of the box
@@ -40,7 +40,7 @@ from mmengine.config import ConfigDict
 from mmengine.logging import MMLogger
 
 from vlbert.config import DetectorConfig
-from vlbert.model.detector_convert import HEAD_PREFIXES, read_checkpoint
+from vlbert.model.detector.convert import HEAD_PREFIXES, read_checkpoint
 from vlbert.model.detector.parts import CaffeAnchorGenerator, CaffeRoIPool, freeze_batchnorms, mmdet_config
 
 # Checkpoint keys we may lack or ignore: the box regressor is never used (regions
@@ -336,7 +336,7 @@ class RegionFeatureExtractor(nn.Module):
 
     def load_checkpoint(self, url: str) -> None:
         """Load MMDetection weights from a path or any fsspec URL, read by
-        ``detector_convert.read_checkpoint`` (tensors only); see ``load_detector_state``."""
+        ``convert.read_checkpoint`` (tensors only); see ``load_detector_state``."""
         state, meta = read_checkpoint(url)
         self.load_detector_state(state, meta, source=url)
 

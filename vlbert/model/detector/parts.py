@@ -13,7 +13,7 @@ from mmdet.models.task_modules.prior_generators import AnchorGenerator
 from mmengine.config import ConfigDict
 
 from vlbert.config import DetectorConfig
-from vlbert.model.detector_convert import BOX_DELTA_STDS
+from vlbert.model.detector.convert import BOX_DELTA_STDS
 
 
 def mmdet_config(cfg: DetectorConfig) -> ConfigDict:

@@ -15,10 +15,10 @@ import torch
 from vlbert.tasks.config import FinetuneConfig, VQASplitConfig
 from vlbert.tasks.images import ImageIndex
 from vlbert.tasks.sampling import eval_batches
-from vlbert.tasks.vqa_answers import AnswerVocab, build_answer_vocab, write_submission
-from vlbert.tasks.vqa_data import VQADataset, load_vqa_split
-from vlbert.tasks.vqa_metric import evaluate_vqa
-from vlbert.tasks.vqa_model import VLBertForVQA
+from vlbert.tasks.vqa.answers import AnswerVocab, build_answer_vocab, write_submission
+from vlbert.tasks.vqa.data import VQADataset, load_vqa_split
+from vlbert.tasks.vqa.metric import evaluate_vqa
+from vlbert.tasks.vqa.model import VLBertForVQA
 from vlbert.train import dist
 
 log = logging.getLogger(__name__)

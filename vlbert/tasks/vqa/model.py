@@ -20,7 +20,7 @@ from transformers import BertConfig
 from vlbert.config import DetectorConfig
 from vlbert.tasks.backbone import Backbone, ImageInputs, TaskModel
 from vlbert.tasks.config import FinetuneModelConfig
-from vlbert.tasks.vqa_data import VQABatch
+from vlbert.tasks.vqa.data import VQABatch
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """VQA answers: the answer vocabulary, soft-score targets, left/right flips, submission files.
 
 Vocabulary and targets use the official normalisation (``normalize_answer``)
-always; the evaluation (``vqa_metric.vqa_score``) keeps the official quirk of
+always; the evaluation (``vlbert.tasks.vqa.metric.vqa_score``) keeps the official quirk of
 normalising only when the humans disagree.
 """
 
@@ -14,7 +14,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import fsspec
 
-from vlbert.tasks.vqa_metric import normalize_answer, soft_score
+from vlbert.tasks.vqa.metric import normalize_answer, soft_score
 
 MIN_ANSWER_COUNT = 9  # the 3129-answer vocabulary of VQA v2 train+val
 

@@ -19,7 +19,7 @@ from transformers import BertConfig
 from vlbert.config import DetectorConfig
 from vlbert.tasks.backbone import Backbone, ImageInputs, TaskModel
 from vlbert.tasks.config import FinetuneModelConfig
-from vlbert.tasks.refcoco_data import RefBatch
+from vlbert.tasks.refcoco.data import RefBatch
 
 
 def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from vlbert.data.captions import BadSample
 from vlbert.model.embeddings import SEGMENT_A, SEGMENT_B
 from vlbert.tasks.images import ImageIndex, decode_image_sample
 from vlbert.tasks.sampling import flips
-from vlbert.tasks.vqa_answers import AnswerVocab, answer_targets, swap_left_right
+from vlbert.tasks.vqa.answers import AnswerVocab, answer_targets, swap_left_right
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import torch
 
 from vlbert.tasks.config import FinetuneConfig
 from vlbert.tasks.images import ImageIndex
-from vlbert.tasks.refcoco_data import RefDataset, box_iou, load_refcoco
-from vlbert.tasks.refcoco_model import VLBertForRefCOCO
+from vlbert.tasks.refcoco.data import RefDataset, box_iou, load_refcoco
+from vlbert.tasks.refcoco.model import VLBertForRefCOCO
 from vlbert.tasks.sampling import eval_batches
 from vlbert.train import dist
 

@@ -27,8 +27,8 @@ from vlbert.batch import _to
 from vlbert.data.captions import BadSample
 from vlbert.tasks.images import ImageIndex, decode_image_sample
 from vlbert.tasks.sampling import flips
-from vlbert.tasks.vqa_answers import swap_left_right
-from vlbert.tasks.vqa_data import collate_images, read_json
+from vlbert.tasks.vqa.answers import swap_left_right
+from vlbert.tasks.vqa.data import collate_images, read_json
 
 
 class _PlainUnpickler(pickle.Unpickler):
