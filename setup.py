@@ -56,6 +56,12 @@ setup(
             "vlbert-prepare-text=vlbert.cli.prepare_text:main",
             "vlbert-extract-regions=vlbert.cli.extract_regions:cli",
             "vlbert-convert-detector=vlbert.cli.convert_detector:cli",
+            "vlbert-replay-tracking=vlbert.tracking.replay:main",
+            "vlbert-make-demo-data=vlbert.demo.make_data:cli",
+            "vlbert-pretrain-demo-detector=vlbert.demo.pretrain_detector:main",
+            "vlbert-probe-colours=vlbert.demo.probe_colours:main",
+            "vlbert-make-demo-vqa=vlbert.demo.make_vqa:cli",
+            "vlbert-compare-vqa-demo=vlbert.demo.vqa_compare:cli",
         ],
     },
 )

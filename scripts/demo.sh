@@ -2,7 +2,7 @@
 # The demo, end to end on CPU: make the demo data, train the demo detector on its boxes,
 # pretrain the demo config with DeepSpeed (tracked in the local MLflow store), then probe
 # the model: accuracy at filling in masked colour words with the image and with it blanked.
-# Extra arguments are config overrides for the training run, e.g. `optim.lr=3e-4`.
+# Extra arguments are config overrides for the training run, e.g. `--set optim.lr=3e-4`.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 # One compute thread per process, on any machine: the figures the README shows are those of one
@@ -16,8 +16,8 @@ if [ -d "$OUT" ]; then
   echo "[vlbert] removing the previous demo output $OUT"
   rm -rf "$OUT"
 fi
-"$VLBERT_PY" -m vlbert.demo.make_data --out demo_data --size 64
-"$VLBERT_PY" -m vlbert.demo.pretrain_detector --config configs/demo.yaml --out demo_data/detector.pth
-"$VLBERT_PY" -m vlbert.cli.train --config configs/demo.yaml runtime.output_dir="$OUT" "$@"
-"$VLBERT_PY" -m vlbert.demo.probe_colours --config configs/demo.yaml runtime.output_dir="$OUT" "$@"
-echo "[vlbert] demo finished in $(( SECONDS - start )) s; runs: see README (mlflow ui --backend-store-uri sqlite:///mlflow.db)"
+vlbert-make-demo-data --out demo_data --size 64
+vlbert-pretrain-demo-detector --config configs/demo.yaml --out demo_data/detector.pth
+vlbert-train --config configs/demo.yaml --set runtime.output_dir="$OUT" "$@"
+vlbert-probe-colours --config configs/demo.yaml --set runtime.output_dir="$OUT" "$@"
+echo "[vlbert] demo finished in $(( SECONDS - start )) s; runs: mlflow ui --backend-store-uri sqlite:///mlflow.db (docs/demo.md)"

@@ -3,8 +3,8 @@
 # (slurm/pretrain.sh: one srun task per GPU, USR1 120 s before the time limit ->
 # checkpoint, requeue, resume into the same MLflow run) with tools/finetune.py as the entry.
 #
-#   sbatch slurm/finetune.sh configs/vqa_base.yaml model.pretrained=runs/base/model.safetensors
-#   sbatch --nodes=1 --time=12:00:00 slurm/finetune.sh configs/vqa_base.yaml optim.lr=1e-4
+#   sbatch slurm/finetune.sh configs/vqa_base.yaml --set model.pretrained=runs/base/model.safetensors
+#   sbatch --nodes=1 --time=12:00:00 slurm/finetune.sh configs/vqa_base.yaml --set optim.lr=1e-4
 #
 # Environment and options as for slurm/pretrain.sh (VLBERT_PYTHON, VLBERT_OUTPUT_DIR,
 # MLFLOW_TRACKING_URI, VLBERT_ROOT, VLBERT_MASTER_PORT). The #SBATCH lines must live in the

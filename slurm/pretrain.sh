@@ -2,8 +2,8 @@
 # shellcheck disable=SC2317  # (the signal handlers below are called from traps)
 # Pretrain VL-BERT on a Slurm cluster, with checkpoint-and-requeue before the time limit.
 #
-#   sbatch slurm/pretrain.sh configs/base_e2e.yaml [key=value ...]          # from the repository root
-#   sbatch --nodes=4 --time=48:00:00 slurm/pretrain.sh configs/large_e2e.yaml optim.lr=2e-5
+#   sbatch slurm/pretrain.sh configs/base_e2e.yaml [--set KEY=VALUE ...]    # from the repository root
+#   sbatch --nodes=4 --time=48:00:00 slurm/pretrain.sh configs/large_e2e.yaml --set optim.lr=2e-5
 #   sbatch --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=4 slurm/pretrain.sh configs/demo.yaml
 #                                   # CPU-only nodes: no GPUs requested, the trainer uses gloo
 #
@@ -16,7 +16,7 @@
 #
 # Environment (read at submission; sbatch passes the submitting shell's environment on):
 #   VLBERT_PYTHON        interpreter (default: the repository's .venv/bin/python if present, else python)
-#   VLBERT_OUTPUT_DIR    becomes runtime.output_dir=... (an explicit override on the command line wins)
+#   VLBERT_OUTPUT_DIR    becomes --set runtime.output_dir=... (an explicit override on the command line wins)
 #   MLFLOW_TRACKING_URI  passed through to the trainer (the config's tracking.tracking_uri wins if set)
 #   VLBERT_ROOT          repository root (default: the folder sbatch was run from)
 #   VLBERT_MASTER_PORT   rendezvous port (default: derived from the job id)
@@ -49,7 +49,7 @@
 set -uo pipefail  # no -e: srun's exit status is handled below
 
 if [ $# -lt 1 ]; then
-  echo "usage: sbatch slurm/pretrain.sh CONFIG.yaml [key=value ...]" >&2
+  echo "usage: sbatch slurm/pretrain.sh CONFIG.yaml [--set KEY=VALUE ...]" >&2
   exit 2
 fi
 CONFIG="$1"
@@ -68,7 +68,7 @@ fi
 
 OVERRIDES=()
 # The environment's output folder comes first, so that an explicit override given to sbatch wins.
-[ -n "${VLBERT_OUTPUT_DIR:-}" ] && OVERRIDES+=("runtime.output_dir=$VLBERT_OUTPUT_DIR")
+[ -n "${VLBERT_OUTPUT_DIR:-}" ] && OVERRIDES+=(--set "runtime.output_dir=$VLBERT_OUTPUT_DIR")
 OVERRIDES+=("$@")
 
 # Rendezvous: the first node of the allocation hosts the TCP store. Its NodeAddr is

@@ -26,7 +26,7 @@ def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     # as scripts/demo.sh runs it: python -m from the repository root
     cmd = [sys.executable, "-m", "vlbert.demo.make_data", "--out", str(out), "--train-shards", "2",
-           "--per-shard", "60", "--val", "20", "--seed", "3", "--size", "96", "--book-files", "1",
+           "--rows-per-shard", "60", "--val", "20", "--seed", "3", "--size", "96", "--book-files", "1",
            "--docs-per-file", "20", "--wiki-docs", "10"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]

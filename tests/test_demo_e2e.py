@@ -28,17 +28,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 
 def demo_commands() -> tuple[list[list[str]], dict[str, str]]:
-    """The ``"$VLBERT_PY" -m module args`` lines of scripts/demo.sh, and the variables it exports."""
+    """The ``vlbert-<command> args`` lines of scripts/demo.sh, and the variables it exports."""
     script = (REPO / "scripts/demo.sh").read_text()
     exports = dict(re.findall(r"^export (\w+)=(\S+)$", script, re.M))
-    commands = [shlex.split(line)[1:] for line in script.splitlines() if line.startswith('"$VLBERT_PY" -m ')]
+    commands = [shlex.split(line) for line in script.splitlines() if line.startswith("vlbert-")]
     return commands, exports
 
 
 def test_demo_script_has_the_four_steps():
     commands, exports = demo_commands()
-    assert [c[1] for c in commands] == ["vlbert.demo.make_data", "vlbert.demo.pretrain_detector",
-                                        "vlbert.cli.train", "vlbert.demo.probe_colours"], commands
+    assert [c[0] for c in commands] == ["vlbert-make-demo-data", "vlbert-pretrain-demo-detector",
+                                        "vlbert-train", "vlbert-probe-colours"], commands
     assert exports.get("OMP_NUM_THREADS") == "1"
 
 
@@ -56,8 +56,9 @@ def test_demo_grounds_colour_words_in_the_image(tmp_path):
            if k not in ("MLFLOW_TRACKING_URI", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(exports, MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     for command in commands:
-        args = [substitute.get(a, a) for a in command if a != "$@"]
-        proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+        # The installed command, as the script runs it (the venv's bin folder is on its PATH).
+        args = [str(Path(sys.executable).parent / command[0])] + [substitute.get(a, a) for a in command[1:] if a != "$@"]
+        proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=1200)
         assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
         print(proc.stdout[-1500:])

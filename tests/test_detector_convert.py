@@ -420,7 +420,7 @@ def test_cli_refuses_a_checkpoint_that_does_not_map(tmp_path):
     path = tmp_path / "d2.pkl"
     path.write_bytes(pickle.dumps({"model": weights}))
     with pytest.raises(SystemExit, match="does not map"):
-        convert_detector.main([str(path), str(tmp_path / "out.pth"), "--config", config_yaml(tmp_path, depth=18)])
+        convert_detector.main([str(path), "--out", str(tmp_path / "out.pth"), "--config", config_yaml(tmp_path, depth=18)])
     assert not (tmp_path / "out.pth").exists()
 
 

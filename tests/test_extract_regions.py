@@ -48,7 +48,7 @@ def shards(tmp_path):
 
 def run(tmp_path, *extra, output=None):
     return main(["--config", str(tmp_path / "cfg.yaml"), "--input", str(tmp_path / "in" / "s{0..1}.tar"),
-                 "--output", output or str(tmp_path / "out"), "--device", "cpu", "--num-proposals", "20",
+                 "--out", output or str(tmp_path / "out"), "--device", "cpu", "--num-proposals", "20",
                  "--batch-size", "2", *extra])
 
 
@@ -129,7 +129,7 @@ def test_extract_regions_with_the_visual_genome_preset(shards):
     det_cfg = load_config(shards / "cfg.yaml", check_files=False).detector
     convert_detector.convert_file(str(source), str(shards / "butd.pth"), det_cfg)
     stats = main(["--config", str(shards / "cfg.yaml"), "--input", str(shards / "in" / "s0.tar"),
-                  "--output", str(shards / "out"), "--device", "cpu", "--num-proposals", "6", "--batch-size", "2",
+                  "--out", str(shards / "out"), "--device", "cpu", "--num-proposals", "6", "--batch-size", "2",
                   "--set", f"detector.checkpoint={shards / 'butd.pth'}"])
     assert stats["samples_written"] == 2
     for files in read(shards / "out" / "s0.tar").values():

@@ -547,7 +547,7 @@ def test_extract_regions_to_s3_resumes_after_a_kill(bucket, tmp_path):
         write_caption_shard(inputs / f"s{i}.tar", f"x{i}", 2, rng, 64)
     bucket.put(inputs, "in/")
     args = ["--config", str(tmp_path / "cfg.yaml"), "--input", f"{bucket.url}/in/s{{0..1}}.tar",
-            "--output", f"{bucket.url}/out", "--device", "cpu", "--num-proposals", "20", "--batch-size", "4"]
+            "--out", f"{bucket.url}/out", "--device", "cpu", "--num-proposals", "20", "--batch-size", "4"]
     with FaultProxy(bucket.endpoint) as proxy:
         run_until_stalled([sys.executable, "-m", "vlbert.cli.extract_regions", *args], proxy,
                           path_matches(r"/out/s1\.tar$"), REPO, tmp_path / "extract.log")

@@ -51,7 +51,7 @@ def cc(tmp_path):
 def test_tsv_to_shards(cc):
     out = f"memory://prep-{uuid.uuid4().hex}"
     res = main(["--tsv", str(cc / "cc.tsv"), "--image-dir", str(cc / "images"), "--out", out,
-                "--per-shard", "2", "--prefix", "train-", "--workers", "2"])
+                "--rows-per-shard", "2", "--prefix", "train-", "--workers", "2"])
     assert res["counts"] == {"written": 3, "missing_image": 1, "corrupt_image": 2, "empty_caption": 1, "bad_row": 1}
     assert res["shards"] == [f"{out}/train-00000.tar", f"{out}/train-00001.tar"]
     first = _read_shard(res["shards"][0])
@@ -77,7 +77,7 @@ def test_image_name_by_hash(cc, tmp_path):
 
 def test_img2dataset_shards_reshard_and_validate(cc, tmp_path):
     src = tmp_path / "src"
-    main(["--tsv", str(cc / "cc.tsv"), "--image-dir", str(cc / "images"), "--out", str(src), "--per-shard", "2"])
+    main(["--tsv", str(cc / "cc.tsv"), "--image-dir", str(cc / "images"), "--out", str(src), "--rows-per-shard", "2"])
     with tarfile.open(src / "00002.tar", "w") as tar:  # a shard with a bad and an incomplete sample
         for name, data in [("bad.jpg", b"nope"), ("bad.txt", b"x"), ("nocap.jpg", _img("JPEG"))]:
             info = tarfile.TarInfo(name)
@@ -86,7 +86,7 @@ def test_img2dataset_shards_reshard_and_validate(cc, tmp_path):
     res = main(["--shards", str(src / "{00000..00002}.tar"), "--validate-only"])
     assert res["counts"] == {"valid": 3, "corrupt_image": 1, "missing_caption": 1} and res["shards"] == []
     out = f"memory://reshard-{uuid.uuid4().hex}"
-    res = main(["--shards", str(src / "*.tar"), "--out", out, "--per-shard", "10"])
+    res = main(["--shards", str(src / "*.tar"), "--out", out, "--rows-per-shard", "10"])
     assert res["counts"]["written"] == 3 and len(res["shards"]) == 1
     files = _read_shard(res["shards"][0])
     assert {n.split(".")[0] for n in files} == {"000000000", "000000001", "000000006"}

@@ -28,7 +28,7 @@ def test_detector_learns_the_demo_classes_and_its_checkpoint_loads(tmp_path, cap
     make_demo_data(root, train_shards=1, per_shard=48, val=8, size=64, book_files=1, docs_per_file=10, wiki_docs=10)
     out = tmp_path / "detector.pth"
     code = main(["--config", str(REPO / "configs/demo.yaml"), "--out", str(out), "--steps", "60",
-                 "--batch-size", "8", "--lr", "2e-3", *overrides(root)])
+                 "--batch-size", "8", "--lr", "2e-3", *(a for o in overrides(root) for a in ("--set", o))])
     assert code == 0
     printed = capsys.readouterr().out
     first, last = (float(v) for v in printed.split("loss ")[1].split(" (")[0].split(" -> "))

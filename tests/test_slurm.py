@@ -94,7 +94,8 @@ def sbatch(slurm: SlurmCluster, folder: Path, script: str, config: str, override
            "PYTHONPATH": str(REPO)}  # the entry script imports this checkout's vlbert, not another install
     job_id = slurm.sbatch(["--job-name=vlbert-test", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0",
                            "--cpus-per-task=1", "--time=15", f"--output={folder}/job-%j.out",
-                           f"--error={folder}/job-%j.err", script, config, *overrides],
+                           f"--error={folder}/job-%j.err", script, config,
+                           *(arg for o in overrides for arg in ("--set", o))],
                           cwd=REPO, env=env)
     return Job(job_id, folder, {})
 

@@ -199,7 +199,7 @@ def test_server_that_never_returns_bounds_the_spool_counts_the_loss_and_replay_s
     assert Spool(spool).count("metrics") == 50 and t.unsent == 50 + 2  # and the params, the status
     text = caplog.text
     assert "dropped 19950" in text or "lost 19950" in text
-    assert f"python -m vlbert.tracking.replay {spool} --tracking-uri {uri}" in text
+    assert f"vlbert-replay-tracking {spool} --tracking-uri {uri}" in text
 
     port = int(uri.rsplit(":", 1)[1])
     with MlflowServer(tmp_path / "server", port=port) as server:

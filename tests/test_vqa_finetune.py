@@ -176,7 +176,7 @@ def test_tiny_finetune_overfits_a_few_questions(demo_data, vqa, tmp_path):
     # An unannotated split (test-dev): only the submission file.
     qonly = "vqa.val.annotations="
     assert evaluate_main(["--config", str(config_path), "--weights", str(out / "model.safetensors"),
-                          "--out", str(tmp_path / "testdev"), qonly]) == 0
+                          "--out", str(tmp_path / "testdev"), "--set", qonly]) == 0
     rows = json.loads((tmp_path / "testdev" / "val_predictions.json").read_text())
     assert len(rows) == len(questions) and all(set(r) == {"question_id", "answer"} for r in rows)
 
@@ -323,7 +323,8 @@ def test_demo_comparison_tool_runs_both_arms(demo_data, vqa, tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict()))
     summary = main(["--config", str(config), "--pretrained", str(pretrained), "--seeds", "0",
-                    "--out", str(tmp_path / "cmp"), "optim.total_steps=2", "tracking.experiment=demo-cmp"])
+                    "--out", str(tmp_path / "cmp"), "--set", "optim.total_steps=2",
+                    "--set", "tracking.experiment=demo-cmp"])
     on_disk = json.loads((tmp_path / "cmp" / "summary.json").read_text())
     assert on_disk["gap_points"] == pytest.approx(summary["gap_points"])
     for arm in ("pretrained", "no_pretraining"):
@@ -343,10 +344,10 @@ def test_cli_config_errors_exit_2(capsys):
     from vlbert.cli.evaluate import main as evaluate_main
     from vlbert.cli.finetune import main as finetune_main
 
-    assert finetune_main(["--config", str(REPO / "configs/vqa_tiny.yaml"), "vqa.batch_sise=3"]) == 2
+    assert finetune_main(["--config", str(REPO / "configs/vqa_tiny.yaml"), "--set", "vqa.batch_sise=3"]) == 2
     assert "vqa.batch_sise" in capsys.readouterr().err
-    assert evaluate_main(["--config", str(REPO / "configs/vqa_tiny.yaml"), "--weights", "x", "epochs=-1",
-                          "optim.total_steps=0"]) == 2
+    assert evaluate_main(["--config", str(REPO / "configs/vqa_tiny.yaml"), "--weights", "x", "--set", "epochs=-1",
+                          "--set", "optim.total_steps=0"]) == 2
     assert "epochs" in capsys.readouterr().err
 
 

@@ -1,5 +1,5 @@
 """The command line shared by the run commands (``vlbert.cli.train``, ``vlbert.cli.finetune``):
-``--config FILE [key=value ...]``, under ``python``, ``torchrun`` or ``deepspeed``, and their
+``--config FILE [--set KEY=VALUE ...]``, under ``python``, ``torchrun`` or ``deepspeed``, and their
 exit status: 0 finished or stopped cleanly on a signal, 2 a config error, 1 a data error
 (a source with no usable sample, no batch within the wait limit) or any other failure."""
 
@@ -10,24 +10,26 @@ import os
 import sys
 from typing import Any, Callable, Optional
 
+from vlbert.cli.common import add_overrides, command_parser, overrides
 
-def parse_run_args(doc: str, config_help: str, override_example: str,
+
+def parse_run_args(prog: str, doc: str, config_help: str, override_example: str,
                    argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """``--config`` and the dotted overrides. The ``deepspeed`` launcher's ``--local_rank``
+    """``--config`` and the ``--set`` overrides. The ``deepspeed`` launcher's ``--local_rank``
     is accepted and passed on as ``LOCAL_RANK`` (the rank is read from the environment)."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=doc)
+    p = command_parser(prog, doc)
     p.add_argument("--config", required=True, help=config_help)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help="set by the deepspeed launcher; the rank is read from the environment")
-    p.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {override_example}")
+    add_overrides(p, override_example)
     args = p.parse_args(argv)
+    args.overrides = overrides(args)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     return args
 
 
-def run_command(argv: Optional[list[str]], doc: str, config_help: str, override_example: str,
+def run_command(argv: Optional[list[str]], prog: str, doc: str, config_help: str, override_example: str,
                 load: Callable[[str, list[str]], Any], run: Callable[[Any], Any],
                 on_finished: Optional[Callable[[Any], None]] = None) -> int:
     """Parse the command line, ``load(config, overrides)``, ``run(cfg)``; returns the exit status.
@@ -37,7 +39,7 @@ def run_command(argv: Optional[list[str]], doc: str, config_help: str, override_
     from vlbert.data.prefetch import DataWaitTimeout
     from vlbert.data.shards import SourceUnusable
 
-    args = parse_run_args(doc, config_help, override_example, argv)
+    args = parse_run_args(prog, doc, config_help, override_example, argv)
     try:
         result = run(load(args.config, args.overrides))
     except ConfigError as e:

@@ -5,7 +5,6 @@
     vlbert-compare --run-ids 3f2a... 9c1e... --plot cmp.png --table-out cmp.md
     vlbert-compare --names base-lr1e-4 base-lr2e-4 --tracking-uri http://mlflow:5000
     vlbert-compare --experiment vlbert --filter "params.optim.lr = '2.56e-05'"
-    (or: python -m vlbert.cli.compare ...)
 
 Store: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else ``mlflow.db`` in the
 working folder (as training uses). Runs: by ``--run-ids``, or by ``--names`` and/or
@@ -36,6 +35,7 @@ import urllib.error
 import urllib.request
 from typing import Optional
 
+from vlbert.cli.common import command_parser
 from vlbert.tracking.compare import (
     FETCH_KEYS,
     PRETRAIN_TAG,
@@ -55,8 +55,7 @@ class CliError(Exception):
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="vlbert-compare", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("vlbert-compare", __doc__)
     p.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                    "else sqlite:///mlflow.db in the working folder)")
     p.add_argument("--experiment", "-e", action="append", default=None,

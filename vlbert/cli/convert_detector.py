@@ -1,9 +1,10 @@
 """Convert a published Visual Genome detector checkpoint into this project's detector weights.
 
-    vlbert-convert-detector SOURCE OUTPUT --config configs/base_e2e.yaml
+    vlbert-convert-detector resnet101-pt-vgbua-0000.model --out vg_detector.pth --config configs/base_e2e.yaml
+    vlbert-convert-detector SOURCE --out OUTPUT --config CONFIG
         [--format vlbert_resnet|detectron2_caffe|bua_caffe] [--set detector.depth=101]
 
-SOURCE is one of (README, "Getting the Visual Genome detector"):
+SOURCE is one of (docs/detector.md):
 - VL-BERT's ``resnet101-pt-vgbua-0000.model`` (backbone and res5 only);
 - the detectron2 ports ``faster_rcnn_from_caffe.pkl`` / ``faster_rcnn_from_caffe_attr.pkl``
   (read with a restricted unpickler: dicts, strings, numbers and numpy arrays only);
@@ -27,20 +28,29 @@ from typing import Optional
 import fsspec
 import torch
 
+from vlbert.cli.common import add_overrides, command_parser, console_script
 from vlbert.config import DetectorConfig, load_config
 from vlbert.model.detector import RegionFeatureExtractor
 from vlbert.model.detector.convert import FORMATS, ConversionError, architecture_differences, convert, read_source
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = command_parser("vlbert-convert-detector", __doc__)
     p.add_argument("source", help="published checkpoint (path or fsspec URL)")
-    p.add_argument("output", help="converted checkpoint to write (path or fsspec URL)")
+    p.add_argument("legacy_output", nargs="?", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help="converted checkpoint to write (path or fsspec URL)")
     p.add_argument("--config", required=True, help="run config whose detector section describes the target")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. detector.depth=101 (repeatable)")
+    add_overrides(p, "detector.depth=101", positional=False)
     p.add_argument("--format", choices=FORMATS, help="source layout (detected from the names when omitted)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.legacy_output is not None:
+        if args.out is not None:
+            p.error("give the output once, as --out")
+        print("warning: the output as a second positional argument is deprecated: write --out OUTPUT", file=sys.stderr)
+        args.out = args.legacy_output
+    if args.out is None:
+        p.error("the following arguments are required: --out")
+    return args
 
 
 def convert_file(source: str, output: str, det_cfg: DetectorConfig,
@@ -71,18 +81,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     """Convert; returns (and prints to stderr as JSON) the summary."""
     opts = parse_args(argv)
     det_cfg = load_config(opts.config, opts.overrides, check_files=False).detector
-    summary, _ = convert_file(opts.source, opts.output, det_cfg, opts.format)
+    summary, _ = convert_file(opts.source, opts.out, det_cfg, opts.format)
     print(json.dumps(summary, indent=1), file=sys.stderr)
     for line in summary["architecture_differences"]:
         print(f"note: {line}", file=sys.stderr)
     return summary
 
 
-
-def cli() -> None:
-    """The console script ``vlbert-convert-detector``: exit status 0 (``main`` returns its summary to Python callers)."""
-    main()
-
+cli = console_script(main)
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(cli())

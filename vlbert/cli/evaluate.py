@@ -3,8 +3,8 @@
     vlbert-evaluate --config configs/vqa_base.yaml --weights runs/vqa/model.safetensors --out runs/vqa/eval
     # test-dev: no annotations, so only the submission file <out>/val_predictions.json
     vlbert-evaluate --config configs/vqa_base.yaml --weights runs/vqa/model.safetensors --out sub \
-        vqa.val.questions=v2_OpenEnded_mscoco_test-dev2015_questions.json vqa.val.annotations="" \
-        'vqa.val.images=[coco/test2015-{00000..00099}.tar]'
+        --set vqa.val.questions=v2_OpenEnded_mscoco_test-dev2015_questions.json --set vqa.val.annotations="" \
+        --set 'vqa.val.images=[coco/test2015-{00000..00099}.tar]'
 
 Runs under plain python, torchrun or deepspeed (ranks split the questions). Prints the
 accuracies as JSON. Exit status 2 for a config error.
@@ -12,25 +12,25 @@ accuracies as JSON. Exit status 2 for a config error.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from typing import Optional
 
+from vlbert.cli.common import add_overrides, command_parser, overrides
 from vlbert.config import ConfigError
 from vlbert.tasks.config import load_finetune_config
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = command_parser("vlbert-evaluate", __doc__)
     p.add_argument("--config", required=True, help="the fine-tuning config (its val split is evaluated)")
     p.add_argument("--weights", required=True, help="model.safetensors of a fine-tuning run (answers.txt beside it)")
     p.add_argument("--out", default="", help="folder for <split>_predictions.json (submission format)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. vqa.val.questions=...")
+    add_overrides(p, "vqa.val.questions=...")
     args = p.parse_args(argv)
+    args.overrides = overrides(args)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:

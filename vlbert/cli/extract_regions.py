@@ -1,14 +1,14 @@
 """Detect regions in caption shards; write shards that carry boxes and class distributions.
 
     vlbert-extract-regions --config configs/base_e2e.yaml \\
-        --input 's3://bucket/cc3m/{00000..00331}.tar' --output s3://bucket/cc3m-regions \\
+        --input 's3://bucket/cc3m/{00000..00331}.tar' --out s3://bucket/cc3m-regions \\
         [--rank $SLURM_PROCID --world-size $SLURM_NTASKS] [--device cuda] [--set detector.checkpoint=...]
 
 The detector is built from the config's ``detector`` section (with ``--set`` overrides);
 the resize and box-selection defaults come from ``data.captions`` (short side,
 long side, ``min_box_score``, ``min_boxes``, ``max_boxes``) and can be overridden.
 
-Every input shard ``<dir>/NAME.tar`` becomes ``<output>/NAME.tar`` with the same
+Every input shard ``<dir>/NAME.tar`` becomes ``<out>/NAME.tar`` with the same
 samples in the same order, each with (docs/design.md section 4):
 - ``KEY.json``: the input JSON plus ``boxes`` [[x1, y1, x2, y2], ...] in pixels of the
   stored image, ``box_scores`` [...] (best first), ``width``/``height`` of the stored image;
@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from vlbert.cli.common import add_overrides, add_renamed_flag, command_parser, console_script
 from vlbert.config import load_config
 from vlbert.data.captions import IMAGE_EXTENSIONS, target_size
 from vlbert.data.formats import ShardError, iter_tar
@@ -174,12 +175,12 @@ def process_shard(detector, in_url: str, opts, counter: SkipCounter, bar: tqdm) 
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = command_parser("vlbert-extract-regions", __doc__)
     p.add_argument("--config", required=True, help="run config YAML (its detector and data.captions sections)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. detector.checkpoint=s3://b/vg.pth (repeatable)")
+    add_overrides(p, "detector.checkpoint=s3://b/vg.pth", positional=False)
     p.add_argument("--input", nargs="+", required=True, help="caption shard URLs or patterns (braces, globs)")
-    p.add_argument("--output", required=True, help="output folder (any fsspec URL)")
+    p.add_argument("--out", required=True, help="output folder (any fsspec URL)")
+    add_renamed_flag(p, "--output", "--out", "out")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--world-size", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -207,15 +208,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
             setattr(opts, name, value)
 
     urls = expand_urls(opts.input)
-    outs = [output_url(opts.output, u) for u in urls]
+    outs = [output_url(opts.out, u) for u in urls]
     if len(set(outs)) != len(outs):
-        raise SystemExit("error: input shards with the same file name would overwrite each other in --output")
+        raise SystemExit("error: input shards with the same file name would overwrite each other in --out")
     mine = list(range(opts.rank, len(urls), opts.world_size))
     if not cfg.detector.checkpoint:
         print("warning: detector.checkpoint is empty: regions come from a randomly initialised detector",
               file=sys.stderr)
     detector = RegionFeatureExtractor.from_config(cfg.detector).eval().to(opts.device)
-    fs, root = fsspec.core.url_to_fs(opts.output)
+    fs, root = fsspec.core.url_to_fs(opts.out)
     fs.makedirs(root, exist_ok=True)
 
     counter = SkipCounter()
@@ -233,11 +234,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return stats
 
 
-
-def cli() -> None:
-    """The console script ``vlbert-extract-regions``: exit status 0 (``main`` returns its summary to Python callers)."""
-    main()
-
+cli = console_script(main)
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(cli())

@@ -1,8 +1,8 @@
 """Fine-tune VL-BERT on a downstream task (VQA v2, RefCOCO+).
 
-    vlbert-finetune --config configs/vqa_base.yaml model.pretrained=runs/x/model.safetensors
+    vlbert-finetune --config configs/vqa_base.yaml --set model.pretrained=runs/x/model.safetensors
     torchrun --nproc_per_node 8 tools/finetune.py --config configs/vqa_base.yaml ...
-    deepspeed tools/finetune.py --config configs/vqa_base.yaml optim.lr=1e-4
+    deepspeed tools/finetune.py --config configs/vqa_base.yaml --set optim.lr=1e-4
 
 At the end the run evaluates on its val split (``<output_dir>/val_predictions.json``,
 accuracy in MLflow) and writes ``<output_dir>/model.safetensors``. Exit status: 0 when
@@ -34,7 +34,7 @@ def _print_metrics(result) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return run_command(argv, __doc__, "YAML fine-tuning config (configs/vqa_*.yaml)",
+    return run_command(argv, "vlbert-finetune", __doc__, "YAML fine-tuning config (configs/vqa_*.yaml)",
                        "model.pretrained=runs/x/model.safetensors", load_finetune_config, _finetune, _print_metrics)
 
 

@@ -3,7 +3,7 @@
 From the TSV and a folder of downloaded images:
 
     vlbert-prepare-captions --tsv Train_GCC-training.tsv --image-dir images/ \\
-        --out s3://bucket/cc3m --per-shard 10000 [--image-name '{index:09d}.jpg'] [--workers 8]
+        --out s3://bucket/cc3m --rows-per-shard 10000 [--image-name '{index:09d}.jpg'] [--workers 8]
 
 Rows are ``caption<TAB>url`` (the official file) or ``url<TAB>caption``; the URL
 column is recognised per row by its ``http(s)://``. ``index`` is the 0-based line
@@ -13,7 +13,7 @@ number in the TSV, and the image of a row is ``<image-dir>/<image-name>`` with
 ``{sha1}.jpg``. The sample key is ``{index:09d}``.
 
 From an img2dataset output (already tar shards), to check and count, or to
-re-shard into ``--per-shard`` samples while dropping the bad ones:
+re-shard into ``--rows-per-shard`` samples while dropping the bad ones:
 
     vlbert-prepare-captions --shards '/data/cc3m/{00000..00331}.tar' --validate-only
     vlbert-prepare-captions --shards '/data/cc3m/*.tar' --out /data/cc3m-clean
@@ -25,12 +25,11 @@ Each kept sample is ``KEY.<ext>``, ``KEY.txt`` and ``KEY.json`` (``width``,
 ``height`` of the stored image, ``caption``, ``url`` when known; an img2dataset
 sample keeps its other JSON fields and files). Shards are
 ``<out>/<prefix>NNNNN.tar``, written through fsspec; counts go to
-``<out>/<prefix>stats.json`` and stderr. Standalone: imports nothing from vlbert.
+``<out>/<prefix>stats.json`` and stderr.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -45,6 +44,8 @@ from typing import Iterable, Iterator, Optional
 import fsspec
 from PIL import Image
 from tqdm import tqdm
+
+from vlbert.cli.common import add_renamed_flag, command_parser, console_script
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -258,8 +259,7 @@ def shard_samples(urls: list[str], stats: Counter) -> Iterator[tuple[str, dict[s
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = command_parser("vlbert-prepare-captions", __doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--tsv", help="Conceptual Captions TSV (any fsspec URL)")
     src.add_argument("--shards", nargs="+", help="img2dataset tar shards: URLs, globs or brace ranges")
@@ -268,7 +268,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                    help="file name of a row's image; fields: index, sha1, md5 (default: %(default)s)")
     p.add_argument("--out", help="output folder URL for the shards")
     p.add_argument("--prefix", default="", help="shard file name prefix, e.g. 'train-'")
-    p.add_argument("--per-shard", type=int, default=10000)
+    p.add_argument("--rows-per-shard", type=int, default=10000, help="samples per output shard")
+    add_renamed_flag(p, "--per-shard", "--rows-per-shard", "rows_per_shard", type=int)
     p.add_argument("--workers", type=int, default=8, help="threads reading and decoding images (TSV mode)")
     p.add_argument("--limit", type=int, help="only the first N TSV rows")
     p.add_argument("--validate-only", action="store_true", help="check and count, write nothing")
@@ -283,7 +284,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         samples = tsv_samples(a.tsv, a.image_dir, a.image_name, a.workers, stats, a.limit)
     else:
         samples = shard_samples(expand_urls(a.shards), stats)
-    writer = None if a.validate_only else ShardWriter(a.out, a.per_shard, a.prefix)
+    writer = None if a.validate_only else ShardWriter(a.out, a.rows_per_shard, a.prefix)
     try:
         for key, files in tqdm(samples, unit="img", desc="prepare_captions", file=sys.stderr):
             if writer is not None:
@@ -300,11 +301,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return result
 
 
-
-def cli() -> None:
-    """The console script ``vlbert-prepare-captions``: exit status 0 (``main`` returns its summary to Python callers)."""
-    main()
-
+cli = console_script(main)
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(cli())

@@ -20,13 +20,13 @@ some input is not usable as it is.
 
 from __future__ import annotations
 
-import argparse
 import io
 import sys
 from typing import Iterator, Optional
 
 import fsspec
 
+from vlbert.cli.common import add_renamed_flag, command_parser
 from vlbert.data.formats import reader_for
 from vlbert.data.shards import ShardStream, SkipCounter, expand_urls
 
@@ -124,10 +124,11 @@ def check(urls: list[str], txt_mode: str, max_rows: Optional[int], out=None) -> 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = command_parser("vlbert-prepare-text", __doc__)
     p.add_argument("inputs", nargs="+", help="input files, URLs, globs or brace patterns")
     p.add_argument("--out", help="output folder or URL for the Parquet shards")
-    p.add_argument("--rows-per-shard", type=int, default=10000)
+    p.add_argument("--rows-per-shard", type=int, default=10000, help="documents per output shard")
+    add_renamed_flag(p, "--per-shard", "--rows-per-shard", "rows_per_shard", type=int)
     p.add_argument("--prefix", default="text", help="shard file name prefix")
     p.add_argument("--txt-mode", choices=("blocks", "file"), default="blocks",
                    help="raw .txt: one document per blank-line-separated block, or per file")

@@ -1,8 +1,8 @@
 """Pretrain VL-BERT.
 
-    vlbert-train --config configs/demo.yaml [key=value ...]              # one process
+    vlbert-train --config configs/demo.yaml [--set KEY=VALUE ...]        # one process
     torchrun --nproc_per_node 8 tools/train.py --config configs/base_e2e.yaml
-    deepspeed tools/train.py --config configs/base_e2e.yaml optim.lr=2e-5
+    deepspeed tools/train.py --config configs/base_e2e.yaml --set optim.lr=2e-5
 
 Exit status: 0 when training finished or stopped cleanly on SIGTERM/SIGUSR1
 (a checkpoint was written; a requeued job resumes from it), 2 for a config
@@ -26,7 +26,7 @@ def _train(cfg):
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    return run_command(argv, __doc__, "YAML run config (configs/*.yaml)", "optim.lr=1e-4", load_config, _train)
+    return run_command(argv, "vlbert-train", __doc__, "YAML run config (configs/*.yaml)", "optim.lr=1e-4", load_config, _train)
 
 
 if __name__ == "__main__":

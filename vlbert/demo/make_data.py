@@ -1,7 +1,7 @@
 """Write the demo data set: coloured shapes with captions, a text corpus, a tokenizer.
 
-    python -m vlbert.demo.make_data --out demo_data [--train-shards 16 --per-shard 250 --val 500 --seed 0 --size 96
-                                                     --max-objects 2]
+    vlbert-make-demo-data --out demo_data [--train-shards 16 --rows-per-shard 250 --val 500 --seed 0 --size 96
+                                           --max-objects 2]
 
 Layout under ``--out``:
 
@@ -19,13 +19,11 @@ holds the exact pixel box of every shape (``boxes``, ``box_scores`` = 1.0) and `
 one-hot target over the 15 colour x shape classes. Colours are drawn uniformly and
 independently per shape and every caption phrase has the same form whatever the
 colour, so a masked colour word can only be recovered from the image; that is
-what the demo's probe measures. Standalone (no vlbert import) so it runs
-before the package is installed.
+what the demo's probe measures.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -36,6 +34,8 @@ from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from vlbert.cli.common import add_renamed_flag, command_parser, console_script
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -273,12 +273,13 @@ def make_demo_data(out: Path, train_shards: int = 16, per_shard: int = 250, val:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = command_parser("vlbert-make-demo-data", __doc__)
     p.add_argument("--out", type=Path, required=True)
     # 4000 training images: with 1000, the demo detector learns them by heart (held-out shape
     # accuracy 0.89 against 0.99) and pretraining sees each image 24 times.
     p.add_argument("--train-shards", type=int, default=16)
-    p.add_argument("--per-shard", type=int, default=250)
+    p.add_argument("--rows-per-shard", type=int, default=250, help="images per training shard")
+    add_renamed_flag(p, "--per-shard", "--rows-per-shard", "rows_per_shard", type=int)
     # The colour probe asks about every colour word of the held-out captions: 500 images give 977
     # queries, a standard error of 0.01 on an accuracy near 0.9 (100 images, 180 queries: 0.02-0.03).
     p.add_argument("--val", type=int, default=500)
@@ -294,7 +295,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--wiki-docs", type=int, default=100)
     a = p.parse_args(argv)
     start = time.time()
-    manifest = make_demo_data(a.out, a.train_shards, a.per_shard, a.val, a.seed, a.size,
+    manifest = make_demo_data(a.out, a.train_shards, a.rows_per_shard, a.val, a.seed, a.size,
                               a.book_files, a.docs_per_file, a.wiki_docs, a.max_objects)
     print(f"wrote {manifest['captions']['train_samples']} train + {manifest['captions']['val_samples']} val images, "
           f"{manifest['text']['documents']} text documents and a {manifest['vocab_size']}-token tokenizer "
@@ -302,5 +303,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return manifest
 
 
+cli = console_script(main)
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

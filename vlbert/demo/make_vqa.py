@@ -1,6 +1,6 @@
 """Write a VQA set on demo scenes, in the official VQA v2 formats, for the fine-tuning demo.
 
-    python -m vlbert.demo.make_vqa --out demo_vqa [--train-questions 1000 --val-questions 500 --seed 1 --size 64]
+    vlbert-make-demo-vqa --out demo_vqa [--train-questions 1000 --val-questions 500 --seed 1 --size 64]
 
 Layout under ``--out``::
 
@@ -15,19 +15,21 @@ Scenes are drawn as ``vlbert.demo.make_data`` draws them (new images, other
 seed). Questions ask for colours, shapes, counts, existence and left/right/
 above/below relations; each has 10 human answers, most of them right, some
 wrong, and spelled variously ("2"/"two", "Yes"/"yes", "none" for 0) so that the
-official normalisation and the soft scores matter. Standalone (no vlbert import).
+official normalisation and the soft scores matter.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
+import sys
 import tarfile
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from vlbert.cli.common import command_parser, console_script
 
 from vlbert.demo.make_data import COLOURS, NUMBERS, SHAPES, _add, _relation, make_scene
 
@@ -132,7 +134,7 @@ def make_demo_vqa(out: Path, train_questions: int = 1000, val_questions: int = 5
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = command_parser("vlbert-make-demo-vqa", __doc__)
     p.add_argument("--out", type=Path, default=Path("demo_vqa"))
     p.add_argument("--train-questions", type=int, default=1000)
     p.add_argument("--val-questions", type=int, default=500)
@@ -144,5 +146,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return info
 
 
+cli = console_script(main)
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

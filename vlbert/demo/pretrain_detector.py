@@ -1,6 +1,6 @@
 """Train the demo's detector to classify its regions, as VL-BERT's detector is trained before pretraining.
 
-    python -m vlbert.demo.pretrain_detector --config configs/demo.yaml --out demo_data/detector.pth
+    vlbert-pretrain-demo-detector --config configs/demo.yaml --out demo_data/detector.pth
 
 VL-BERT starts from a Faster R-CNN already trained on Visual Genome: its region
 features name what is in each box, and the visual gate (the visual LayerNorm,
@@ -25,19 +25,22 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from vlbert.cli.common import add_overrides, command_parser, overrides
 from vlbert.config import ConfigError, MaskingConfig, load_config
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = command_parser("vlbert-pretrain-demo-detector", __doc__)
     p.add_argument("--config", required=True, help="run config: its detector and data.captions sections are used")
     p.add_argument("--out", required=True, help="where to write the detector state dict (.pth)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("overrides", nargs="*", help="dotted config overrides")
-    return p.parse_args(argv)
+    add_overrides(p, "data.captions.short_side=64")
+    args = p.parse_args(argv)
+    args.overrides = overrides(args)
+    return args
 
 
 def train_box_classifier(detector, stream, steps: int, lr: float) -> list[float]:

@@ -1,6 +1,6 @@
 """Probe a pretrained demo model: fill in masked colour words, with the image and with it blanked.
 
-    python -m vlbert.demo.probe_colours --config configs/demo.yaml [key=value ...]
+    vlbert-probe-colours --config configs/demo.yaml [--set KEY=VALUE ...]
 
 Reads the weights that training exported (``<runtime.output_dir>/model.safetensors``),
 the held-out caption shards (``data.validation``) without any other masking, and the
@@ -17,18 +17,21 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from vlbert.cli.common import add_overrides, command_parser, overrides
 from vlbert.config import ConfigError, MaskingConfig, load_config
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = command_parser("vlbert-probe-colours", __doc__)
     p.add_argument("--config", required=True, help="the run's YAML config")
     p.add_argument("--weights", default=None, help="default: <runtime.output_dir>/model.safetensors")
     p.add_argument("--manifest", default=None, help="demo manifest with colour_words; default: "
                    "manifest.json beside data.tokenizer")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("overrides", nargs="*", help="the same dotted overrides as the training run")
-    return p.parse_args(argv)
+    add_overrides(p, "runtime.output_dir=runs/demo")
+    args = p.parse_args(argv)
+    args.overrides = overrides(args)
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,6 +1,6 @@
 """The fine-tuning demo: does visual-linguistic pretraining help? VQA on the demo scenes.
 
-    python -m vlbert.demo.vqa_compare --pretrained runs/demo/model.safetensors [--seeds 0 1 2] [key=value ...]
+    vlbert-compare-vqa-demo --pretrained runs/demo/model.safetensors [--seeds 0 1 2] [--set KEY=VALUE ...]
 
 Fine-tunes ``configs/vqa_demo.yaml`` once per seed from the demo pretraining run and once
 per seed from the same network without that pretraining (random encoder, the same demo
@@ -12,26 +12,27 @@ the held-out questions (mean and standard deviation over seeds, per answer type)
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 from typing import Optional
 
+from vlbert.cli.common import add_overrides, command_parser, console_script, overrides
 from vlbert.tasks.config import load_finetune_config
 
 ARMS = {"pretrained": None, "no_pretraining": ""}  # model.pretrained override (None: --pretrained)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = command_parser("vlbert-compare-vqa-demo", __doc__)
     p.add_argument("--config", default="configs/vqa_demo.yaml")
     p.add_argument("--pretrained", default="runs/demo/model.safetensors")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/vqa_demo")
-    p.add_argument("overrides", nargs="*")
+    add_overrides(p, "optim.lr=1e-4")
     args = p.parse_args(argv)
+    args.overrides = overrides(args)
     from vlbert.tasks.finetune import finetune
 
     scores: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
@@ -64,5 +65,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return summary
 
 
+cli = console_script(main)
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

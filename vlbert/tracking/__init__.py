@@ -4,7 +4,7 @@ importing this package is cheap).
 - ``writer``: the trainer's tracker (``build_tracker``); calls go through a local spool on disk.
 - ``spool``: that spool (SQLite), bounded and crash-safe.
 - ``sender``: sends a spool to MLflow in order, once each.
-- ``replay``: ``python -m vlbert.tracking.replay <spool_dir>`` sends what a run left unsent.
+- ``replay``: ``vlbert-replay-tracking <spool_dir>`` sends what a run left unsent.
 - ``reader``: runs and metric histories for the comparison tool.
 """
 

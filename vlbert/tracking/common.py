@@ -47,4 +47,4 @@ def set_http_defaults() -> None:
 
 
 def replay_command(spool_dir: str, uri: str) -> str:
-    return f"python -m vlbert.tracking.replay {spool_dir} --tracking-uri {uri}"
+    return f"vlbert-replay-tracking {spool_dir} --tracking-uri {uri}"

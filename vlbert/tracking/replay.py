@@ -1,4 +1,7 @@
-"""Send what a training run left in its tracking spool: ``python -m vlbert.tracking.replay <spool_dir>``.
+"""Send what a training run left in its tracking spool to its MLflow store.
+
+    vlbert-replay-tracking runs/base/mlflow_spool
+    vlbert-replay-tracking runs/base/mlflow_spool --tracking-uri http://mlflow:5000 --timeout 600
 
 Each run goes to the store it was logged for unless ``--tracking-uri`` names
 another. Records go in order, once each (see ``sender.py``); a run that never
@@ -9,13 +12,13 @@ or a spool that a trainer still holds.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
+from vlbert.cli.common import command_parser
 from vlbert.tracking.sender import Sender, StoreUnavailable
 from vlbert.tracking.spool import DB_NAME, Spool, SpoolBusy, SpoolLock
 
@@ -57,7 +60,7 @@ def replay(spool_dir: str, tracking_uri: Optional[str] = None, timeout_s: float 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vlbert.tracking.replay", description=__doc__.split("\n\n")[0])
+    p = command_parser("vlbert-replay-tracking", __doc__)
     p.add_argument("spool_dir", help="the run's spool folder (default <output_dir>/mlflow_spool)")
     p.add_argument("--tracking-uri", default="", help="send every run here instead of the store it was logged for")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to keep retrying (default 300)")

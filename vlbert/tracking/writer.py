@@ -31,7 +31,7 @@ to the run being resumed.
 
 End. ``close`` waits up to ``tracking.drain_timeout_s`` for the spool to
 empty, then logs what is still unsent and the command that sends it later
-(``python -m vlbert.tracking.replay``). The final status is a record too, so
+(``vlbert-replay-tracking``). The final status is a record too, so
 the replay also ends the run.
 
 System metrics: MLflow's monitor, started once the run exists; its samples
