@@ -6,7 +6,7 @@
 #   VLBERT_VENV        venv folder (default: .venv in the repository)
 #   VLBERT_TORCH       pip requirement(s) for torch (default: "torch==2.13.0", the CPU build on CPU hosts).
 #                      GPU hosts: install a CUDA build of torch 2.13 into the venv first (PyTorch's
-#                      install selector gives the pip line), then run this; see README "GPU hosts".
+#                      install selector gives the pip line), then run this; see docs/install.md.
 #   VLBERT_WHEELS      folder of prebuilt wheels (default: ../shared/wheels when it exists); set it to
 #                      an empty string to force compiling mmcv.
 set -euo pipefail

@@ -1,6 +1,6 @@
 """The GPU kit's lock list and its checks (used by gpu_kit_gather.sh and tests/test_gpu_kit.py).
 
-The GPU host (README "GPU hosts") has Python 3.12, a CUDA torch and many packages
+The GPU host (docs/install.md, "Offline GPU hosts") has Python 3.12, a CUDA torch and many packages
 (scripts/gpu_kit_host.txt) but no deepspeed, mmcv, mmengine, mmdet or mlflow, and no network. The kit is
 a folder of what it lacks: wheels for Python 3.12 on manylinux x86-64, deepspeed built here as a wheel,
 and mmcv's sdist (its CUDA ops are compiled there). scripts/gpu_kit.lock pins every file of it:

@@ -82,7 +82,7 @@ export MASTER_PORT="${VLBERT_MASTER_PORT:-$((20000 + SLURM_JOB_ID % 40000))}"
 # A requeued job keeps its submission environment, SLURM_NTASKS of the first allocation included,
 # even when it was given another node count while it waited (scontrol update JobId=N NumTasks=..
 # NumNodes=..): with --ntasks-per-node, count the tasks from the nodes it has now. The trainer
-# resumes on the new world size (README: Checkpoints and resume).
+# resumes on the new world size (docs/pretraining.md: Resuming on another layout).
 NTASKS="$SLURM_NTASKS"
 if [ -n "${SLURM_NTASKS_PER_NODE:-}" ] && [ -n "${SLURM_JOB_NUM_NODES:-}" ]; then
   NTASKS=$(( SLURM_JOB_NUM_NODES * ${SLURM_NTASKS_PER_NODE%%[!0-9]*} ))

@@ -405,7 +405,7 @@ def test_cli_long_run_in_embedded_store(jobs):
 
 @pytest.mark.timeout(180)
 def test_default_finds_the_demo_run_and_shows_its_probe_figures(tmp_path, capsys):
-    """The README's first comparison command after the demo: no --experiment given."""
+    """The first comparison command after the demo (docs/tracking.md): no --experiment given."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     t = _tracker(uri, "vlbert-demo", "demo")
     _log_config(t, "demo")

@@ -9,7 +9,7 @@ and the probe's figures must reach the training run's MLflow run at its last ste
 The bar with the image, 0.85, is above what a model reaches that sees the colours in the image
 but does not tie each colour word to its shape (about 0.73 on the demo's scenes of one or two
 shapes) and well below every seed measured with this config (0.97, 0.98 and 0.99 for seeds 0-2;
-README), with room for another CPU's floating-point sums. Minutes on 2 cores: marked integration
+docs/demo.md), with room for another CPU's floating-point sums. Minutes on 2 cores: marked integration
 (``.ci/run`` runs it with the rest).
 """
 

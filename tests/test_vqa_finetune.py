@@ -315,7 +315,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_demo_comparison_tool_runs_both_arms(demo_data, vqa, tmp_path, capsys):
     """vlbert.demo.vqa_compare: one seed per arm on the tiny config (the real demo uses
-    configs/vqa_demo.yaml and the demo pretraining run; see the README)."""
+    configs/vqa_demo.yaml and the demo pretraining run; see docs/finetuning.md)."""
     from vlbert.demo.vqa_compare import main
 
     cfg = tiny(demo_data, vqa, tmp_path / "x")

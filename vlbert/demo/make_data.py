@@ -288,7 +288,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     # Two shapes at most by default: a masked colour word must still be told from the other shape's
     # colour (guessing among the colours present scores 0.6 on two-shape scenes), and the demo's 2000
     # steps learn that on every seed. With three, that binding is learnt at a step that moves with
-    # the seed, often after 2000 (README, "How much the figure varies").
+    # the seed, often after 2000 (docs/demo.md, "What it proves").
     p.add_argument("--max-objects", type=int, default=2, choices=(1, 2, 3), help="shapes per image, at most")
     p.add_argument("--book-files", type=int, default=2)
     p.add_argument("--docs-per-file", type=int, default=100)

@@ -278,8 +278,8 @@ class RegionFeatureExtractor(nn.Module):
             raise RuntimeError(
                 f"{what}: the detector checkpoint {self.cfg.checkpoint} holds only the backbone and res5 "
                 f"(VL-BERT's ResNet file has no RPN or box head), so there are no detections or class "
-                f"distributions; extract regions with a full checkpoint (README: Getting the Visual Genome "
-                f"detector) and train with detector.roi_targets: precomputed")
+                f"distributions; extract regions with a full checkpoint (docs/detector.md, converting the "
+                f"published weights) and train with detector.roi_targets: precomputed")
 
     def box_head_parameters(self) -> list[nn.Parameter]:
         """The box classifier's parameters (frozen during VL-BERT pretraining)."""
