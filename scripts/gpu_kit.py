@@ -36,7 +36,7 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "scripts" / "gpu_kit.lock"
 HOST = ROOT / "scripts" / "gpu_kit_host.txt"
-KIT_LIMIT_BYTES = 64 * 2**20 - 8 * 2**20  # the device tool carries 64 MiB with the working tree: leave it 8
+KIT_LIMIT_BYTES = 64 * 2**20 - 8 * 2**20  # the kit travels with the working tree in 64 MiB: leave that 8
 PYTHON = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux_2_5_x86_64", "manylinux1_x86_64")

@@ -3,7 +3,7 @@
 #
 #   bash scripts/gpu_kit_run.sh KIT_DIR OUT_DIR [STAGES]       # STAGES: comma list, default install,mmcv,smoke,bench
 #
-# Every figure lands as JSON in OUT_DIR (at most 8 files, for the device tool to bring back):
+# Every figure lands as JSON in OUT_DIR (at most 8 files: what the host returns of a run):
 #   install.json      wheels installed, seconds                 mmcv_build.json  seconds, exit status, size of _ext
 #   mmcv_build.log    the whole compile log                     smoke.json       scripts/gpu_kit_smoke.py's checks
 #   e2e_base.json     bench/gpu_e2e.py BASE, checkpointing off and on (bf16, ZeRO-2)
@@ -13,7 +13,7 @@
 # Environment: KIT_PY (python3: the host's Python with torch), KIT_TARGET (/tmp/vlbert-site: the packages go
 # there, then on PYTHONPATH), KIT_DEVICE (cuda; cpu rehearses everything but the CUDA parts),
 # MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0), KIT_BENCH_ARGS (extra arguments for both bench runs).
-# Time: KIT_TOTAL_S (560: the device tool stops a command at 600 s) bounds the whole run; within it the
+# Time: KIT_TOTAL_S (560: the host stops a command at 600 s) bounds the whole run; within it the
 # mmcv build gets at most KIT_MMCV_TIMEOUT_S (330) and the smoke check KIT_SMOKE_TIMEOUT_S (120), each
 # only while KIT_BENCH_MIN_S (150) stays for the benchmark, which takes the rest.
 set -uo pipefail
