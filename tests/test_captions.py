@@ -189,10 +189,11 @@ def test_bad_samples(tok, change, reason):
 
 
 def test_slow_tokenizer_is_a_programming_error(tok):
+    """The guard's own message, not a TypeError from using the stand-in (fails without the guard)."""
     class Slow:
         is_fast = False
 
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="needs a fast"):
         _decode(_files(), Slow())
 
 
@@ -245,9 +246,9 @@ def test_collate_shapes_and_padding():
 
 def test_collate_roi_targets_all_or_none():
     assert collate_captions([_sample(32, 32, 3, 2), _sample(32, 32, 3, 2, classes=None)]).roi_targets is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="disagree on the number of RoI classes"):
         collate_captions([_sample(32, 32, 3, 2, classes=4), _sample(32, 32, 3, 2, classes=5)])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one sample"):  # not max() of an empty list
         collate_captions([])
 
 

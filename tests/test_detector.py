@@ -237,8 +237,18 @@ def test_detect_boxes_inside_image_and_counts(det):
         torch.testing.assert_close(probs.sum(-1), torch.ones(len(boxes)))
         assert torch.all(scores[:-1] >= scores[1:])  # best first
     # nothing passes an impossible threshold: topped up to min_boxes by score
+    # the same candidates with every box kept, best first: the top-up is their first six.
+    (every, every_scores, _), _ = det.detect(img, score_thr=0.0, min_boxes=6, max_boxes=40, num_proposals=40)
     (boxes, scores, _), _ = det.detect(img, score_thr=1.01, min_boxes=6, max_boxes=20, num_proposals=40)
-    assert len(boxes) == 6 and torch.all(scores < 1.01)
+    assert len(boxes) == 6 and len(every) > 6  # fails if the top-up takes any six, or the last six
+    torch.testing.assert_close(scores, every_scores[:6])
+    torch.testing.assert_close(boxes, every[:6])
+    assert torch.all(every_scores[:-1] >= every_scores[1:])
+    # a threshold between two scores keeps exactly the boxes at or above it (min_boxes 1)
+    thr = float(every_scores[3] + every_scores[4]) / 2
+    (kept, kept_scores, _), _ = det.detect(img, score_thr=thr, min_boxes=1, max_boxes=40, num_proposals=40)
+    expected = int((every_scores >= thr).sum())
+    assert len(kept) == expected and torch.all(kept_scores >= thr)
 
 
 def test_autocast_bf16_forward_and_backward():

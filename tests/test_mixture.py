@@ -88,6 +88,25 @@ def assert_batches_equal(a, b):
                     assert vx.shape == vy.shape and torch.equal(vx, vy), f"{part}.{name} differs"
 
 
+def test_text_sources_are_drawn_by_weight(tmp_path, tokenizer):
+    """wiki : books = 3 : 1 over 320 text segments: wiki's share is 0.75, with a binomial standard
+    deviation of sqrt(0.75 * 0.25 / 320) = 0.024; the window is four of them. Fails if the weights
+    are ignored (0.5), swapped between the sources (0.25) or one source is never drawn."""
+    cfg = make_data(str(tmp_path))
+    stream = build_pretrain_stream(cfg, MaskingConfig(), tokenizer, rank=0, world_size=1,
+                                   captions_per_batch=0, text_per_batch=8)
+    wiki_words = {"alpha", "beta", "gamma", "delta", "nu", "xi", "rho", "sigma"}
+    books_words = {"zulu", "yankee", "xray", "victor", "tango", "sierra", "oscar"}
+    wiki = books = 0
+    for b in take(stream, 40):
+        for row in b.text.input_ids.tolist():
+            toks = set(tokenizer.convert_ids_to_tokens(row))
+            wiki += bool(toks & wiki_words) and not toks & books_words
+            books += bool(toks & books_words) and not toks & wiki_words
+    assert wiki + books == 320
+    assert abs(wiki / 320 - 0.75) <= 4 * (0.75 * 0.25 / 320) ** 0.5, (wiki, books)
+
+
 def test_batches_have_the_configured_mix(tmp_path, tokenizer):
     cfg = make_data(str(tmp_path))
     stream = build_pretrain_stream(cfg, MaskingConfig(), tokenizer, rank=0, world_size=1,
@@ -107,7 +126,7 @@ def test_batches_have_the_configured_mix(tmp_path, tokenizer):
             toks = set(vocab(row))
             wiki += bool(toks & {"alpha", "beta", "gamma", "delta", "nu", "xi", "rho", "sigma"})
             books += bool(toks & {"zulu", "yankee", "xray", "victor", "tango", "sierra", "oscar"})
-    assert wiki > books > 0  # weights 3 : 1
+    assert wiki + books == 48 and books > 0  # every segment from one of the two; the ratio: below
     assert stream.skip_counts() == {}
     state = stream.state_dict()
     assert json.loads(json.dumps(state)) == state

@@ -43,3 +43,45 @@ def test_detector_learns_the_demo_classes_and_its_checkpoint_loads(tmp_path, cap
     saved = torch.load(out, weights_only=True)
     for key, value in loaded.detector.state_dict().items():
         assert torch.equal(value, saved[key]), key
+
+
+def test_held_out_accuracy_on_known_predictions():
+    """A stand-in detector whose predictions are fixed: 4 labelled boxes (box 0 of each image is the
+    whole image and has no class), classes "red circle", "red square", "blue circle".
+    Predictions vs labels: (rc, rc) right; (rs, rc) colour right, shape wrong; (bc, rc) shape right,
+    colour wrong; (bc, rs) both wrong. By hand: class 1/4, colour 2/4, shape 2/4. Fails if box 0 is
+    counted, if a part is credited on the class alone, or if the counts are per batch."""
+    from types import SimpleNamespace
+
+    from vlbert.demo.pretrain_detector import held_out_accuracy
+
+    names = ["red circle", "red square", "blue circle"]
+    labels = [0, 0, 0, 1]          # the four labelled boxes, in order
+    predictions = [0, 1, 2, 2]
+
+    class Stand:
+        def eval(self):
+            return self
+
+        def box_logits(self, images, boxes, labelled):
+            n = int(labelled.sum())
+            start = Stand.seen
+            Stand.seen += n
+            logits = torch.zeros(n, len(names) + 1)  # one extra output (background) is cut off
+            logits[torch.arange(n), torch.tensor(predictions[start:start + n])] = 1.0
+            return logits
+
+    Stand.seen = 0
+
+    def batch(box_labels):
+        n = len(box_labels) + 1
+        targets = torch.zeros(1, n, len(names))
+        targets[0, 0, 0] = 1.0  # box 0 has a target too: it must not be counted
+        for i, y in enumerate(box_labels, 1):
+            targets[0, i, y] = 1.0
+        return SimpleNamespace(captions=SimpleNamespace(
+            images=torch.zeros(1, 3, 8, 8), boxes=torch.zeros(1, n, 4),
+            box_mask=torch.ones(1, n, dtype=torch.bool), roi_targets=targets))
+
+    acc = held_out_accuracy(Stand(), [batch(labels[:3]), batch(labels[3:])], names)
+    assert acc == {"class": 1 / 4, "colour": 2 / 4, "shape": 2 / 4}

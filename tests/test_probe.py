@@ -38,13 +38,42 @@ def test_one_query_per_colour_word_with_only_it_masked():
     assert colour_queries(c, torch.tensor([99]), MASK, blank=False) is None
 
 
-def test_accuracy_counts_every_query_and_matches_the_model():
+def tiny_model() -> VLBertForPretraining:
     torch.manual_seed(0)
-    model = VLBertForPretraining(
+    return VLBertForPretraining(
         ModelConfig(vocab_size=30, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
                     max_position_embeddings=32, geometry_freqs=8),
         DetectorConfig(depth=18, num_classes=5),
     )
+
+
+def test_accuracy_counts_the_queries_it_gets_right():
+    """A model made to answer one colour everywhere (its MLM bias) is right on exactly the
+    queries of that colour: 1 of 3 for colour 10 or 12 (one query each), and with the image as
+    blanked, since the answer does not depend on it. Fails if the counter is stuck at 0, counts
+    every query as right, or counts per batch instead of per query."""
+    model = tiny_model()
+    c = captions()
+    for forced in (10, 12):
+        with torch.no_grad():
+            model.mlm_head.predictions.bias.zero_()
+            model.mlm_head.predictions.bias[forced] = 1e4
+        result = colour_fill_accuracy(model, [PretrainBatch(captions=c)], COLOURS, MASK)
+        for name in ("with_image", "blanked"):
+            assert (result[name].correct, result[name].total) == (1, 3), (forced, name, result[name])
+    # Colour 10 appears twice in a batch of the same caption twice: 2 of 6, summed over batches.
+    with torch.no_grad():
+        model.mlm_head.predictions.bias.zero_()
+        model.mlm_head.predictions.bias[10] = 1e4
+    result = colour_fill_accuracy(model, [PretrainBatch(captions=c), PretrainBatch(captions=c)], COLOURS, MASK)
+    assert (result["with_image"].correct, result["with_image"].total) == (2, 6)
+    assert result["with_image"].accuracy == 2 / 6
+
+
+def test_accuracy_matches_the_model_query_by_query():
+    """On an untrained model the probe's count equals the model's own prediction, asked one query
+    at a time; the model is left in the mode it was in."""
+    model = tiny_model()
     c = captions()
     result = colour_fill_accuracy(model, [PretrainBatch(captions=c)], COLOURS, MASK)
     assert result["with_image"].total == 3 and result["blanked"].total == 3

@@ -123,7 +123,7 @@ def test_collate_text():
     assert batch.input_ids.shape == (2, 5) and batch.input_ids.dtype == torch.long
     assert batch.attention_mask.tolist() == [[True] * 5, [True] * 3 + [False] * 2]
     assert batch.mlm_labels[1].tolist() == [0, 1, 2, IGNORE_INDEX, IGNORE_INDEX]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one segment"):  # not max() of an empty list
         collate_text([])
 
 
@@ -150,3 +150,24 @@ def test_prepare_text_converts_and_checks(tmp_path, capsys):
     assert "5 documents" in report[3] and "empty_text 1" in report[3] and "usable as is" in report[3]
     assert "convert with prepare_text" in report[4]
     assert prepare_text.main(["--check", str(out / "*.parquet")]) == 0
+
+
+def test_word_pieces_refuse_a_slow_tokenizer_and_one_without_mask(tokenizer):
+    """Both guards' own messages (fails if either guard is removed: the stand-ins would then fail
+    later, with an AttributeError, or silently use a None id)."""
+    class Slow:
+        pass
+
+    with pytest.raises(TypeError, match="not a fast tokenizer"):
+        WordPieces(Slow())
+
+    class NoMask:
+        backend_tokenizer = tokenizer.backend_tokenizer
+        cls_token_id, sep_token_id, mask_token_id = tokenizer.cls_token_id, tokenizer.sep_token_id, None
+        all_special_ids = tokenizer.all_special_ids
+
+        def __len__(self):
+            return len(tokenizer)
+
+    with pytest.raises(ValueError, match=r"\[CLS\], \[SEP\] and \[MASK\]"):
+        WordPieces(NoMask())
