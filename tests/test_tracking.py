@@ -87,18 +87,16 @@ def test_a_stopped_server_never_blocks_training(caplog):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t0 = time.monotonic()
+    # How long a call takes is measured in bench/tracking_spool.py; here: 2000 calls, more than the
+    # queue holds, all return while nothing answers (a call that waited on the store would wait for
+    # ever: the test's time limit ends it), and the tracker says so.
     with caplog.at_level(logging.WARNING, logger="vlbert.tracking"):
         t = MlflowTracker(TrackingConfig(tracking_uri=f"http://127.0.0.1:{port}", experiment="x"), queue_size=50)
-        setup_s = time.monotonic() - t0
-        t0 = time.monotonic()
-        for step in range(2000):  # more than the queue holds
+        for step in range(2000):
             t.log_metrics({"loss": 1.0}, step)
         t.log_params({"a": 1})
-        log_s = time.monotonic() - t0
         t.close(timeout_s=10)
     assert t.run_id is None and "tracking unavailable" in caplog.text
-    assert setup_s < 30 and log_s < 1.0, (setup_s, log_s)
 
 
 def test_fetch_runs_by_name_filter_and_errors(store):

@@ -326,3 +326,16 @@ def test_cli_reports_a_config_error_with_exit_code_2(tmp_path, capsys):
     assert main(["--config", str(bad)]) == 2
     assert "config error" in (err := capsys.readouterr().err) and "unknown key optim.lrr" in err
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_stops_the_run_at_start(data, tmp_path, capsys):
+    """A model with fewer word embeddings than the tokenizer has ids: a config error before the first
+    step (fails if the trainer does not check: it would train, or crash later on an index error)."""
+    from vlbert.cli.train import main
+
+    out = tmp_path / "vocab"
+    config = write_config(tiny_config(data, out, **{"model.vocab_size": 40}), tmp_path / "v.yaml")
+    assert main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "config error: data.tokenizer: the tokenizer has 68 tokens but the model only 40 word embeddings" in err
+    assert not (out / "checkpoints").exists()

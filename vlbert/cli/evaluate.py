@@ -40,7 +40,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     from vlbert.tasks.evaluate import evaluate_finetuned
 
-    metrics = evaluate_finetuned(cfg, args.weights, args.out or None)
+    try:
+        metrics = evaluate_finetuned(cfg, args.weights, args.out or None)
+    except ConfigError as e:  # found once the model is built: a tokenizer that does not fit it
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0

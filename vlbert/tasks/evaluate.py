@@ -16,7 +16,9 @@ import fsspec
 import torch
 from safetensors.torch import load as load_safetensors
 
+from vlbert.data.vocabulary import check_vocabulary
 from vlbert.tasks.config import FinetuneConfig
+from vlbert.tasks.pretrained import read_pretrained_info
 from vlbert.tasks.finetune import build_task, run_evaluation
 from vlbert.train.engine import init_distributed
 
@@ -52,6 +54,8 @@ def evaluate_finetuned(cfg: FinetuneConfig, weights_url: str, out_dir: Optional[
         cfg.vqa.train = []  # evaluation reads no training data
     task = build_task(cfg, tokenizer, vocab)
     model = load_finetuned(task, weights_url).to(info.device).eval()
+    check_vocabulary(tokenizer, model.backbone.vlbert.embeddings.word_embeddings.num_embeddings, "tokenizer",
+                     expected_fingerprint=read_pretrained_info(weights_url).get("tokenizer_vocab_sha256", ""))
 
     def forward(batch):
         return model(batch.to(info.device))

@@ -27,6 +27,7 @@ import yaml
 
 from vlbert.config import flatten
 from vlbert.data.prefetch import Prefetcher, wait_for_item
+from vlbert.data.vocabulary import check_vocabulary, checkpoint_tokenizer, vocabulary_fingerprint
 from vlbert.tasks.config import FinetuneConfig, batch_as_data_config
 from vlbert.tasks.pretrained import read_pretrained_info
 from vlbert.tasks.sampling import EpochBatchSampler
@@ -132,6 +133,9 @@ def _finetune(cfg: FinetuneConfig, stop: StopRequest, on_step) -> FinetuneResult
     seed_everything(r.seed)
     model = task.build_model()
     pretrained_info = read_pretrained_info(cfg.model.pretrained) if cfg.model.pretrained else {}
+    check_vocabulary(tokenizer, model.backbone.vlbert.embeddings.word_embeddings.num_embeddings, "tokenizer",
+                     reference=None if cfg.model.pretrained else checkpoint_tokenizer(cfg.model.bert, cfg.tokenizer),
+                     expected_fingerprint=pretrained_info.get("tokenizer_vocab_sha256", ""))
     engine = Engine(model, optim, ds_json)
     checkpointer = Checkpointer(r.checkpoint_dir or str(out_dir / "checkpoints"), r.keep_last, rank, world)
 
@@ -242,7 +246,8 @@ def _finetune(cfg: FinetuneConfig, stop: StopRequest, on_step) -> FinetuneResult
                     log.info("evaluation: %s", json.dumps(result.eval_metrics, sort_keys=True))
                     (out_dir / "eval_metrics.json").write_text(json.dumps(result.eval_metrics, indent=2) + "\n")
             export_weights(engine, out_dir, rank, {"step": step, "mlflow_run_id": tracker.run_id, "task": task.name,
-                                                   "pretrain_run_id": pretrained_info.get("mlflow_run_id")})
+                                                   "pretrain_run_id": pretrained_info.get("mlflow_run_id"),
+                                                   "tokenizer_vocab_sha256": vocabulary_fingerprint(tokenizer)})
         status = "KILLED" if result.preempted else "FINISHED"
     finally:
         bar.close()

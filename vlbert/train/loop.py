@@ -33,6 +33,7 @@ from vlbert.train.engine import Engine, count_parameters, init_distributed
 from vlbert.train.progress import Progress
 from vlbert.train.metrics import Meter, batch_counts, interval_metrics, peak_flops, total_skips
 from vlbert.data.partitions import read_rates
+from vlbert.data.vocabulary import check_vocabulary, checkpoint_tokenizer, vocabulary_fingerprint
 from vlbert.train.layout import describe as describe_layout, plan_layout
 from vlbert.train.state import TrainState
 from vlbert.train.sample_keys import SampleKeyLog
@@ -213,6 +214,8 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
     seed_everything(r.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer or cfg.model.bert)
     model = VLBertForPretraining.from_config(cfg.model, cfg.detector)
+    check_vocabulary(tokenizer, model.vlbert.embeddings.word_embeddings.num_embeddings, "data.tokenizer",
+                     reference=checkpoint_tokenizer(cfg.model.bert, cfg.data.tokenizer))
     flops_params = count_parameters(model, skip_prefixes=("detector.", "target_detector."))
     engine = Engine(model, o, ds_json)
     stream = build_pretrain_stream(cfg.data, cfg.masking, tokenizer, rank, world, captions_mb, text_mb,
@@ -297,7 +300,8 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
                     on_step(state.step, loss)
         if not result.preempted:
             export_weights(engine, out_dir, rank, {"step": state.step, "mlflow_run_id": tracker.run_id,
-                                                     "mlflow_run_key": tracker.run_key})
+                                                     "mlflow_run_key": tracker.run_key,
+                                                     "tokenizer_vocab_sha256": vocabulary_fingerprint(tokenizer)})
         status = "KILLED" if result.preempted else "FINISHED"
     finally:
         bar.close()
