@@ -6,6 +6,10 @@
         vqa.val.questions=v2_OpenEnded_mscoco_test-dev2015_questions.json vqa.val.annotations="" \
         'vqa.val.images=[coco/test2015-{00000..00099}.tar]'
 
+VCR: the val split gives Q->A, QA->R and Q->AR; the test split the leaderboard CSV
+(<out>/test_leaderboard.csv):
+    vlbert-evaluate --config configs/vcr_base.yaml --weights runs/vcr/model.safetensors --out sub --split test
+
 Runs under plain python, torchrun or deepspeed (ranks split the questions). Prints the
 accuracies as JSON. Exit status 2 for a config error.
 """
@@ -28,6 +32,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--config", required=True, help="the fine-tuning config (its val split is evaluated)")
     p.add_argument("--weights", required=True, help="model.safetensors of a fine-tuning run (answers.txt beside it)")
     p.add_argument("--out", default="", help="folder for <split>_predictions.json (submission format)")
+    p.add_argument("--split", default=None, choices=("val", "test"),
+                   help="VCR: the split to evaluate (test writes the leaderboard CSV); default: val")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. vqa.val.questions=...")
     args = p.parse_args(argv)
@@ -40,7 +46,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     from vlbert.tasks.evaluate import evaluate_finetuned
 
-    metrics = evaluate_finetuned(cfg, args.weights, args.out or None)
+    if args.split is not None and cfg.vcr is None:
+        print(f"config error: --split applies to vcr configs, not {cfg.task_name}", file=sys.stderr)
+        return 2
+    metrics = evaluate_finetuned(cfg, args.weights, args.out or None, args.split)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0
