@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from vlbert.config import (CaptionDataConfig, DataConfig, DetectorConfig, ModelConfig, OptimConfig,
-                           RuntimeConfig, TrackingConfig)
+                           RuntimeConfig, TrackingConfig, _apply_detector_preset)
 from vlbert.config_reader import build, read_raw_config, require
 
 
@@ -155,6 +155,8 @@ def load_finetune_config(path: str | os.PathLike | None, overrides: list[str] = 
                          check_files: bool = True) -> FinetuneConfig:
     """Read a YAML fine-tuning config, apply ``key=value`` overrides, validate."""
     raw, source = read_raw_config(path, overrides)
+    # A detector preset (``preset: butd_r101_vg``) reads as in a pretraining config.
+    _apply_detector_preset(raw, source + (" + overrides" if overrides else ""))
     cfg = build(FinetuneConfig, raw, prefix="", source=source + (" + overrides" if overrides else ""))
     validate_finetune(cfg, source, check_files)
     return cfg
