@@ -62,6 +62,8 @@ setup(
             "vlbert-probe-colours=vlbert.demo.probe_colours:main",
             "vlbert-make-demo-vqa=vlbert.demo.make_vqa:cli",
             "vlbert-compare-vqa-demo=vlbert.demo.vqa_compare:cli",
+            "vlbert-make-demo-vcr=vlbert.demo.make_vcr:cli",
+            "vlbert-compare-vcr-demo=vlbert.demo.vcr_compare:cli",
         ],
     },
 )

@@ -1,10 +1,11 @@
 #!/bin/bash
-# Fine-tune VL-BERT (VQA, RefCOCO+) on a Slurm cluster: the pretraining launcher
+# Fine-tune VL-BERT (VQA, RefCOCO+, VCR) on a Slurm cluster: the pretraining launcher
 # (slurm/pretrain.sh: one srun task per GPU, USR1 120 s before the time limit ->
 # checkpoint, requeue, resume into the same MLflow run) with tools/finetune.py as the entry.
 #
 #   sbatch slurm/finetune.sh configs/vqa_base.yaml --set model.pretrained=runs/base/model.safetensors
 #   sbatch --nodes=1 --time=12:00:00 slurm/finetune.sh configs/vqa_base.yaml --set optim.lr=1e-4
+#   sbatch --nodes=2 slurm/finetune.sh configs/vcr_base.yaml --set model.pretrained=runs/base/model.safetensors
 #
 # Environment and options as for slurm/pretrain.sh (VLBERT_PYTHON, VLBERT_OUTPUT_DIR,
 # MLFLOW_TRACKING_URI, VLBERT_ROOT, VLBERT_MASTER_PORT). The #SBATCH lines must live in the

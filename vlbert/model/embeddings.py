@@ -71,6 +71,10 @@ class VisualInputs:
     image_sizes:[B, 2] (height, width)
     box_mask:   bool [B, R] real boxes
     roi_masked: bool [B, R] masked RoIs (their token is the masked-RoI embedding), or None
+    text_regions: long [B, T] the box whose visual feature each text slot takes, or None
+                (every text slot takes box 0, the whole image). VCR points a word that
+                names an object at that object's box (jackroos/VL-BERT,
+                vcr/modules/resnet_vlbert_for_vcr.py, ``_collect_obj_reps``).
     """
 
     appearance: torch.Tensor
@@ -78,6 +82,7 @@ class VisualInputs:
     image_sizes: torch.Tensor
     box_mask: torch.Tensor
     roi_masked: Optional[torch.Tensor] = None
+    text_regions: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -229,7 +234,13 @@ class VLBertEmbeddings(nn.Module):
         roi_tok = torch.where(roi_masked[..., None], self.masked_roi_token, self.img_token).to(vis.dtype)
         end_tok = self.end_token.to(vis.dtype).expand(B, 1, -1)
         tokens = torch.cat([token.to(vis.dtype), roi_tok, end_tok], dim=1)  # [B, S, H]
-        visuals = torch.cat([image_vis.expand(B, T, -1), vis, image_vis], dim=1)
+        if visual.text_regions is None:
+            text_vis = image_vis.expand(B, T, -1)
+        else:
+            if visual.text_regions.shape != (B, T):
+                raise ValueError(f"text_regions must be [B, T] = {(B, T)}, got {tuple(visual.text_regions.shape)}")
+            text_vis = _gather_seq(vis, visual.text_regions.long().clamp(0, R - 1))
+        visuals = torch.cat([text_vis, vis, image_vis], dim=1)
         seg = torch.cat(
             [token_type_ids, torch.full((B, R + 1), SEGMENT_VISUAL, dtype=token_type_ids.dtype, device=device)], 1
         )

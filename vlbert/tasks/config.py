@@ -1,9 +1,9 @@
-"""The typed config tree of a fine-tuning run (VQA or RefCOCO+).
+"""The typed config tree of a fine-tuning run (VQA, RefCOCO+ or VCR).
 
 It reuses the pretraining sections (``ModelConfig``, ``DetectorConfig``,
 ``OptimConfig``, ``RuntimeConfig``, ``TrackingConfig``) and adds the task's
-data section. Exactly one of ``vqa`` and ``refcoco`` is set: which one decides
-the task. YAML + dotted overrides as for pretraining
+data section. Exactly one of ``vqa``, ``refcoco`` and ``vcr`` is set: which one
+decides the task. YAML + dotted overrides as for pretraining
 (``model.pretrained=runs/x/model.safetensors optim.lr=1e-4``).
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from vlbert.config import (CaptionDataConfig, DataConfig, DetectorConfig, ModelConfig, OptimConfig,
-                           RuntimeConfig, TrackingConfig)
+                           RuntimeConfig, TrackingConfig, _apply_detector_preset)
 from vlbert.config_reader import build, read_raw_config, require
 
 
@@ -88,11 +88,46 @@ class RefCOCODataConfig(TaskLoaderConfig):
 
 
 @dataclass
+class VCRSplitConfig:
+    """One split of the VCR release: its jsonl, the folder its ``metadata_fn`` paths are
+    relative to (``.../vcr1images``), and the caption-style tar shards holding its images
+    under their ``img_fn`` (optionally below one top folder)."""
+
+    annotations: str = ""  # train.jsonl / val.jsonl / test.jsonl
+    metadata: str = ""  # folder URL
+    images: list[str] = field(default_factory=list)
+
+
+def _vcr_image_config() -> CaptionDataConfig:
+    """The reference's VCR images: short side 600, long side at most 1200, flips p = 0.5."""
+    return CaptionDataConfig(short_side=600, max_long_side=1200, flip_prob=0.5)
+
+
+@dataclass
+class VCRDataConfig(TaskLoaderConfig):
+    tokenizer: str = ""
+    train: Optional[VCRSplitConfig] = None
+    val: Optional[VCRSplitConfig] = None
+    test: Optional[VCRSplitConfig] = None  # unannotated: vlbert-evaluate --split test writes the leaderboard CSV
+    # Which 4-choice problems one model learns and is scored on; both give Q->AR from one run
+    # (the reference trains one model per subtask).
+    subtasks: list[str] = field(default_factory=lambda: ["q2a", "qa2r"])
+    categories: list[str] = field(default_factory=list)  # detection classes, [0] = background; empty = COCO's 81
+    image: CaptionDataConfig = field(default_factory=_vcr_image_config)
+    max_text_tokens: int = 64  # WordPieces of question + answer (+ rationale), specials not counted
+    mask_size: int = 14
+    aux_loss_weight: float = 1.0  # the object classification on the RoIs
+    batch_size: int = 64
+    eval_batch_size: int = 8
+
+
+@dataclass
 class FinetuneConfig:
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     vqa: Optional[VQADataConfig] = None
     refcoco: Optional[RefCOCODataConfig] = None
+    vcr: Optional[VCRDataConfig] = None
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         lr=1.6e-4, weight_decay=1e-4, warmup_steps=500, total_steps=0, grad_clip=1.0))
     epochs: int = 5  # used when optim.total_steps is 0
@@ -101,8 +136,12 @@ class FinetuneConfig:
 
     @property
     def task(self):
-        """The task's data section (``vqa`` or ``refcoco``)."""
-        return self.vqa if self.vqa is not None else self.refcoco
+        """The task's data section (``vqa``, ``refcoco`` or ``vcr``)."""
+        return next((t for t in (self.vqa, self.refcoco, self.vcr) if t is not None), None)
+
+    @property
+    def task_name(self) -> str:
+        return next(n for n in ("vqa", "refcoco", "vcr") if getattr(self, n) is not None)
 
     @property
     def tokenizer(self) -> str:
@@ -116,6 +155,8 @@ def load_finetune_config(path: str | os.PathLike | None, overrides: list[str] = 
                          check_files: bool = True) -> FinetuneConfig:
     """Read a YAML fine-tuning config, apply ``key=value`` overrides, validate."""
     raw, source = read_raw_config(path, overrides)
+    # A detector preset (``preset: butd_r101_vg``) reads as in a pretraining config.
+    _apply_detector_preset(raw, source + (" + overrides" if overrides else ""))
     cfg = build(FinetuneConfig, raw, prefix="", source=source + (" + overrides" if overrides else ""))
     validate_finetune(cfg, source, check_files)
     return cfg
@@ -123,13 +164,12 @@ def load_finetune_config(path: str | os.PathLike | None, overrides: list[str] = 
 
 def validate_finetune(cfg: FinetuneConfig, source: str = "<config>", check_files: bool = True) -> None:
     m, o, r = cfg.model, cfg.optim, cfg.runtime
-    require((cfg.vqa is None) != (cfg.refcoco is None), source, "vqa",
-            "set exactly one task section: vqa or refcoco")
+    require(sum(t is not None for t in (cfg.vqa, cfg.refcoco, cfg.vcr)) == 1, source, "vqa",
+            "set exactly one task section: vqa, refcoco or vcr")
     t = cfg.task
     require(m.hidden_size % m.num_heads == 0, source, "model.hidden_size", "must be divisible by model.num_heads")
     require(0.0 <= m.head_dropout < 1.0, source, "model.head_dropout", "expected a probability in [0, 1)")
-    require(bool(cfg.tokenizer), source, "vqa.tokenizer" if cfg.vqa else "refcoco.tokenizer",
-            "set a tokenizer when model.bert is empty")
+    require(bool(cfg.tokenizer), source, f"{cfg.task_name}.tokenizer", "set a tokenizer when model.bert is empty")
     require(t.batch_size > 0 and t.eval_batch_size > 0, source, "batch_size", "must be positive")
     require(t.wait_warn_s > 0 and t.wait_timeout_s >= 0, source, "wait_warn_s",
             "wait_warn_s must be positive and wait_timeout_s >= 0 (0 = no limit)")
@@ -147,6 +187,8 @@ def validate_finetune(cfg: FinetuneConfig, source: str = "<config>", check_files
             require(bool(split.questions) and bool(split.images), source, f"vqa split {i}",
                     "every split needs questions and images")
         require(v.min_answer_count >= 1, source, "vqa.min_answer_count", "must be >= 1")
+    elif cfg.vcr is not None:
+        validate_vcr(cfg.vcr, source)
     else:
         rc = cfg.refcoco
         require(bool(rc.refs) and bool(rc.instances) and bool(rc.images), source, "refcoco.refs",
@@ -157,6 +199,22 @@ def validate_finetune(cfg: FinetuneConfig, source: str = "<config>", check_files
         # Its contents are read and checked where the run starts (vlbert.train.ds_config).
         require(os.path.isfile(r.deepspeed_config), source, f"runtime.deepspeed_config ({r.deepspeed_config})",
                 "file not found")
+
+
+def validate_vcr(v: VCRDataConfig, source: str) -> None:
+    splits = {name: getattr(v, name) for name in ("train", "val", "test") if getattr(v, name) is not None}
+    require(bool(splits), source, "vcr.train", "give a train, val or test split")
+    for name, split in splits.items():
+        require(bool(split.annotations) and bool(split.images), source, f"vcr.{name}",
+                "every split needs annotations (a jsonl) and images (tar shards)")
+    require(bool(v.subtasks) and all(s in ("q2a", "qa2r") for s in v.subtasks)
+            and len(set(v.subtasks)) == len(v.subtasks), source, "vcr.subtasks",
+            "expected a non-empty list of distinct 'q2a' / 'qa2r'")
+    require(not v.categories or (len(set(v.categories)) == len(v.categories) and len(v.categories) >= 2), source,
+            "vcr.categories", "expected distinct names, background first (empty = the release's 81)")
+    require(v.max_text_tokens >= 3, source, "vcr.max_text_tokens", "must be >= 3")
+    require(v.mask_size >= 1, source, "vcr.mask_size", "must be >= 1")
+    require(v.aux_loss_weight >= 0, source, "vcr.aux_loss_weight", "must be >= 0")
 
 
 def batch_as_data_config(cfg: FinetuneConfig) -> DataConfig:

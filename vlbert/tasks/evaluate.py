@@ -37,10 +37,15 @@ def load_finetuned(task, weights_url: str) -> torch.nn.Module:
     return model
 
 
-def evaluate_finetuned(cfg: FinetuneConfig, weights_url: str, out_dir: Optional[str] = None) -> dict[str, float]:
+def evaluate_finetuned(cfg: FinetuneConfig, weights_url: str, out_dir: Optional[str] = None,
+                       split: Optional[str] = None) -> dict[str, float]:
     """Predict the config's evaluation split(s) (``vqa.val``) with the fine-tuned weights;
     returns the accuracies (empty for an unannotated split such as test-dev) and, with
-    ``out_dir``, writes ``<split>_predictions.json`` there (rank 0)."""
+    ``out_dir``, writes ``<split>_predictions.json`` there (rank 0). ``split`` names the
+    split for tasks that keep several (VCR: ``val`` or ``test``, whose leaderboard CSV
+    is written too)."""
+    if split is not None and cfg.vcr is None:
+        raise ValueError(f"--split applies to vcr; for {cfg.task_name} point its val section at the split")
     from transformers import AutoTokenizer
 
     info = init_distributed()
@@ -64,4 +69,4 @@ def evaluate_finetuned(cfg: FinetuneConfig, weights_url: str, out_dir: Optional[
     if path is not None and info.rank == 0:
         path.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
-        return run_evaluation(task, forward, info.rank, info.world_size, path)
+        return run_evaluation(task, forward, info.rank, info.world_size, path, split)

@@ -63,6 +63,10 @@ def build_task(cfg: FinetuneConfig, tokenizer, vocab=None):
         from vlbert.tasks.vqa.task import VQATask
 
         return VQATask(cfg, tokenizer, vocab)
+    if cfg.vcr is not None:
+        from vlbert.tasks.vcr.task import VCRTask
+
+        return VCRTask(cfg, tokenizer)
     from vlbert.tasks.refcoco.task import RefCOCOTask
 
     return RefCOCOTask(cfg, tokenizer)
@@ -78,10 +82,12 @@ def _setup_logging(rank: int) -> None:
                             format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
 
 
-def run_evaluation(task, forward: Callable, rank: int, world: int, out_dir: Optional[Path]) -> dict[str, float]:
-    """Predict and score every evaluation set; rank 0 writes ``<name>_predictions.json``."""
+def run_evaluation(task, forward: Callable, rank: int, world: int, out_dir: Optional[Path],
+                   split: Optional[str] = None) -> dict[str, float]:
+    """Predict and score every evaluation set (or the named ``split``, for tasks that take one: VCR's
+    ``test``); rank 0 writes ``<name>_predictions.json``."""
     metrics: dict[str, float] = {}
-    for eval_set in task.eval_sets():
+    for eval_set in (task.eval_sets() if split is None else task.eval_sets(split)):
         predictions = task.predict(forward, eval_set, rank, world)
         metrics.update(task.score(eval_set, predictions))
         if rank == 0 and out_dir is not None:

@@ -6,6 +6,7 @@ frozen BatchNorm). Checkpoint reading and conversion, which need no mmdet, are i
 ``vlbert.model.detector.convert``.
 """
 
-from vlbert.model.detector.extractor import HEAD_PREFIXES, RegionFeatureExtractor, zero_masked_regions
+from vlbert.model.detector.extractor import (HEAD_PREFIXES, RegionFeatureExtractor, apply_region_masks,
+                                             zero_masked_regions)
 
-__all__ = ["HEAD_PREFIXES", "RegionFeatureExtractor", "zero_masked_regions"]
+__all__ = ["HEAD_PREFIXES", "RegionFeatureExtractor", "apply_region_masks", "zero_masked_regions"]
