@@ -88,6 +88,15 @@ class RefCOCODataConfig(TaskLoaderConfig):
 
 
 @dataclass
+class EvalConfig:
+    """How evaluation treats a split's items whose image is missing (absent from the shards or
+    undecodable): they count as wrong, as in the official evaluations; more than
+    ``max_missing_fraction`` of a split's items missing is an error (``vlbert.tasks.missing``)."""
+
+    max_missing_fraction: float = 0.01
+
+
+@dataclass
 class FinetuneConfig:
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
@@ -96,6 +105,7 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         lr=1.6e-4, weight_decay=1e-4, warmup_steps=500, total_steps=0, grad_clip=1.0))
     epochs: int = 5  # used when optim.total_steps is 0
+    eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="vlbert-finetune"))
 
@@ -140,6 +150,8 @@ def validate_finetune(cfg: FinetuneConfig, source: str = "<config>", check_files
             f"must divide the batch size {t.batch_size}")
     require(r.checkpoint_every > 0 and r.keep_last >= 1 and r.log_every > 0, source, "runtime.checkpoint_every",
             "checkpoint_every and log_every must be positive and keep_last >= 1")
+    require(0.0 <= cfg.eval.max_missing_fraction <= 1.0, source, "eval.max_missing_fraction",
+            f"expected a fraction in [0, 1], got {cfg.eval.max_missing_fraction}")
     if cfg.vqa is not None:
         v = cfg.vqa
         require(bool(v.train) or bool(v.val), source, "vqa.train", "give a train or a val split")
