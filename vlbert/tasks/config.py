@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from vlbert.config import (CaptionDataConfig, DataConfig, DetectorConfig, ModelConfig, OptimConfig,
-                           RuntimeConfig, TrackingConfig)
+                           RuntimeConfig, TrackingConfig, _apply_detector_preset)
 from vlbert.config_reader import build, read_raw_config, require
 
 
@@ -124,9 +124,15 @@ class FinetuneConfig:
 
 def load_finetune_config(path: str | os.PathLike | None, overrides: list[str] = (),
                          check_files: bool = True) -> FinetuneConfig:
-    """Read a YAML fine-tuning config, apply ``key=value`` overrides, validate."""
+    """Read a YAML fine-tuning config, apply ``key=value`` overrides (and ``detector.preset``),
+    validate. The keys the config wrote in ``model`` and ``detector`` are kept (``_written_keys``):
+    the network of the weights fills the others (``vlbert.tasks.network.resolve_network``)."""
     raw, source = read_raw_config(path, overrides)
-    cfg = build(FinetuneConfig, raw, prefix="", source=source + (" + overrides" if overrides else ""))
+    where = source + (" + overrides" if overrides else "")
+    _apply_detector_preset(raw, where)
+    cfg = build(FinetuneConfig, raw, prefix="", source=where)
+    cfg._written_keys = frozenset(f"{section}.{key}" for section in ("model", "detector")
+                                  for key in (raw.get(section) or {}))
     validate_finetune(cfg, source, check_files)
     return cfg
 
