@@ -274,11 +274,11 @@ def test_normalize_rgb_and_bgr():
     torch.testing.assert_close(bgr.view(3), torch.tensor([30.0, 20, 10]) - torch.tensor([102.9801, 115.9465, 122.7717]))
 
 
-def test_caffe_roi_pool_matches_mmcv_definition_on_edges():
-    """CaffeRoIPool (CPU) against the loop of Caffe's kernel, incl. boxes over the border and x.5 rounding."""
+def test_caffe_roi_pool_on_edges():
+    """CaffeRoIPool against the loop of Caffe's kernel, incl. boxes over the border and x.5 rounding."""
     import math
 
-    from vlbert.model.detector.parts import CaffeRoIPool
+    from vlbert.model.detector.roi_pool import CaffeRoIPool
 
     g = torch.Generator().manual_seed(0)
     feat = torch.randn(2, 3, 5, 7, generator=g)

@@ -127,8 +127,10 @@ def test_short_refcoco_finetune_runs_and_evaluates(demo_data, refer, tmp_path):
         f"runtime.deepspeed_config={REPO / 'ds_configs/cpu_zero2_fp32.json'}", "optim.total_steps=3",
         "tracking.enabled=false"])
     result = finetune(cfg)
-    assert result.step == 3 and set(result.eval_metrics) == {"val/refcoco_acc", "testA/refcoco_acc"}
-    assert all(0.0 <= v <= 100.0 for v in result.eval_metrics.values())
+    assert result.step == 3 and set(result.eval_metrics) == {"val/refcoco_acc", "testA/refcoco_acc",
+                                                             "val/missing_images", "testA/missing_images"}
+    assert result.eval_metrics["val/missing_images"] == result.eval_metrics["testA/missing_images"] == 0
+    assert all(0.0 <= v <= 100.0 for k, v in result.eval_metrics.items() if k.endswith("acc"))
     rows = json.loads((tmp_path / "out" / "val_predictions.json").read_text())
     sets = load_refcoco(str(refer / "refs.json"), str(refer / "instances.json"), ["val"])
     assert sorted(r["sent_id"] for r in rows) == sorted(e.sent_id for e in sets["val"])

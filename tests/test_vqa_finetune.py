@@ -157,7 +157,8 @@ def test_tiny_finetune_overfits_a_few_questions(demo_data, vqa, tmp_path):
     assert fitted and all(v >= 90.0 for v in fitted.values()), result.eval_metrics
     assert acc >= constant + 20.0, (acc, constant, result.eval_metrics)
     types = {a["answer_type"] for a in json.loads((vqa / "train_annotations.json").read_text())["annotations"]}
-    assert set(result.eval_metrics) == {"val/vqa_acc"} | {f"val/vqa_acc/{t}" for t in types}
+    assert set(result.eval_metrics) == {"val/vqa_acc", "val/missing_images"} | {f"val/vqa_acc/{t}" for t in types}
+    assert result.eval_metrics["val/missing_images"] == 0
     questions = json.loads((vqa / "train_questions.json").read_text())["questions"]
     preds = read_submission(str(out / "val_predictions.json"), [q["question_id"] for q in questions])
     answers = (out / "answers.txt").read_text().split("\n")

@@ -122,6 +122,15 @@ class VCRDataConfig(TaskLoaderConfig):
 
 
 @dataclass
+class EvalConfig:
+    """How evaluation treats a split's items whose image is missing (absent from the shards or
+    undecodable): they count as wrong, as in the official evaluations; more than
+    ``max_missing_fraction`` of a split's items missing is an error (``vlbert.tasks.missing``)."""
+
+    max_missing_fraction: float = 0.01
+
+
+@dataclass
 class FinetuneConfig:
     model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
@@ -131,6 +140,7 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(
         lr=1.6e-4, weight_decay=1e-4, warmup_steps=500, total_steps=0, grad_clip=1.0))
     epochs: int = 5  # used when optim.total_steps is 0
+    eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="vlbert-finetune"))
 
@@ -153,11 +163,15 @@ class FinetuneConfig:
 
 def load_finetune_config(path: str | os.PathLike | None, overrides: list[str] = (),
                          check_files: bool = True) -> FinetuneConfig:
-    """Read a YAML fine-tuning config, apply ``key=value`` overrides, validate."""
+    """Read a YAML fine-tuning config, apply ``key=value`` overrides (and ``detector.preset``),
+    validate. The keys the config wrote in ``model`` and ``detector`` are kept (``_written_keys``):
+    the network of the weights fills the others (``vlbert.tasks.network.resolve_network``)."""
     raw, source = read_raw_config(path, overrides)
-    # A detector preset (``preset: butd_r101_vg``) reads as in a pretraining config.
-    _apply_detector_preset(raw, source + (" + overrides" if overrides else ""))
-    cfg = build(FinetuneConfig, raw, prefix="", source=source + (" + overrides" if overrides else ""))
+    where = source + (" + overrides" if overrides else "")
+    _apply_detector_preset(raw, where)
+    cfg = build(FinetuneConfig, raw, prefix="", source=where)
+    cfg._written_keys = frozenset(f"{section}.{key}" for section in ("model", "detector")
+                                  for key in (raw.get(section) or {}))
     validate_finetune(cfg, source, check_files)
     return cfg
 
@@ -180,6 +194,8 @@ def validate_finetune(cfg: FinetuneConfig, source: str = "<config>", check_files
             f"must divide the batch size {t.batch_size}")
     require(r.checkpoint_every > 0 and r.keep_last >= 1 and r.log_every > 0, source, "runtime.checkpoint_every",
             "checkpoint_every and log_every must be positive and keep_last >= 1")
+    require(0.0 <= cfg.eval.max_missing_fraction <= 1.0, source, "eval.max_missing_fraction",
+            f"expected a fraction in [0, 1], got {cfg.eval.max_missing_fraction}")
     if cfg.vqa is not None:
         v = cfg.vqa
         require(bool(v.train) or bool(v.val), source, "vqa.train", "give a train or a val split")

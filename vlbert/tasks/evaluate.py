@@ -1,8 +1,9 @@
 """Evaluate a fine-tuned model: accuracy on an annotated split, or the submission file.
 
 The weights are a fine-tuning run's ``model.safetensors``; the task's
-vocabulary (``answers.txt``) is read from beside them, so the indices mean
-what they meant in training.
+vocabulary (``answers.txt``) and the network (``model.json``: encoder and detector
+sections, ``vlbert.tasks.network``) are read from beside them, so the model built is the
+one trained and the indices mean what they meant in training.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from vlbert.data.vocabulary import check_vocabulary
 from vlbert.tasks.config import FinetuneConfig
 from vlbert.tasks.pretrained import read_pretrained_info
 from vlbert.tasks.finetune import build_task, run_evaluation
+from vlbert.tasks.network import resolve_network
+from vlbert.tasks.pretrained import read_pretrained_info
 from vlbert.train.engine import init_distributed
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,8 @@ def evaluate_finetuned(cfg: FinetuneConfig, weights_url: str, out_dir: Optional[
         raise ValueError(f"--split applies to vcr; for {cfg.task_name} point its val section at the split")
     from transformers import AutoTokenizer
 
+    # The network the fine-tuned weights were trained in (the model.json beside them).
+    cfg = resolve_network(cfg, read_pretrained_info(weights_url), f"{weights_url} (model.json)")
     info = init_distributed()
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
     vocab = None

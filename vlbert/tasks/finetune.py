@@ -29,6 +29,7 @@ from vlbert.config import flatten
 from vlbert.data.prefetch import Prefetcher, wait_for_item
 from vlbert.data.vocabulary import check_vocabulary, checkpoint_tokenizer, vocabulary_fingerprint
 from vlbert.tasks.config import FinetuneConfig, batch_as_data_config
+from vlbert.tasks.network import network_info, resolve_network
 from vlbert.tasks.pretrained import read_pretrained_info
 from vlbert.tasks.sampling import EpochBatchSampler
 from vlbert.train import dist
@@ -107,6 +108,9 @@ def finetune(cfg: FinetuneConfig, on_step: Optional[Callable[[int, float], None]
 def _finetune(cfg: FinetuneConfig, stop: StopRequest, on_step) -> FinetuneResult:
     from transformers import AutoTokenizer
 
+    # The network the starting weights were trained in (their model.json): built exactly.
+    pretrained_info = read_pretrained_info(cfg.model.pretrained) if cfg.model.pretrained else {}
+    cfg = resolve_network(cfg, pretrained_info, f"{cfg.model.pretrained} (model.json)")
     r, task_cfg = cfg.runtime, cfg.task
     info = init_distributed()
     rank, world = info.rank, info.world_size
@@ -138,7 +142,6 @@ def _finetune(cfg: FinetuneConfig, stop: StopRequest, on_step) -> FinetuneResult
     # ---- model: the same initial weights on every rank
     seed_everything(r.seed)
     model = task.build_model()
-    pretrained_info = read_pretrained_info(cfg.model.pretrained) if cfg.model.pretrained else {}
     check_vocabulary(tokenizer, model.backbone.vlbert.embeddings.word_embeddings.num_embeddings, "tokenizer",
                      reference=None if cfg.model.pretrained else checkpoint_tokenizer(cfg.model.bert, cfg.tokenizer),
                      expected_fingerprint=pretrained_info.get("tokenizer_vocab_sha256", ""))
@@ -253,7 +256,8 @@ def _finetune(cfg: FinetuneConfig, stop: StopRequest, on_step) -> FinetuneResult
                     (out_dir / "eval_metrics.json").write_text(json.dumps(result.eval_metrics, indent=2) + "\n")
             export_weights(engine, out_dir, rank, {"step": step, "mlflow_run_id": tracker.run_id, "task": task.name,
                                                    "pretrain_run_id": pretrained_info.get("mlflow_run_id"),
-                                                   "tokenizer_vocab_sha256": vocabulary_fingerprint(tokenizer)})
+                                                   "tokenizer_vocab_sha256": vocabulary_fingerprint(tokenizer),
+                                                   **network_info(cfg.model, cfg.detector)})
         status = "KILLED" if result.preempted else "FINISHED"
     finally:
         bar.close()

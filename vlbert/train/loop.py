@@ -34,6 +34,7 @@ from vlbert.train.progress import Progress
 from vlbert.train.metrics import Meter, batch_counts, interval_metrics, peak_flops, total_skips
 from vlbert.data.partitions import read_rates
 from vlbert.data.vocabulary import check_vocabulary, checkpoint_tokenizer, vocabulary_fingerprint
+from vlbert.tasks.network import network_info
 from vlbert.train.layout import describe as describe_layout, plan_layout
 from vlbert.train.state import TrainState
 from vlbert.train.sample_keys import SampleKeyLog
@@ -67,7 +68,8 @@ def seed_everything(seed: int) -> None:
 
 def export_weights(engine: Engine, out_dir: Path, rank: int, info: dict) -> None:
     """Write the trained model as ``<out_dir>/model.safetensors`` (plain tensors: loads without
-    unpickling) and ``<out_dir>/model.json`` (step, MLflow run id). Collective under ZeRO-3."""
+    unpickling) and ``<out_dir>/model.json`` (``info``: step, MLflow run id and the network's
+    ``model`` and ``detector`` sections, ``vlbert.tasks.network``). Collective under ZeRO-3."""
     from safetensors.torch import save_file
 
     state = engine.full_state_dict()  # every rank takes part in the gather
@@ -301,7 +303,8 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
         if not result.preempted:
             export_weights(engine, out_dir, rank, {"step": state.step, "mlflow_run_id": tracker.run_id,
                                                      "mlflow_run_key": tracker.run_key,
-                                                     "tokenizer_vocab_sha256": vocabulary_fingerprint(tokenizer)})
+                                                     "tokenizer_vocab_sha256": vocabulary_fingerprint(tokenizer),
+                                                     **network_info(cfg.model, cfg.detector)})
         status = "KILLED" if result.preempted else "FINISHED"
     finally:
         bar.close()

@@ -41,7 +41,8 @@ from mmengine.logging import MMLogger
 
 from vlbert.config import DetectorConfig
 from vlbert.model.detector.convert import HEAD_PREFIXES, read_checkpoint
-from vlbert.model.detector.parts import CaffeAnchorGenerator, CaffeRoIPool, freeze_batchnorms, mmdet_config
+from vlbert.model.detector.parts import CaffeAnchorGenerator, freeze_batchnorms, mmdet_config
+from vlbert.model.detector.roi_pool import CaffeRoIPool
 
 # Checkpoint keys we may lack or ignore: the box regressor is never used (regions
 # are RPN proposals, as in bottom-up attention), and mask heads are not built.

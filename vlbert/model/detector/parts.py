@@ -1,5 +1,5 @@
 """The detector's building blocks: the mmdet model dict shaped by ``DetectorConfig``, and the
-parts of the Caffe network that mmdet lacks (anchor geometry and order, RoIPool on CPU) or
+parts of the Caffe network that mmdet lacks (anchor geometry and order; RoIPool: roi_pool.py) or
 that freezing needs (BatchNorm as a fixed scale and shift). ``extractor.py`` assembles them."""
 
 from __future__ import annotations
@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mmcv.ops import RoIPool as MmcvRoIPool
 from mmdet.models.backbones import ResNet
 from mmdet.models.task_modules.prior_generators import AnchorGenerator
 from mmengine.config import ConfigDict
@@ -26,7 +25,7 @@ def mmdet_config(cfg: DetectorConfig) -> ConfigDict:
     if cfg.roi_op == "align":
         roi_layer = dict(type="RoIAlign", output_size=cfg.roi_size, sampling_ratio=cfg.roi_sampling_ratio,
                          aligned=cfg.roi_aligned)
-    else:  # replaced by CaffeRoIPool after the build (mmcv's op has no CPU kernel)
+    else:  # replaced by CaffeRoIPool after the build (mmcv's op does not round the corners, as Caffe does)
         roi_layer = dict(type="RoIPool", output_size=cfg.roi_size)
     return ConfigDict(
         type="FasterRCNN",
@@ -82,46 +81,6 @@ class CaffeAnchorGenerator(AnchorGenerator):
         half_w, half_h = 0.5 * (ws - 1), 0.5 * (hs - 1)
         anchors = torch.stack([ctr - half_w, ctr - half_h, ctr + half_w, ctr + half_h], -1)
         return anchors.float()
-
-
-class CaffeRoIPool(nn.Module):
-    """Caffe's RoIPooling: max over bins of the RoI rounded to the feature grid.
-
-    feat [B, C, H, W], rois [N, 5] (batch index, x1, y1, x2, y2 in pixels) -> [N, C, S, S].
-    Start/end = round(coord * scale), size = max(end - start + 1, 1); bin i covers rows
-    floor(i * size / S) .. ceil((i + 1) * size / S) - 1 from the start, clipped to the
-    map; an empty bin gives 0. On CUDA mmcv's kernel (the same definition) runs.
-    """
-
-    def __init__(self, output_size: int, spatial_scale: float):
-        super().__init__()
-        self.output_size, self.spatial_scale = (output_size, output_size), spatial_scale
-        self.cuda_op = MmcvRoIPool(output_size, spatial_scale)
-
-    def forward(self, feat: Tensor, rois: Tensor) -> Tensor:
-        if feat.is_cuda:
-            return self.cuda_op(feat, rois)
-        S, (H, W) = self.output_size[0], feat.shape[-2:]
-        out = feat.new_zeros(len(rois), feat.shape[1], S, S)
-        def c_round(x: Tensor) -> Tensor:  # C's round(): halves away from zero (torch.round: to even)
-            return torch.sign(x) * torch.floor(x.abs() + 0.5)
-
-        start = c_round(rois[:, 1:3] * self.spatial_scale)
-        end = c_round(rois[:, 3:5] * self.spatial_scale)
-        size = (end - start + 1).clamp(min=1) / S  # [N, 2] bin size (x, y)
-        i = torch.arange(S, dtype=feat.dtype, device=feat.device)
-        lo = (torch.floor(i[None, None] * size[..., None]) + start[..., None]).long()  # [N, 2, S]
-        hi = (torch.ceil((i[None, None] + 1) * size[..., None]) + start[..., None]).long()
-        xs, ys = torch.arange(W, device=feat.device), torch.arange(H, device=feat.device)
-        for n, roi in enumerate(rois):
-            cols = (xs >= lo[n, 0, :, None].clamp(0, W)) & (xs < hi[n, 0, :, None].clamp(0, W))  # [S, W]
-            rows = (ys >= lo[n, 1, :, None].clamp(0, H)) & (ys < hi[n, 1, :, None].clamp(0, H))  # [S, H]
-            f = feat[int(roi[0])]  # [C, H, W]
-            # Max over the columns of each x-bin, then over the rows of each y-bin.
-            by_col = f[:, :, None, :].masked_fill(~cols[None, None], float("-inf")).amax(-1)  # [C, H, S]
-            by_bin = by_col[:, None].masked_fill(~rows[None, :, :, None], float("-inf")).amax(2)  # [C, S, S]
-            out[n] = torch.where(torch.isfinite(by_bin), by_bin, torch.zeros_like(by_bin))
-        return out
 
 
 class FrozenBatchNorm2d(nn.Module):

@@ -17,6 +17,7 @@ import torch
 
 from vlbert.tasks.config import FinetuneConfig
 from vlbert.tasks.images import ImageIndex
+from vlbert.tasks.missing import check_missing, missing_metrics
 from vlbert.tasks.refcoco.data import RefDataset, box_iou, load_refcoco
 from vlbert.tasks.refcoco.model import VLBertForRefCOCO
 from vlbert.tasks.sampling import eval_batches
@@ -26,8 +27,12 @@ log = logging.getLogger(__name__)
 
 
 class RefEvalSet:
-    def __init__(self, name: str, dataset: RefDataset):
+    """A split to predict: ``dataset`` holds the expressions whose image is in the shards,
+    ``expressions`` all of them (the denominator of the accuracy)."""
+
+    def __init__(self, name: str, dataset: RefDataset, expressions: list = ()):
         self.name, self.dataset = name, dataset
+        self.expressions = list(expressions) or list(dataset.expressions)
 
 
 class RefCOCOTask:
@@ -48,7 +53,14 @@ class RefCOCOTask:
         return self._dataset(self.c.train_split, train=True)
 
     def eval_sets(self) -> list[RefEvalSet]:
-        return [RefEvalSet(s, self._dataset(s, train=False)) for s in self.c.val_splits]
+        sets = []
+        for split in self.c.val_splits:
+            dataset = self._dataset(split, train=False)
+            # Fail before predicting when the shards lack too many of the split's images.
+            check_missing(split, dataset.missing_images, len(self.expressions[split]),
+                          self.cfg.eval.max_missing_fraction, "expressions")
+            sets.append(RefEvalSet(split, dataset, self.expressions[split]))
+        return sets
 
     def build_model(self, starting_weights: bool = True) -> VLBertForRefCOCO:
         """With the starting weights the config names (``from_config``), or random weights in the
@@ -79,9 +91,15 @@ class RefCOCOTask:
         return out
 
     def score(self, eval_set: RefEvalSet, predictions: dict[int, list[float]]) -> dict[str, float]:
+        """Accuracy (percent) over every expression of the split, and ``<split>/missing_images``:
+        an expression without a prediction (image absent or undecodable) counts as wrong."""
+        expressions = eval_set.expressions
+        missing = sum(e.sent_id not in predictions for e in expressions)
+        metrics = missing_metrics(eval_set.name, missing, len(expressions), self.cfg.eval.max_missing_fraction,
+                                  "expressions")
         hits = [float(e.sent_id in predictions and box_iou(predictions[e.sent_id], e.gt_box)[0] >= 0.5)
-                for e in eval_set.dataset.expressions]
-        return {f"{eval_set.name}/refcoco_acc": 100.0 * sum(hits) / len(hits)}
+                for e in expressions]
+        return {f"{eval_set.name}/refcoco_acc": 100.0 * sum(hits) / len(hits), **metrics}
 
     def write_predictions(self, url: str, predictions: dict[int, list[float]]) -> None:
         with fsspec.open(url, "w") as f:

@@ -14,6 +14,7 @@ import torch
 
 from vlbert.tasks.config import FinetuneConfig, VQASplitConfig
 from vlbert.tasks.images import ImageIndex
+from vlbert.tasks.missing import check_missing, missing_metrics
 from vlbert.tasks.sampling import eval_batches
 from vlbert.tasks.vqa.answers import AnswerVocab, build_answer_vocab, write_submission
 from vlbert.tasks.vqa.data import VQADataset, load_vqa_split
@@ -28,8 +29,10 @@ ANSWERS_FILE = "answers.txt"  # the vocabulary, saved next to the fine-tuned wei
 class EvalSet:
     """A data set to predict on and, when it has annotations, to score."""
 
-    def __init__(self, name: str, dataset: VQADataset, annotations: list[dict]):
+    def __init__(self, name: str, dataset: VQADataset, annotations: list[dict], question_ids: list[int] = ()):
         self.name, self.dataset, self.annotations = name, dataset, annotations
+        # Every question of the split, those without an image included: the denominator.
+        self.question_ids = list(question_ids) or [q.question_id for q in dataset.questions]
 
 
 class VQATask:
@@ -69,8 +72,9 @@ class VQATask:
     def eval_set(self, split: VQASplitConfig, name: str = "val") -> EvalSet:
         questions, annotations = load_vqa_split(split.questions, split.annotations)
         dataset = self._dataset(questions, split.images, train=False)
-        kept = {q.question_id for q in dataset.questions}
-        return EvalSet(name, dataset, [a for a in annotations if int(a["question_id"]) in kept])
+        # Fail before predicting when the shards lack too many of the split's images.
+        check_missing(name, dataset.missing_images, len(questions), self.cfg.eval.max_missing_fraction, "questions")
+        return EvalSet(name, dataset, annotations, [q.question_id for q in questions])
 
     def eval_sets(self) -> list[EvalSet]:
         return [self.eval_set(self.v.val)] if self.v.val is not None else []
@@ -109,12 +113,16 @@ class VQATask:
         return out
 
     def score(self, eval_set: EvalSet, predictions: dict[int, str]) -> dict[str, float]:
-        """Official accuracy (percent), overall and per answer type; {} without annotations.
-        A question without a prediction (image failed to decode) scores 0."""
+        """Official accuracy (percent), overall and per answer type (without annotations: none),
+        and ``<split>/missing_images``. A question without a prediction (its image absent from
+        the shards or undecodable) scores 0 and stays in the denominator (``vlbert.tasks.missing``)."""
+        missing = sum(int(q) not in predictions for q in eval_set.question_ids)
+        metrics = missing_metrics(eval_set.name, missing, len(eval_set.question_ids),
+                                  self.cfg.eval.max_missing_fraction, "questions")
         if not eval_set.annotations:
-            return {}
+            return metrics
         full = {int(a["question_id"]): predictions.get(int(a["question_id"]), "") for a in eval_set.annotations}
-        return evaluate_vqa(full, eval_set.annotations).metrics(f"{eval_set.name}/vqa_acc")
+        return {**evaluate_vqa(full, eval_set.annotations).metrics(f"{eval_set.name}/vqa_acc"), **metrics}
 
     def write_predictions(self, url: str, predictions: dict[int, str]) -> None:
         write_submission(url, predictions)
