@@ -19,7 +19,6 @@ from safetensors.torch import load as load_safetensors
 
 from vlbert.data.vocabulary import check_vocabulary
 from vlbert.tasks.config import FinetuneConfig
-from vlbert.tasks.pretrained import read_pretrained_info
 from vlbert.tasks.finetune import build_task, run_evaluation
 from vlbert.tasks.network import resolve_network
 from vlbert.tasks.pretrained import read_pretrained_info
