@@ -18,10 +18,12 @@ from vlbert.config import (
 from vlbert.train.ds_config import deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
-# Pretraining run configs; fine-tuning ones (a top-level vqa:/refcoco: section) are checked in
-# tests/test_vqa_finetune.py with their own loader.
+# Pretraining run configs; fine-tuning ones (a top-level vqa:/refcoco: section) load with their
+# own loader (test_every_shipped_finetune_yaml_loads; their recipes in tests/test_vqa_recipe.py,
+# tests/test_refcoco.py).
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml")
                  if not {"vqa", "refcoco"} & set(yaml.safe_load(p.read_text()) or {}))
+FINETUNE_CONFIGS = sorted(set((ROOT / "configs").glob("*.yaml")) - set(CONFIGS))
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 
 
@@ -45,6 +47,17 @@ def test_shipped_files_exist():
         for stage in (1, 2, 3):
             assert f"zero{stage}_{prec}" in ds
         assert f"zero2_offload_{prec}" in ds and f"zero3_offload_{prec}" in ds
+
+
+@pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_finetune_yaml_loads(path):
+    """Every fine-tuning YAML (VQA, RefCOCO+) builds the typed tree and passes validation, its
+    DeepSpeed file included. Fails if a shipped file names a key the schema lacks."""
+    from vlbert.tasks.config import FinetuneConfig, load_finetune_config
+
+    cfg = load_finetune_config(path)
+    assert isinstance(cfg, FinetuneConfig) and cfg.task is not None
+    assert {"vqa_base", "refcoco_base"} <= {p.stem for p in FINETUNE_CONFIGS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

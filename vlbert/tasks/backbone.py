@@ -50,6 +50,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.detector = RegionFeatureExtractor(detector_cfg)
         self.vlbert = VLBertModel(model_cfg, self.detector.out_channels, bert_config)
+        self.whole_image = getattr(model_cfg, "whole_image", "pooled")
 
     @property
     def config(self):
@@ -58,6 +59,8 @@ class Backbone(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
                 image: ImageInputs) -> VLBertOutput:
         appearance = self.detector(image.images, image.boxes, image.box_mask)
+        if self.whole_image == "mean":
+            appearance = mean_whole_image(appearance, image.box_mask)
         visual = VisualInputs(appearance, image.boxes, image.image_sizes, image.box_mask)
         return self.vlbert(input_ids, attention_mask, visual, token_type_ids)
 
@@ -69,12 +72,28 @@ class Backbone(nn.Module):
         return transform
 
 
+def mean_whole_image(appearance: torch.Tensor, box_mask: torch.Tensor) -> torch.Tensor:
+    """Box 0's feature replaced by the mean of the image's other real boxes' features (the
+    reference's precomputed path: jackroos/VL-BERT vqa/data/datasets/vqa.py, ``boxes_features.mean``
+    when the JSON has no ``image_box_feature``). appearance [B, R, A], box_mask bool [B, R];
+    an image with no other box keeps its pooled box 0."""
+    others = box_mask.clone()
+    others[:, 0] = False
+    count = others.sum(1, keepdim=True)  # [B, 1]
+    mean = (appearance * others[..., None].to(appearance.dtype)).sum(1) / count.clamp(min=1).to(appearance.dtype)
+    first = torch.where(count > 0, mean, appearance[:, 0])
+    return torch.cat([first[:, None], appearance[:, 1:]], 1)
+
+
 class TaskModel(nn.Module):
     """A fine-tuning model: ``self.backbone`` plus task heads, built by the subclass's
     constructor with random weights (no file read). ``head_transforms`` names the head
     transforms that start from the MLM head's transform."""
 
     backbone: Backbone
+    # Where the head transforms start in a pretraining run's state dict: the MLM head's transform
+    # (VQA, as the reference), or another pretrained head's (RefCOCO+: the masked-RoI head's).
+    pretrained_transform: str = PRETRAINED_TRANSFORM
 
     def head_transforms(self) -> dict[str, nn.Module]:
         """Description (for error messages) -> transform module."""
@@ -106,7 +125,7 @@ class TaskModel(nn.Module):
 
     def load_pretrained(self, state: dict[str, torch.Tensor]) -> None:
         """Detector, encoder and the head transforms from a pretraining run's state dict."""
-        load_pretrained_state(self, state, self.head_transforms())
+        load_pretrained_state(self, state, self.head_transforms(), self.pretrained_transform)
 
     def load_bert(self, state: dict[str, torch.Tensor]) -> None:
         """A BERT checkpoint (``load_bert_checkpoint``'s state): the encoder, and the MLM transform,
@@ -119,10 +138,12 @@ class TaskModel(nn.Module):
 
 
 def load_pretrained_state(model: nn.Module, state: dict[str, torch.Tensor],
-                          transforms: Optional[dict[str, nn.Module]] = None) -> None:
+                          transforms: Optional[dict[str, nn.Module]] = None,
+                          transform_prefix: str = PRETRAINED_TRANSFORM) -> None:
     """Load a pretraining run's weights into ``model.backbone`` (every ``detector.*`` and
-    ``vlbert.*`` key must be there, with matching shapes) and its MLM transform into each
-    module of ``transforms`` (name -> module, for the error message)."""
+    ``vlbert.*`` key must be there, with matching shapes) and the transform under
+    ``transform_prefix`` (default: the MLM head's) into each module of ``transforms``
+    (name -> module, for the error message)."""
     backbone = {k: v for k, v in state.items() if k.startswith(("detector.", "vlbert."))}
     if not backbone:
         raise ValueError("the pretrained state dict has no detector.* or vlbert.* weights "
@@ -134,8 +155,8 @@ def load_pretrained_state(model: nn.Module, state: dict[str, torch.Tensor],
     if missing or unexpected:
         raise ValueError(f"pretrained weights do not match the model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    head = {k[len(PRETRAINED_TRANSFORM):]: v for k, v in state.items() if k.startswith(PRETRAINED_TRANSFORM)}
+    head = {k[len(transform_prefix):]: v for k, v in state.items() if k.startswith(transform_prefix)}
     for name, module in (transforms or {}).items():
         if not head:
-            raise ValueError(f"the pretrained state dict has no {PRETRAINED_TRANSFORM}* weights for {name}")
+            raise ValueError(f"the pretrained state dict has no {transform_prefix}* weights for {name}")
         module.load_state_dict(head)

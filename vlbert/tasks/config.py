@@ -28,6 +28,12 @@ class FinetuneModelConfig(ModelConfig):
 
     pretrained: str = ""
     head_dropout: float = 0.1
+    # The whole-image region (box 0): "pooled" = RoI-pooled by the detector like any box (the
+    # reference's end-to-end path, jackroos/VL-BERT common/fast_rcnn.py, whole-image box added
+    # in vqa/data/datasets/vqa.py); "mean" = the mean of the other boxes' appearance features
+    # (the reference's precomputed-feature path, same file, when the JSON has no
+    # image_box_feature).
+    whole_image: str = "pooled"
 
 
 def _image_config() -> CaptionDataConfig:
@@ -60,8 +66,14 @@ class VQADataConfig(TaskLoaderConfig):
     tokenizer: str = ""  # empty = model.bert
     train: list[VQASplitConfig] = field(default_factory=list)  # e.g. train2014 (+ val2014 for test-dev)
     val: Optional[VQASplitConfig] = None
-    answers_file: str = ""  # one answer per line; empty = built from the training annotations
+    answers_file: str = ""  # one answer per line; empty = built from the annotations answers_from names
     min_answer_count: int = 9
+    # Which annotations build the vocabulary when answers_file is empty: "train" (the splits of
+    # vqa.train) or "train+val" (those and vqa.val). The reference downloads its 3129 answers
+    # (jackroos/VL-BERT data/PREPARE_DATA.md, answers_vqa.txt): the multiple-choice answers of at
+    # least 9 train2014 + val2014 questions (hengyuan-hu/bottom-up-attention-vqa
+    # tools/compute_softscore.py, filter_answers(train_answers + val_answers, 9)).
+    answers_from: str = "train"
     image: CaptionDataConfig = field(default_factory=_image_config)  # sizes, boxes, flip_prob
     max_question_tokens: int = 32  # question tokens, without [CLS] [SEP] [MASK] [SEP]
     batch_size: int = 256  # global questions per optimizer step
@@ -79,7 +91,17 @@ class RefCOCODataConfig(TaskLoaderConfig):
     images: list[str] = field(default_factory=list)  # caption-style tar shards
     train_split: str = "train"
     val_splits: list[str] = field(default_factory=lambda: ["val"])
-    boxes: str = "detected"  # "detected": the shard JSON's boxes; "gt": the image's COCO boxes
+    # "detected": the detections (below); "gt": the image's COCO boxes in training and evaluation
+    # (the paper's ground-truth-box setting; train_add_gt and detections are then ignored).
+    boxes: str = "detected"
+    # Training only, with boxes "detected": every COCO box of the image is appended to the detected
+    # ones (the reference's TRAIN_BOXES "proposal+gt", jackroos/VL-BERT
+    # cfgs/refcoco/base_detected_regions_4x16G.yaml); evaluation stays on the detected boxes.
+    train_add_gt: bool = False
+    # A detections file (MAttNet's res101_coco_minus_refer_notime_dets.json: a JSON list of
+    # {image_id, box: [x, y, w, h], ...}) to take the detected boxes from instead of the shard
+    # JSON; empty = the shard JSON's boxes (vlbert-extract-regions).
+    detections: str = ""
     image: CaptionDataConfig = field(default_factory=_image_config)
     max_expression_tokens: int = 32
     positive_iou: float = 0.5
@@ -203,6 +225,10 @@ def validate_finetune(cfg: FinetuneConfig, source: str = "<config>", check_files
             require(bool(split.questions) and bool(split.images), source, f"vqa split {i}",
                     "every split needs questions and images")
         require(v.min_answer_count >= 1, source, "vqa.min_answer_count", "must be >= 1")
+        require(v.answers_from in ("train", "train+val"), source, "vqa.answers_from",
+                f"expected 'train' or 'train+val', got {v.answers_from!r}")
+        require(v.answers_from == "train" or bool(v.answers_file) or (v.val is not None and bool(v.val.annotations)),
+                source, "vqa.answers_from", "'train+val' needs vqa.val with an annotations file")
     elif cfg.vcr is not None:
         validate_vcr(cfg.vcr, source)
     else:
@@ -211,6 +237,8 @@ def validate_finetune(cfg: FinetuneConfig, source: str = "<config>", check_files
                 "refs, instances and images are required")
         require(rc.boxes in ("detected", "gt"), source, "refcoco.boxes", "expected 'detected' or 'gt'")
         require(0.0 < rc.positive_iou < 1.0, source, "refcoco.positive_iou", "expected a value in (0, 1)")
+    require(m.whole_image in ("pooled", "mean"), source, "model.whole_image",
+            f"expected 'pooled' or 'mean', got {m.whole_image!r}")
     if check_files:
         # Its contents are read and checked where the run starts (vlbert.train.ds_config).
         require(os.path.isfile(r.deepspeed_config), source, f"runtime.deepspeed_config ({r.deepspeed_config})",

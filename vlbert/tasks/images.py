@@ -112,7 +112,8 @@ class ImageIndex:
 class DecodedImage:
     """image: uint8 [3, h, w] RGB; boxes: float32 [n, 4] pixels, box 0 = whole image;
     image_size: (h, w); scale: (sx, sy) from the stored image's pixels to ``image``;
-    rows: int [n - 1], the row of the source boxes (JSON or given) behind boxes 1..n-1."""
+    rows: int [n - 1], the row of the source boxes (JSON or given) behind boxes 1..n-1
+    (-1 for ``extra_boxes``)."""
 
     image: np.ndarray
     boxes: np.ndarray
@@ -122,11 +123,19 @@ class DecodedImage:
     rows: np.ndarray
 
 
+def _keep_all(boxes: np.ndarray, sx: float, sy: float, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    keep_all = CaptionDataConfig(min_boxes=1, max_boxes=max(1, len(boxes)))
+    kept, rows, _ = select_boxes(np.asarray(boxes, np.float64).reshape(-1, 4), None, sx, sy, w, h, keep_all)
+    return kept, rows
+
+
 def decode_image_sample(files: dict[str, bytes], cfg: CaptionDataConfig, flip: bool,
-                        boxes: Optional[np.ndarray] = None) -> DecodedImage:
+                        boxes: Optional[np.ndarray] = None,
+                        extra_boxes: Optional[np.ndarray] = None) -> DecodedImage:
     """Decode, resize, select boxes, optionally flip. ``boxes`` (float [n, 4] in stored
-    pixels) replaces the JSON's detected boxes (e.g. ground-truth boxes); all of them are
-    kept then. Raises ``BadSample``."""
+    pixels) replaces the JSON's detected boxes (e.g. ground-truth boxes or a detections
+    file's); all of them are kept then. ``extra_boxes`` (float [m, 4], stored pixels) are
+    appended after the selected ones, all kept (their ``rows`` are -1). Raises ``BadSample``."""
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
     if image_ext is None:
         raise BadSample("missing_image", f"none of {', '.join(IMAGE_EXTENSIONS)} in {sorted(files)}")
@@ -137,8 +146,11 @@ def decode_image_sample(files: dict[str, bytes], cfg: CaptionDataConfig, flip: b
         raw, scores = _parse_meta(files.get("json"))
         kept, rows, _ = select_boxes(raw, scores, sx, sy, w, h, cfg)
     else:
-        keep_all = CaptionDataConfig(min_boxes=1, max_boxes=max(1, len(boxes)))
-        kept, rows, _ = select_boxes(np.asarray(boxes, np.float64).reshape(-1, 4), None, sx, sy, w, h, keep_all)
+        kept, rows = _keep_all(boxes, sx, sy, w, h)
+    if extra_boxes is not None and len(extra_boxes):
+        extra, _ = _keep_all(extra_boxes, sx, sy, w, h)
+        kept = np.concatenate([kept.reshape(-1, 4), extra]).astype(np.float32)
+        rows = np.concatenate([rows, np.full(len(extra), -1, rows.dtype)])
     if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         kept[:, [0, 2]] = w - kept[:, [2, 0]]

@@ -1,10 +1,16 @@
 """RefCOCO+ data: REFER annotations (refs + COCO instances, ``unc`` split), samples, batches.
 
 Sequence: ``[CLS] expression [SEP] RoI_1 ... RoI_k [END]`` (text segment 0).
-RoIs are the detected boxes of the image shard's JSON (``boxes: detected``)
-or every COCO ground-truth box of the image (``boxes: gt``). A RoI is a
+RoIs are the detected boxes (``boxes: detected``: the image shard's JSON, or a
+detections file, ``detections.read_detections``) or every COCO ground-truth box
+of the image (``boxes: gt``). With ``train_add_gt`` the training set appends
+every COCO box of the image to the detected ones, as the reference's
+``TRAIN_BOXES: "proposal+gt"`` (jackroos/VL-BERT refcoco/data/datasets/refcoco.py);
+evaluation sets never do. A RoI is a
 positive training example when its IoU with the referred object's box is
-above ``positive_iou``; box 0 (the whole image) never is, and is never chosen.
+above ``positive_iou``. Box 0, the whole image, is labelled the same way and
+can be chosen, as in the reference (which adds the image as a box with
+``ADD_IMAGE_AS_A_BOX`` and labels every box by IoU).
 
 The REFER toolkit ships ``refs(unc).p``, a Python 2 pickle of plain dicts and
 lists; it is read with an unpickler that refuses to build any class, so a
@@ -114,13 +120,21 @@ class RefSample:
     boxes: np.ndarray  # float32 [n, 4], box 0 = whole image
     image_size: tuple[int, int]
     gt_box: np.ndarray  # float32 [4] in the pixels of ``image`` (flipped with it)
-    labels: np.ndarray  # float32 [n]: IoU(box, gt) > positive_iou, 0 for box 0
+    labels: np.ndarray  # float32 [n]: IoU(box, gt) > positive_iou (box 0 included)
     scale: tuple[float, float]  # (sx, sy): stored pixels -> pixels of ``image``
 
 
 def make_ref_sample(e: Expression, files: dict[str, bytes], image_cfg: CaptionDataConfig, tokenizer,
-                    max_tokens: int, use_gt_boxes: bool, positive_iou: float, flip: bool) -> RefSample:
-    image = decode_image_sample(files, image_cfg, flip, boxes=e.image_boxes if use_gt_boxes else None)
+                    max_tokens: int, use_gt_boxes: bool, positive_iou: float, flip: bool,
+                    detected: Optional[np.ndarray] = None, add_gt: bool = False) -> RefSample:
+    """``use_gt_boxes``: the RoIs are the image's COCO boxes. Otherwise the detected boxes:
+    ``detected`` (float [n, 4] stored pixels, e.g. from a detections file) or, when None, the
+    shard JSON's; ``add_gt`` appends the image's COCO boxes to them."""
+    if use_gt_boxes:
+        boxes, extra = e.image_boxes, None
+    else:
+        boxes, extra = detected, (e.image_boxes if add_gt else None)
+    image = decode_image_sample(files, image_cfg, flip, boxes=boxes, extra_boxes=extra)
     sx, sy = image.scale
     gt = e.gt_box * np.array([sx, sy, sx, sy])
     text = e.text
@@ -130,7 +144,6 @@ def make_ref_sample(e: Expression, files: dict[str, bytes], image_cfg: CaptionDa
         text = swap_left_right(text)
     ids = tokenizer(text, truncation=True, max_length=max_tokens + 2)["input_ids"]
     labels = (box_iou(image.boxes, gt) > positive_iou).astype(np.float32)
-    labels[0] = 0.0
     return RefSample(e.sent_id, np.asarray(ids, np.int64), image.image, image.boxes, image.image_size,
                      gt.astype(np.float32), labels, (sx, sy))
 
@@ -179,7 +192,11 @@ class RefDataset(torch.utils.data.Dataset):
     """Expressions whose image is in the shards; items ``(index, epoch)`` as ``VQADataset``."""
 
     def __init__(self, expressions: list[Expression], images: ImageIndex, image_cfg: CaptionDataConfig, tokenizer,
-                 max_tokens: int, use_gt_boxes: bool, positive_iou: float, seed: int = 0, train: bool = True):
+                 max_tokens: int, use_gt_boxes: bool, positive_iou: float, seed: int = 0, train: bool = True,
+                 add_gt: bool = False, detections: Optional[dict[int, np.ndarray]] = None):
+        """``add_gt``: append the image's COCO boxes to the detected ones (the training set of the
+        reference's recipe); ``detections``: image id -> detected boxes (``read_detections``), used
+        instead of the shard JSON's; an image it lacks has no detected box."""
         self.expressions = [e for e in expressions if e.image_id in images]
         if not self.expressions:
             raise ValueError(f"none of the {len(expressions)} expressions has its image in the shards")
@@ -187,6 +204,9 @@ class RefDataset(torch.utils.data.Dataset):
         self.images, self.image_cfg, self.tokenizer = images, image_cfg, tokenizer
         self.max_tokens, self.use_gt_boxes, self.positive_iou = max_tokens, use_gt_boxes, positive_iou
         self.seed, self.train = seed, train
+        self.add_gt, self.detections = add_gt and not use_gt_boxes, detections
+        self.without_detections = 0 if detections is None else len({e.image_id for e in self.expressions
+                                                                     if e.image_id not in detections})
 
     def __len__(self) -> int:
         return len(self.expressions)
@@ -194,8 +214,11 @@ class RefDataset(torch.utils.data.Dataset):
     def sample(self, index: int, epoch: int) -> RefSample:
         e = self.expressions[index]
         flip = self.train and flips(self.seed, epoch, index, self.image_cfg.flip_prob)
+        detected = None
+        if self.detections is not None:
+            detected = self.detections.get(e.image_id, np.zeros((0, 4)))
         return make_ref_sample(e, self.images.read(e.image_id), self.image_cfg, self.tokenizer, self.max_tokens,
-                               self.use_gt_boxes, self.positive_iou, flip)
+                               self.use_gt_boxes, self.positive_iou, flip, detected, self.add_gt)
 
     def get_batch(self, items: list[tuple[int, int]]) -> tuple[Optional[RefBatch], dict[str, int]]:
         samples, skipped = [], {}

@@ -19,6 +19,7 @@ from vlbert.tasks.config import FinetuneConfig
 from vlbert.tasks.images import ImageIndex
 from vlbert.tasks.missing import check_missing, missing_metrics
 from vlbert.tasks.refcoco.data import RefDataset, box_iou, load_refcoco
+from vlbert.tasks.refcoco.detections import read_detections
 from vlbert.tasks.refcoco.model import VLBertForRefCOCO
 from vlbert.tasks.sampling import eval_batches
 from vlbert.train import dist
@@ -43,11 +44,22 @@ class RefCOCOTask:
         splits = [self.c.train_split, *self.c.val_splits]
         self.expressions = load_refcoco(self.c.refs, self.c.instances, splits)
         self.images = ImageIndex(self.c.images)
+        self.detections = None
+        if self.c.detections and self.c.boxes == "detected":
+            self.detections, skipped = read_detections(self.c.detections)
+            if skipped:
+                log.warning("%s: %d detections skipped (%s)", self.c.detections, sum(skipped.values()), skipped)
 
     def _dataset(self, split: str, train: bool) -> RefDataset:
-        return RefDataset(self.expressions[split], self.images, self.c.image, self.tokenizer,
-                          self.c.max_expression_tokens, self.c.boxes == "gt", self.c.positive_iou,
-                          seed=self.c.seed, train=train)
+        """Training adds the ground-truth boxes when ``refcoco.train_add_gt``; evaluation never does."""
+        dataset = RefDataset(self.expressions[split], self.images, self.c.image, self.tokenizer,
+                             self.c.max_expression_tokens, self.c.boxes == "gt", self.c.positive_iou,
+                             seed=self.c.seed, train=train, add_gt=train and self.c.train_add_gt,
+                             detections=self.detections)
+        if dataset.without_detections:
+            log.warning("%s: %d images have no box in %s; only the whole-image box is scored there", split,
+                        dataset.without_detections, self.c.detections)
+        return dataset
 
     def train_set(self) -> RefDataset:
         return self._dataset(self.c.train_split, train=True)

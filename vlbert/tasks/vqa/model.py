@@ -1,7 +1,8 @@
 """VL-BERT for VQA: the answer from the hidden state at ``[MASK]`` (DESIGN.md section 7).
 
 Head: the MLM head's transform (dense, GELU, LayerNorm; started from the
-pretrained MLM head), dropout, a linear layer over the answer vocabulary.
+pretrained MLM head), dropout, a linear layer over the answer vocabulary
+(Xavier-uniform, as jackroos/VL-BERT vqa/modules/resnet_vlbert_for_vqa.py starts it).
 Loss: binary cross-entropy with logits against the soft scores, summed over
 the vocabulary and averaged over questions (= the mean BCE x vocabulary size,
 as the reference scales it).
@@ -62,7 +63,9 @@ class VLBertForVQA(TaskModel):
         self.backbone = Backbone(model_cfg, detector_cfg, bert_config)
         config = self.backbone.config
         self.head = VQAHead(self.backbone.new_transform(), config.hidden_size, num_answers, model_cfg.head_dropout)
-        nn.init.normal_(self.head.classifier.weight, std=config.initializer_range)
+        # Xavier-uniform weights and zero bias, as the reference starts its answer classifier
+        # (jackroos/VL-BERT vqa/modules/resnet_vlbert_for_vqa.py, init_weight).
+        nn.init.xavier_uniform_(self.head.classifier.weight)
         nn.init.zeros_(self.head.classifier.bias)
 
     def head_transforms(self) -> dict[str, nn.Module]:

@@ -51,11 +51,21 @@ class VQATask:
         if vocab is None:
             if self.v.answers_file:
                 vocab = AnswerVocab.load(self.v.answers_file)
-            elif self._train_annotations:
-                vocab = build_answer_vocab(self._train_annotations, self.v.min_answer_count)
             else:
-                raise ValueError("vqa: no answers_file and no training annotations to build the vocabulary from")
+                vocab = self._build_vocab()
         self.vocab = vocab
+
+    def _build_vocab(self) -> AnswerVocab:
+        """The vocabulary from the annotations ``vqa.answers_from`` names: the training splits, plus
+        ``vqa.val`` for "train+val" (how the reference's 3129 answers were counted)."""
+        annotations = list(self._train_annotations)
+        if self.v.answers_from == "train+val":
+            if self.v.val is None or not self.v.val.annotations:
+                raise ValueError("vqa.answers_from is 'train+val' but vqa.val has no annotations file")
+            annotations += load_vqa_split(self.v.val.questions, self.v.val.annotations)[1]
+        if not annotations:
+            raise ValueError("vqa: no answers_file and no training annotations to build the vocabulary from")
+        return build_answer_vocab(annotations, self.v.min_answer_count)
 
     # ----------------------------------------------------------------- data
 
