@@ -25,9 +25,11 @@ import functools
 import gzip
 import io
 import json
+import os
 import re
 import tarfile
 import zlib
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import fsspec
@@ -49,6 +51,35 @@ class ShardError(Exception):
         self.reason = reason
 
 
+# --------------------------------------------------------------------------- limits
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """Caps, in bytes, on what one record of a shard may make a reader hold in memory.
+
+    The defaults fit real data with room to spare: a Conceptual Captions image is
+    well under a MB, a Wikipedia article under 1 MB of text, a whole BooksCorpus book
+    a few MB. A tar member over ``max_member_bytes`` is passed over unread
+    (``member_too_large``); a JSON Lines line over ``max_line_bytes`` is passed over
+    without being kept (``line_too_long``); a document whose text is over
+    ``max_document_bytes`` (UTF-8) is skipped before tokenising (``document_too_large``).
+    """
+
+    max_member_bytes: int = 64 << 20
+    max_line_bytes: int = 32 << 20
+    max_document_bytes: int = 16 << 20
+
+
+DEFAULT_LIMITS = ReadLimits()
+
+# Tar structure caps (not data dependent): a pax or GNU long-name header holds a few
+# names and numbers; PATH_MAX is 4096 bytes on Linux.
+MAX_EXT_HEADER_BYTES = 1 << 20
+MAX_NAME_BYTES = 4096
+_MAX_LENGTH_DIGITS = 20  # a pax record length longer than this is not a length
+
+
 # --------------------------------------------------------------------------- readers
 
 Reader = Callable[..., Iterator[tuple[int, str, Any, int, int]]]
@@ -62,94 +93,189 @@ def _read_exact(f, n: int) -> bytes:
     return data
 
 
-def _pax_records(data: bytes) -> dict[str, str]:
-    """Parse a pax extended header: records ``"%d %s=%s\\n"``."""
-    out, i = {}, 0
-    while i < len(data) and data[i:i + 1] != b"\0":
-        space = data.index(b" ", i)
-        length = int(data[i:space])
-        key, _, value = data[space + 1:i + length - 1].partition(b"=")
+@dataclass(frozen=True)
+class TarMember:
+    """One member of a tar: ``start`` is the offset of its first header (a long-name or
+    pax header's when it has one), ``data`` of its data; ``end`` is where the next
+    header starts. ``complete`` is False when the file ends before ``end`` (its
+    data must not be read: the walk raises ``truncated_shard`` at the next step)."""
+
+    start: int
+    name: str
+    type: bytes
+    data: int
+    size: int
+    end: int
+    complete: bool = True
+
+    @property
+    def regular(self) -> bool:
+        return self.type in tarfile.REGULAR_TYPES and self.type != tarfile.GNUTYPE_SPARSE
+
+
+def file_size(f) -> Optional[int]:
+    """The size of an open file when the file can tell (fsspec files, OS files, BytesIO), else None."""
+    size = getattr(f, "size", None)
+    if isinstance(size, int):
+        return size
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, ValueError):
+        pass
+    if isinstance(f, io.BytesIO):
+        return f.getbuffer().nbytes
+    return None
+
+
+def _pax_records(data: bytes, at: int) -> dict[str, str]:
+    """Parse a pax extended header (records ``"%d %s=%s\\n"``, the length counting the
+    whole record). Anything malformed raises ``ShardError("corrupt_shard")``: every
+    record must advance, so the parse always ends."""
+    out, i, n = {}, 0, len(data)
+    while i < n and data[i] != 0:
+        space = data.find(b" ", i, min(n, i + _MAX_LENGTH_DIGITS + 1))
+        digits = data[i:space] if space > i else data[i:i + _MAX_LENGTH_DIGITS]
+        if space < 0 or not digits.isdigit():
+            raise ShardError("corrupt_shard", f"pax header at {at}: record length {digits!r} is not a number")
+        length = int(digits)
+        end = i + length
+        if length < len(digits) + 4 or end > n or data[end - 1] != 0x0A:  # "N k=\n" at the least
+            raise ShardError("corrupt_shard", f"pax header at {at}: bad record length {length} at byte {i} of {n}")
+        key, eq, value = data[space + 1:end - 1].partition(b"=")
+        if not eq or not key:
+            raise ShardError("corrupt_shard", f"pax header at {at}: record without 'key=' at byte {i}")
         out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
-        i += length
+        i = end
     return out
 
 
-def iter_tar(f, offset: int, index: int, stride: int, phase: int, counter):
-    """Group a tar's members by key (``KEY.jpg``, ``KEY.txt``, ...) into samples.
+def _check_name(name: str, at: int) -> str:
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        raise ShardError("corrupt_shard", f"member name of over {MAX_NAME_BYTES} bytes at {at}")
+    return name
 
-    Headers are parsed one by one so every sample's starting offset is known;
-    members of samples that belong to other slots are seeked over, not read.
-    GNU long names and pax ``path`` records are honoured; members other than
-    regular files are ignored (sparse ones counted as ``bad_tar_member``).
+
+def iter_tar_members(f, offset: int = 0) -> Iterator[TarMember]:
+    """The members of a tar from ``offset`` (a header), checking every header.
+
+    A bad checksum or number field, a negative size, a size past the end of the
+    file (when its size is known), an extended header over ``MAX_EXT_HEADER_BYTES``,
+    a malformed pax record or a name over ``MAX_NAME_BYTES`` raises ``ShardError``.
+    Every step moves on by at least one 512-byte block, so the walk always ends.
+    GNU long names and pax ``path``/``size`` records apply to the next member. The
+    caller may read the member's data between steps (unless ``complete`` is False);
+    the next step seeks past it.
+    Ends at the end-of-archive block or at the end of the file.
     """
-    f.seek(offset)
+    total = file_size(f)
     pos = offset
-    key: Optional[str] = None  # key of the group being gathered
-    files: dict[str, bytes] = {}
-    own = False
-    idx = index - 1
+    f.seek(pos)
     long_name: Optional[str] = None
-    ext_start: Optional[int] = None  # offset of a long-name/pax header owning the next member
-    at_start = offset == 0
+    pax_size: Optional[int] = None
+    ext_start: Optional[int] = None
     while True:
         hdr_pos = pos
         buf = f.read(TAR_BLOCK)
         if len(buf) == 0:  # end of file without the end-of-archive blocks: tolerated
-            if at_start and key is None:
-                raise ShardError("empty_shard", "0 bytes" if hdr_pos == 0 else "no members")
-            break
+            return
         if len(buf) < TAR_BLOCK:
             raise ShardError("truncated_shard", f"short header at {hdr_pos}")
         try:
             ti = tarfile.TarInfo.frombuf(buf, "utf-8", "surrogateescape")
         except tarfile.EOFHeaderError:  # zero block: end of archive
-            if at_start and key is None:
-                raise ShardError("empty_shard", "an archive with no members") from None
-            break
-        except tarfile.HeaderError as e:
+            return
+        except (tarfile.HeaderError, ValueError, UnicodeError) as e:  # checksum, number fields
             raise ShardError("corrupt_shard", f"bad tar header at {hdr_pos}: {e}") from None
-        pos += TAR_BLOCK
-        padded = -(-ti.size // TAR_BLOCK) * TAR_BLOCK
-        if ti.type in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
-            data = _read_exact(f, padded)[: ti.size]
-            pos += padded
+        size = ti.size if pax_size is None or ti.type in _EXT_TYPES else pax_size
+        if size < 0:
+            raise ShardError("corrupt_shard", f"tar header at {hdr_pos}: negative size {size}")
+        data = hdr_pos + TAR_BLOCK
+        end = data + -(-size // TAR_BLOCK) * TAR_BLOCK
+        complete = total is None or end <= total  # tar writers pad every member to whole blocks
+        if not complete and ti.type in _EXT_TYPES:
+            raise _cut(hdr_pos, size, total - data)
+        if ti.type in _EXT_TYPES:
+            if size > MAX_EXT_HEADER_BYTES:
+                raise ShardError("corrupt_shard", f"extended tar header of {size} bytes at {hdr_pos}")
+            blob = _read_exact(f, size)
             if ti.type == tarfile.GNUTYPE_LONGNAME:
-                long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                long_name = _check_name(blob.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"), hdr_pos)
             else:
-                long_name = _pax_records(data).get("path", long_name)
+                records = _pax_records(blob, hdr_pos)
+                if "path" in records:
+                    long_name = _check_name(records["path"], hdr_pos)
+                if "size" in records:
+                    if not records["size"].isdigit() or len(records["size"]) > _MAX_LENGTH_DIGITS:
+                        raise ShardError("corrupt_shard", f"pax header at {hdr_pos}: size {records['size']!r}")
+                    pax_size = int(records["size"])
             ext_start = hdr_pos if ext_start is None else ext_start
-            continue
-        name = long_name or ti.name
-        start = hdr_pos if ext_start is None else ext_start
-        long_name = ext_start = None
-        if not ti.isreg() or ti.type == tarfile.GNUTYPE_SPARSE:
-            if ti.type == tarfile.GNUTYPE_SPARSE:
-                counter.add("bad_tar_member")
-            f.seek(pos + padded)
-            pos += padded
-            continue
-        m = _KEY_RE.match(name)
-        if m is None:
-            counter.add("bad_tar_member")
-            f.seek(pos + padded)
-            pos += padded
-            continue
-        if m.group(1) != key:
-            if key is not None and own:
-                yield idx, key, files, start, idx + 1
-            idx += 1
-            key, files, own = m.group(1), {}, idx % stride == phase
-        if own:
-            files[m.group(2)] = _read_exact(f, padded)[: ti.size]
         else:
-            f.seek(pos + padded)
-        pos += padded
+            yield TarMember(hdr_pos if ext_start is None else ext_start, long_name or ti.name, ti.type,
+                            data, size, end, complete)
+            if not complete:  # the caller has seen the member (and ended its sample): the shard ends here
+                raise _cut(hdr_pos, size, total - data)
+            long_name = pax_size = ext_start = None
+        pos = end
+        f.seek(pos)
+
+
+_EXT_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE)
+
+
+def _cut(at: int, size: int, left: int) -> ShardError:
+    return ShardError("truncated_shard", f"tar member at {at} declares {size} bytes, {max(0, left)} left in the file")
+
+
+def iter_tar(f, offset: int, index: int, stride: int, phase: int, counter,
+             limits: ReadLimits = DEFAULT_LIMITS):
+    """Group a tar's members by key (``KEY.jpg``, ``KEY.txt``, ...) into samples.
+
+    Headers are parsed one by one (``iter_tar_members``: every field checked) so
+    every sample's starting offset is known; members of samples that belong to
+    other slots are seeked over, not read. Members other than regular files are
+    ignored (sparse ones counted as ``bad_tar_member``); a member over
+    ``limits.max_member_bytes`` is not read (``member_too_large``).
+    """
+    key: Optional[str] = None  # key of the group being gathered
+    files: dict[str, bytes] = {}
+    own = False
+    idx = index - 1
+    after = offset  # where the last member ended
+    for m in iter_tar_members(f, offset):
+        after = m.end
+        if not m.regular:
+            if m.type == tarfile.GNUTYPE_SPARSE:
+                counter.add("bad_tar_member")
+            continue
+        km = _KEY_RE.match(m.name)
+        if km is None:
+            counter.add("bad_tar_member")
+            continue
+        if km.group(1) != key:
+            if key is not None and own:
+                yield idx, key, files, m.start, idx + 1
+            idx += 1
+            key, files, own = km.group(1), {}, idx % stride == phase
+        if not own or not m.complete:  # an incomplete member: the walk raises truncated_shard next
+            continue
+        if m.size > limits.max_member_bytes:
+            counter.add("member_too_large")
+            continue
+        files[km.group(2)] = _read_exact(f, m.size)
+    if key is None and offset == 0:
+        raise ShardError("empty_shard", "0 bytes" if after == 0 and file_size(f) == 0 else "no members")
     if key is not None and own:
-        yield idx, key, files, hdr_pos, idx + 1
+        yield idx, key, files, after, idx + 1
 
 
-def _decode_text(value: Any, counter) -> Optional[str]:
+def _decode_text(value: Any, counter, limits: ReadLimits = DEFAULT_LIMITS) -> Optional[str]:
+    """A document's text, or None (counted): not UTF-8 text, empty, or over
+    ``limits.max_document_bytes`` in UTF-8 (checked before any tokenising)."""
+    cap = limits.max_document_bytes
     if isinstance(value, (bytes, bytearray)):
+        if len(value) > cap:
+            counter.add("document_too_large")
+            return None
         try:
             value = bytes(value).decode("utf-8")
         except UnicodeDecodeError:
@@ -158,13 +284,18 @@ def _decode_text(value: Any, counter) -> Optional[str]:
     if not isinstance(value, str):
         counter.add("bad_text")
         return None
+    # A character is 1 to 4 UTF-8 bytes: the exact count only when the length leaves a doubt.
+    if len(value) > cap or (4 * len(value) > cap and len(value.encode("utf-8", "surrogatepass")) > cap):
+        counter.add("document_too_large")
+        return None
     if not value.strip():
         counter.add("empty_text")
         return None
     return value
 
 
-def iter_parquet(f, offset: int, index: int, stride: int, phase: int, counter):
+def iter_parquet(f, offset: int, index: int, stride: int, phase: int, counter,
+                 limits: ReadLimits = DEFAULT_LIMITS):
     """Rows of a Parquet file's ``text`` column; offset = index = row number."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -191,30 +322,65 @@ def iter_parquet(f, offset: int, index: int, stride: int, phase: int, counter):
             row = row0 + i
             if row % stride != phase:
                 continue
-            text = _decode_text(values[i], counter)
+            text = _decode_text(values[i], counter, limits)
             if text is not None:
                 yield row, str(row), text, row + 1, row + 1
         row0 += n
 
 
-def iter_jsonl(f, offset: int, index: int, stride: int, phase: int, counter, by_line: bool = False):
+def _bounded_lines(f, cap: int, chunk: int = 1 << 16) -> Iterator[tuple[Optional[bytes], int]]:
+    """``(line, bytes it took)`` for each line of ``f`` (read in ``chunk``-byte pieces;
+    works on any file with ``read``); ``line`` is None for a line of over ``cap`` bytes,
+    whose pieces are dropped as they come, so it is never held whole."""
+    pending: list[bytes] = []  # pieces of the current line
+    size, dropping = 0, False
+    while True:
+        data = f.read(chunk)
+        if not data:
+            if size:
+                yield (None if dropping else b"".join(pending)), size
+            return
+        start = 0
+        while True:
+            nl = data.find(b"\n", start)
+            piece = data[start:] if nl < 0 else data[start:nl + 1]
+            size += len(piece)
+            if size > cap:
+                dropping, pending = True, []
+            elif not dropping:
+                pending.append(piece)
+            if nl < 0:
+                break
+            yield (None if dropping else b"".join(pending)), size
+            pending, size, dropping = [], 0, False
+            start = nl + 1
+
+
+def iter_jsonl(f, offset: int, index: int, stride: int, phase: int, counter, by_line: bool = False,
+               limits: ReadLimits = DEFAULT_LIMITS):
     """JSON Lines with a ``text`` field. Plain files: offset = byte offset;
-    compressed (``by_line``): offset = line number (a compressed stream cannot seek)."""
-    if by_line:
-        for _ in range(offset):
-            if not f.readline():
-                return
-    else:
-        f.seek(offset)
+    compressed (``by_line``): offset = line number (a compressed stream cannot seek).
+    A line over ``limits.max_line_bytes`` is skipped unread (``line_too_long``)."""
+    cap = limits.max_line_bytes
     line_no, at_start = index, offset == 0
     try:
-        for line in f:
+        if not by_line:
+            f.seek(offset)
+        lines = _bounded_lines(f, cap)
+        if by_line and sum(1 for _ in zip(range(offset), lines)) < offset:
+            return
+        for line, n in lines:
             idx = line_no
             line_no += 1
-            offset += 1 if by_line else len(line)
+            offset += 1 if by_line else n
+            if idx % stride != phase:
+                continue
+            if line is None:
+                counter.add("line_too_long")
+                continue
             if idx == 0 and line.startswith(codecs.BOM_UTF8):  # a BOM written by some editors and tools
                 line = line[len(codecs.BOM_UTF8):]
-            if idx % stride != phase or not line.strip():
+            if not line.strip():
                 continue
             try:
                 obj = json.loads(line.decode("utf-8"))
@@ -224,7 +390,7 @@ def iter_jsonl(f, offset: int, index: int, stride: int, phase: int, counter, by_
             except ValueError:
                 counter.add("bad_json")
                 continue
-            text = _decode_text(obj.get("text") if isinstance(obj, dict) else None, counter)
+            text = _decode_text(obj.get("text") if isinstance(obj, dict) else None, counter, limits)
             if text is not None:
                 yield idx, str(idx), text, offset, line_no
         if at_start and line_no == 0:
