@@ -20,10 +20,12 @@ sample at all (0 bytes, an empty archive, 0 rows, no lines) raises
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import functools
 import gzip
 import io
+import lzma
 import json
 import os
 import re
@@ -445,6 +447,72 @@ def decompressed(f, compression: Optional[str]):
     from fsspec.compression import compr
 
     return compr[compression](f, mode="rb")
+
+
+class CappedReader(io.RawIOBase):
+    """A decompressing file that refuses to give more than ``cap`` bytes: past them it
+    raises ``ShardError("archive_too_large")`` (a decompression bomb costs at most
+    ``cap`` bytes of reading, and nothing is held). Seeks go forward only, by reading.
+    Decompression errors become ``ShardError`` (``truncated_shard``, ``corrupt_shard``)."""
+
+    def __init__(self, f, cap: int, name: str = "archive"):
+        self.f, self.cap, self.name, self.pos = f, cap, name, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b) -> int:
+        """Fills ``b`` unless the stream ends (a short read means the end)."""
+        want = min(len(b), self.cap + 1 - self.pos)  # one byte past the cap tells a bomb from an exact fit
+        try:
+            data = self.f.read(want)
+            while 0 < len(data) < want:
+                more = self.f.read(want - len(data))
+                if not more:
+                    break
+                data += more
+        except EOFError as e:
+            raise ShardError("truncated_shard", f"{self.name}: {e}") from None
+        except (zlib.error, gzip.BadGzipFile, lzma.LZMAError, _ZstdError) as e:
+            raise ShardError("corrupt_shard", f"{self.name}: {e}") from None
+        if self.pos + len(data) > self.cap:
+            raise ShardError("archive_too_large", f"{self.name} decompresses to over {self.cap} bytes")
+        b[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def seek(self, target: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            target += self.pos
+        elif whence != io.SEEK_SET or target < self.pos:
+            raise io.UnsupportedOperation("a decompressed archive seeks forward only")
+        while self.pos < target:
+            if not self.read(min(target - self.pos, 1 << 20)):
+                break
+        return self.pos
+
+
+_ARCHIVE_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+
+
+def open_archive(f, max_bytes: int, name: str = "archive"):
+    """``f`` as it is when it is not compressed, else a ``CappedReader`` over its
+    decompression (gzip, bzip2, xz or zstd, told by the magic bytes) that gives at
+    most ``max_bytes`` bytes."""
+    head = f.read(6)
+    f.seek(0)
+    kind = next((k for magic, k in _ARCHIVE_MAGIC if head.startswith(magic)), None)
+    if kind is None:
+        return f
+    inner = {"gzip": lambda: gzip.GzipFile(fileobj=f, mode="rb"), "bz2": lambda: bz2.BZ2File(f),
+             "xz": lambda: lzma.LZMAFile(f), "zstd": lambda: decompressed(f, "zstd")}[kind]()
+    return CappedReader(inner, max_bytes, name)
 
 
 _TEXT_EXTS = (".jsonl", ".json", ".ndjson")
