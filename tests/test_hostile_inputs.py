@@ -76,8 +76,8 @@ def base256(n: int) -> bytes:
 CRAFTED = {
     # A pax record of length 0: the old parser never moved on.
     "pax_length_0": (member(b"././@PaxHeader", b"0 path=x.txt\n", b"x") + sample("x"), "corrupt_shard"),
-    # A directory of size -1024 (GNU base-256): the old reader seeked back to the same header.
-    "negative_size": (header(b"d/", typeflag=b"5", size_field=base256(-1024)) + sample("x"), "corrupt_shard"),
+    # A directory of size -512 (GNU base-256): the old reader seeked back to the same header.
+    "negative_size": (header(b"d/", typeflag=b"5", size_field=base256(-512)) + sample("x"), "corrupt_shard"),
     # A pax record whose length is not a number: int() raised ValueError out of the stream.
     "pax_length_nan": (member(b"././@PaxHeader", b"xx path=x.txt\n", b"x") + sample("x"), "corrupt_shard"),
     # A member that declares 2^62 bytes: the old reader asked for them (MemoryError).
