@@ -137,6 +137,12 @@ class CaptionDataConfig:
     # time (the lowest-scoring box, or the last word before [SEP]), as the reference does
     # with its cap of 64.
     max_sequence_length: int = 0
+    # Caps on one sample (counted skips over them, docs/design.md section 4): decoded pixels
+    # (width x height; 64 M pixels is 192 MB at 8 bits RGB, far above any photo of the corpora),
+    # bytes of one tar member (image, JSON, regions) and of the caption, checked before decoding.
+    max_image_pixels: int = 64_000_000
+    max_member_bytes: int = 64 << 20
+    max_caption_bytes: int = 64 << 10
 
 
 @dataclass
@@ -151,6 +157,10 @@ class TextSourceConfig:
 class TextDataConfig:
     sources: dict[str, TextSourceConfig] = field(default_factory=dict)
     segment_length: int = 64  # tokens, including [CLS] and [SEP]
+    # Caps in bytes before tokenising (counted skips over them): one JSON Lines line and one
+    # document's UTF-8 text (a Wikipedia article is under 1 MB, a whole book a few MB).
+    max_line_bytes: int = 32 << 20
+    max_document_bytes: int = 16 << 20
 
 
 @dataclass
@@ -320,6 +330,11 @@ def validate(cfg: Config, source: str = "<config>", check_files: bool = True) ->
         require(src.weight > 0, source, f"data.text.sources.{name}.weight", f"must be positive, got {src.weight}")
     require(d.captions.max_caption_tokens >= 3, source, "data.captions.max_caption_tokens", "must be at least 3")
     require(d.text.segment_length >= 3, source, "data.text.segment_length", "must be at least 3")
+    for key, value in (("text.max_line_bytes", d.text.max_line_bytes),
+                       ("text.max_document_bytes", d.text.max_document_bytes),
+                       *((f"{part}.{name}", getattr(getattr(d, part), name)) for part in ("captions", "validation")
+                         for name in ("max_image_pixels", "max_member_bytes", "max_caption_bytes"))):
+        require(value > 0, source, f"data.{key}", f"must be positive, got {value}")
     require(1 <= d.captions.min_boxes <= d.captions.max_boxes, source, "data.captions.min_boxes",
             f"expected 1 <= min_boxes <= max_boxes, got {d.captions.min_boxes} and {d.captions.max_boxes}")
     require(d.captions.short_side <= d.captions.max_long_side, source, "data.captions.short_side",

@@ -82,11 +82,15 @@ def output_url(output: str, input_url: str) -> str:
 # --------------------------------------------------------------------------- samples
 
 
-def decode_image(data: bytes, short_side: int, max_long_side: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """JPEG/PNG/WebP bytes -> (uint8 [3, h, w] RGB resized, stored (width, height)). Raises ValueError."""
+def decode_image(data: bytes, short_side: int, max_long_side: int,
+                 max_pixels: Optional[int] = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """JPEG/PNG/WebP bytes -> (uint8 [3, h, w] RGB resized, stored (width, height)).
+    Raises ValueError, also for an image of over ``max_pixels`` (checked before decoding)."""
     try:
         img = Image.open(io.BytesIO(data))
         size = img.size
+        if max_pixels is not None and size[0] * size[1] > max_pixels:
+            raise ValueError(f"{size[0]}x{size[1]} pixels, over {max_pixels}")
         tw, th = target_size(*size, short_side, max_long_side)
         img = img.convert("RGB")  # forces the full decode: truncated or corrupt data fails here
         if img.size != (tw, th):
@@ -129,7 +133,7 @@ def _prepare(files: dict[str, bytes], opts, counter: SkipCounter):
             counter.add("bad_json")
             return None
     try:
-        image, size = decode_image(files[ext], opts.short_side, opts.max_long_side)
+        image, size = decode_image(files[ext], opts.short_side, opts.max_long_side, opts.max_image_pixels)
     except ValueError:
         counter.add("corrupt_image")
         return None
@@ -188,7 +192,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="run the detector under bf16 autocast")
     p.add_argument("--num-proposals", type=int, default=300, help="RPN proposals classified per image")
     for name, kind in (("score-thr", float), ("min-boxes", int), ("max-boxes", int), ("short-side", int),
-                       ("max-long-side", int)):
+                       ("max-long-side", int), ("max-image-pixels", int)):
         p.add_argument(f"--{name}", type=kind, default=None, help="default: from data.captions")
     args = p.parse_args(argv)
     if not 0 <= args.rank < args.world_size:
@@ -202,7 +206,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     cfg = load_config(opts.config, opts.overrides, check_files=False)
     caps = cfg.data.captions
     defaults = dict(score_thr=caps.min_box_score, min_boxes=caps.min_boxes, max_boxes=caps.max_boxes,
-                    short_side=caps.short_side, max_long_side=caps.max_long_side)
+                    short_side=caps.short_side, max_long_side=caps.max_long_side,
+                    max_image_pixels=caps.max_image_pixels)
     for name, value in defaults.items():
         if getattr(opts, name) is None:
             setattr(opts, name, value)

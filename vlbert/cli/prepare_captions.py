@@ -26,6 +26,15 @@ Each kept sample is ``KEY.<ext>``, ``KEY.txt`` and ``KEY.json`` (``width``,
 sample keeps its other JSON fields and files). Shards are
 ``<out>/<prefix>NNNNN.tar``, written through fsspec; counts go to
 ``<out>/<prefix>stats.json`` and stderr.
+
+Shards are read with the training's checked tar reader (``vlbert.data.formats``):
+a damaged header ends that shard (counted under its reason). A compressed shard
+(``.tar.gz``, ``.bz2``, ``.xz``, ``.zst``: told by its magic bytes) is decompressed
+to at most ``--max-archive-bytes`` (a decompression bomb ends that shard as
+``archive_too_large``). Over the caps of one sample (``--max-member-bytes``,
+``--max-image-pixels``, ``--max-caption-bytes``; defaults from ``data.captions``)
+a sample is skipped and counted (``member_too_large``, ``image_too_large``,
+``caption_too_large``).
 """
 
 from __future__ import annotations
@@ -46,6 +55,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from vlbert.cli.common import add_renamed_flag, command_parser, console_script
+from vlbert.config import CaptionDataConfig
+from vlbert.data.formats import ReadLimits, ShardError, iter_tar, open_archive
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -59,11 +70,21 @@ class Skip(Exception):
         self.reason = reason
 
 
-def check_image(data: bytes) -> tuple[str, bytes, int, int]:
-    """Fully decode ``data``; returns (extension, bytes to store, width, height). Raises Skip."""
+CAPS = CaptionDataConfig()  # the per-sample caps' defaults
+MAX_ARCHIVE_BYTES = 16 << 30  # decompressed bytes of one compressed shard
+
+
+def check_image(data: bytes, max_pixels: int = CAPS.max_image_pixels) -> tuple[str, bytes, int, int]:
+    """Fully decode ``data``; returns (extension, bytes to store, width, height). Raises Skip
+    (``image_too_large`` over ``max_pixels``, told by the header before decoding)."""
     try:
         img = Image.open(io.BytesIO(data))
         fmt, (w, h) = img.format, img.size
+    except Exception:
+        raise Skip("corrupt_image") from None
+    if w * h > max_pixels:
+        raise Skip("image_too_large")
+    try:
         if fmt == "JPEG":
             img.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # all the data is still read: truncation shows
         img.load()
@@ -91,7 +112,7 @@ class ShardWriter:
 
     def __init__(self, out: str, per_shard: int, prefix: str = ""):
         if per_shard < 1:
-            raise ValueError(f"--per-shard must be >= 1, got {per_shard}")
+            raise ValueError(f"--rows-per-shard must be >= 1, got {per_shard}")
         self.out, self.per_shard, self.prefix = out.rstrip("/"), per_shard, prefix
         self.shards: list[str] = []
         self._file = self._tar = None
@@ -137,7 +158,8 @@ def _split_row(row: list[str]) -> tuple[str, str]:
 
 
 def tsv_samples(tsv: str, image_dir: str, image_name: str, workers: int, stats: Counter,
-                limit: Optional[int] = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+                limit: Optional[int] = None,
+                max_pixels: int = CAPS.max_image_pixels) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Checked ``(key, files)`` for the rows of ``tsv``; skipped rows are counted in ``stats``."""
     fs, root = fsspec.core.url_to_fs(image_dir)
 
@@ -153,7 +175,7 @@ def tsv_samples(tsv: str, image_dir: str, image_name: str, workers: int, stats: 
                 data = fs.cat_file(path)
             except FileNotFoundError:
                 raise Skip("missing_image") from None
-            ext, data, w, h = check_image(data)
+            ext, data, w, h = check_image(data, max_pixels)
         except Skip as e:
             return e.reason, None
         key = f"{index:09d}"
@@ -205,42 +227,50 @@ def expand_urls(patterns: list[str]) -> list[str]:
     return urls
 
 
-def _tar_samples(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive members of one tar into (key, {ext: bytes}) (WebDataset rule: key = up to the first dot)."""
-    key, files = None, {}
-    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            name = member.name.rsplit("/", 1)[-1]
-            base, dot, ext = name.partition(".")
-            if not dot:
-                continue
-            prefix = member.name[: len(member.name) - len(name)]
-            if prefix + base != key:
-                if key is not None:
-                    yield key, files
-                key, files = prefix + base, {}
-            files[ext] = tar.extractfile(member).read()
-    if key is not None:
-        yield key, files
+class _Counts:
+    """The ``counter.add`` the tar reader calls, onto a ``Counter``."""
+
+    def __init__(self, stats: Counter):
+        self.stats = stats
+
+    def add(self, reason: str, n: int = 1) -> None:
+        self.stats[reason] += n
 
 
-def shard_samples(urls: list[str], stats: Counter) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _tar_samples(url: str, stats: Counter, max_member_bytes: int = CAPS.max_member_bytes,
+                 max_archive_bytes: int = MAX_ARCHIVE_BYTES) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """The (key, {ext: bytes}) of one tar, plain or compressed (WebDataset rule: key = up to the
+    basename's first dot); a damaged or oversize shard ends early, counted (module docstring)."""
+    limits = ReadLimits(max_member_bytes=max_member_bytes)
+    with fsspec.open(url, "rb") as raw:
+        try:
+            f = open_archive(raw, max_archive_bytes, url)
+            for _, key, files, _, _ in iter_tar(f, 0, 0, 1, 0, _Counts(stats), limits=limits):
+                yield key, files
+        except ShardError as e:
+            print(f"warning: shard {url}: {e}; rest of the shard skipped", file=sys.stderr)
+            stats[e.reason] += 1
+
+
+def shard_samples(urls: list[str], stats: Counter, max_member_bytes: int = CAPS.max_member_bytes,
+                  max_archive_bytes: int = MAX_ARCHIVE_BYTES, max_pixels: int = CAPS.max_image_pixels,
+                  max_caption_bytes: int = CAPS.max_caption_bytes) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Checked samples of img2dataset shards; the JSON gets the stored image's width and height."""
     for url in urls:
-        for key, files in _tar_samples(url):
+        for key, files in _tar_samples(url, stats, max_member_bytes, max_archive_bytes):
             try:
                 image_ext = next((e for e in IMAGE_EXTS if e in files), None)
                 if image_ext is None:
                     raise Skip("missing_image")
                 if "txt" not in files:
                     raise Skip("missing_caption")
+                if len(files["txt"]) > max_caption_bytes:
+                    raise Skip("caption_too_large")
                 try:
                     caption = check_caption(files["txt"].decode("utf-8"))
                 except UnicodeDecodeError:
                     raise Skip("bad_caption") from None
-                ext, data, w, h = check_image(files.pop(image_ext))
+                ext, data, w, h = check_image(files.pop(image_ext), max_pixels)
             except Skip as e:
                 stats[e.reason] += 1
                 continue
@@ -273,6 +303,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--workers", type=int, default=8, help="threads reading and decoding images (TSV mode)")
     p.add_argument("--limit", type=int, help="only the first N TSV rows")
     p.add_argument("--validate-only", action="store_true", help="check and count, write nothing")
+    p.add_argument("--max-archive-bytes", type=int, default=MAX_ARCHIVE_BYTES,
+                   help="decompressed bytes of one compressed shard at most (default: %(default)s)")
+    p.add_argument("--max-member-bytes", type=int, default=CAPS.max_member_bytes,
+                   help="bytes of one tar member at most (default: %(default)s)")
+    p.add_argument("--max-image-pixels", type=int, default=CAPS.max_image_pixels,
+                   help="width x height of one image at most (default: %(default)s)")
+    p.add_argument("--max-caption-bytes", type=int, default=CAPS.max_caption_bytes,
+                   help="bytes of one caption at most (default: %(default)s)")
     a = p.parse_args(argv)
     if a.tsv and not a.image_dir:
         p.error("--tsv needs --image-dir")
@@ -281,9 +319,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     stats: Counter = Counter()
     if a.tsv:
-        samples = tsv_samples(a.tsv, a.image_dir, a.image_name, a.workers, stats, a.limit)
+        samples = tsv_samples(a.tsv, a.image_dir, a.image_name, a.workers, stats, a.limit, a.max_image_pixels)
     else:
-        samples = shard_samples(expand_urls(a.shards), stats)
+        samples = shard_samples(expand_urls(a.shards), stats, a.max_member_bytes, a.max_archive_bytes,
+                                a.max_image_pixels, a.max_caption_bytes)
     writer = None if a.validate_only else ShardWriter(a.out, a.rows_per_shard, a.prefix)
     try:
         for key, files in tqdm(samples, unit="img", desc="prepare_captions", file=sys.stderr):

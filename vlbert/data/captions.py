@@ -50,7 +50,8 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 class BadSample(Exception):
     """A sample that cannot be used. ``reason`` is a short counter name:
-    missing_image, corrupt_image, image_too_large (a decompression bomb), missing_caption, bad_caption (not UTF-8),
+    missing_image, corrupt_image, image_too_large (over ``max_image_pixels``, or a decompression bomb),
+    missing_caption, bad_caption (not UTF-8), caption_too_large (over ``max_caption_bytes``),
     empty_caption, bad_json, bad_boxes, bad_regions."""
 
     def __init__(self, reason: str, detail: str = ""):
@@ -100,10 +101,14 @@ def target_size(width: int, height: int, short_side: int, max_long_side: int) ->
 
 
 def _decode_image(data: bytes, cfg: CaptionDataConfig) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode and resize; returns the RGB image and the stored (width, height)."""
+    """Decode and resize; returns the RGB image and the stored (width, height).
+    An image over ``cfg.max_image_pixels`` is refused from its header, before decoding."""
     try:
         img = Image.open(io.BytesIO(data))
         size = img.size
+        if size[0] * size[1] > cfg.max_image_pixels:
+            raise BadSample("image_too_large", f"{size[0]}x{size[1]} pixels, over data.captions.max_image_pixels "
+                                               f"({cfg.max_image_pixels})")
         tw, th = target_size(*size, cfg.short_side, cfg.max_long_side)
         if img.format == "JPEG":
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the target is that much smaller
@@ -112,6 +117,8 @@ def _decode_image(data: bytes, cfg: CaptionDataConfig) -> tuple[Image.Image, tup
         img = _to_rgb(img)  # forces the full decode: truncated or corrupt data fails here
         if img.size != (tw, th):
             img = img.resize((tw, th), Image.BILINEAR)
+    except BadSample:
+        raise
     except Image.DecompressionBombError as e:  # more pixels than PIL allows: refused before decoding
         raise BadSample("image_too_large", str(e)) from None
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError)
@@ -119,17 +126,32 @@ def _decode_image(data: bytes, cfg: CaptionDataConfig) -> tuple[Image.Image, tup
     return img, size
 
 
+CHUNK_PIXELS = 1 << 18  # pixels converted at a time from a high-depth image: bounded scratch memory
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """RGB, 8 bits per channel. 16-bit and 32-bit integer greyscale (``I;16*``, ``I``)
-    is scaled to 8 bits first: PIL's own conversion clips it, turning most pixels white."""
-    if img.mode.startswith("I"):
-        pixels = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or pixels.max(initial=0) > 255 else 255.0
-        img = Image.fromarray(np.clip(pixels * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
-    elif img.mode == "F":
-        pixels = np.nan_to_num(np.asarray(img, dtype=np.float64))
-        top = 1.0 if pixels.max(initial=0) <= 1.0 else 255.0
-        img = Image.fromarray(np.clip(pixels * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+    is scaled to 8 bits first (PIL's own conversion clips it, turning most pixels
+    white), in integer arithmetic, ``CHUNK_PIXELS`` at a time, before any resizing:
+    the extra memory is the 8-bit result plus a fixed scratch, never a float copy of
+    the image. Float images (``F``) are scaled chunk by chunk the same way."""
+    if img.mode.startswith("I") or img.mode == "F":
+        pixels = np.asarray(img)  # [h, w] uint16 / int32 / float32: what PIL holds, 2-4 bytes a pixel
+        rows = max(1, CHUNK_PIXELS // max(1, pixels.shape[1]))
+        chunks = [pixels[r:r + rows] for r in range(0, pixels.shape[0], rows)]
+        out = np.empty(pixels.shape, np.uint8)
+        if img.mode == "F":
+            peak = max((float(np.nan_to_num(c).max(initial=0)) for c in chunks), default=0.0)
+            scale = 255.0 / (1.0 if peak <= 1.0 else 255.0)
+            for r, c in zip(range(0, len(out), rows), chunks):
+                out[r:r + rows] = np.clip(np.nan_to_num(c.astype(np.float64)) * scale + 0.5, 0, 255)
+        else:
+            peak = max((int(c.max(initial=0)) for c in chunks), default=0)
+            top = 65535 if img.mode.startswith("I;16") or peak > 255 else 255
+            for r, c in zip(range(0, len(out), rows), chunks):
+                # round(p * 255 / top) with halves up, exactly: floor((510 p + top) / (2 top))
+                out[r:r + rows] = (np.clip(c, 0, top).astype(np.int64) * 510 + top) // (2 * top)
+        img = Image.fromarray(out, "L")
     return img.convert("RGB")
 
 
@@ -224,9 +246,11 @@ def joint_budget(n_tokens: int, n_rois: int, cap: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------- caption
 
 
-def _caption_text(data: Optional[bytes]) -> str:
+def _caption_text(data: Optional[bytes], max_bytes: int) -> str:
     if data is None:
         raise BadSample("missing_caption")
+    if len(data) > max_bytes:  # before decoding and tokenising
+        raise BadSample("caption_too_large", f"{len(data)} bytes, over data.captions.max_caption_bytes ({max_bytes})")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -271,7 +295,7 @@ def decode_caption_sample(
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
     if image_ext is None:
         raise BadSample("missing_image", f"none of {', '.join(IMAGE_EXTENSIONS)} in {sorted(files)}")
-    text = _caption_text(files.get("txt"))
+    text = _caption_text(files.get("txt"), cfg.max_caption_bytes)
     boxes_json, scores = _parse_meta(files.get("json"))
     regions = _load_regions(files["regions.npy"], len(boxes_json)) if "regions.npy" in files else None
 

@@ -20,19 +20,24 @@ sample at all (0 bytes, an empty archive, 0 rows, no lines) raises
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import functools
 import gzip
 import io
 import json
+import lzma
 import re
 import tarfile
 import zlib
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import fsspec
 
-TAR_BLOCK = 512
+from vlbert.data.tar_headers import (  # noqa: F401  (ShardError, TarMember, file_size: imported from here too)
+    ShardError, TarMember, _read_exact, file_size, iter_tar_members,
+)
 
 try:
     import zstandard
@@ -41,13 +46,27 @@ except ImportError:  # pragma: no cover - zstandard is a dependency
     zstandard, _ZstdError = None, EOFError
 
 
-class ShardError(Exception):
-    """A shard that cannot be read further; ``reason`` is the skip-counter name."""
+# --------------------------------------------------------------------------- limits
 
-    def __init__(self, reason: str, message: str = ""):
-        super().__init__(f"{reason}: {message}" if message else reason)
-        self.reason = reason
 
+@dataclass(frozen=True)
+class ReadLimits:
+    """Caps, in bytes, on what one record of a shard may make a reader hold in memory.
+
+    The defaults fit real data with room to spare: a Conceptual Captions image is
+    well under a MB, a Wikipedia article under 1 MB of text, a whole BooksCorpus book
+    a few MB. A tar member over ``max_member_bytes`` is passed over unread
+    (``member_too_large``); a JSON Lines line over ``max_line_bytes`` is passed over
+    without being kept (``line_too_long``); a document whose text is over
+    ``max_document_bytes`` (UTF-8) is skipped before tokenising (``document_too_large``).
+    """
+
+    max_member_bytes: int = 64 << 20
+    max_line_bytes: int = 32 << 20
+    max_document_bytes: int = 16 << 20
+
+
+DEFAULT_LIMITS = ReadLimits()
 
 # --------------------------------------------------------------------------- readers
 
@@ -55,101 +74,56 @@ Reader = Callable[..., Iterator[tuple[int, str, Any, int, int]]]
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # WebDataset: key = path up to the basename's first dot
 
 
-def _read_exact(f, n: int) -> bytes:
-    data = f.read(n)
-    if len(data) < n:
-        raise ShardError("truncated_shard", f"wanted {n} bytes, got {len(data)}")
-    return data
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    """Parse a pax extended header: records ``"%d %s=%s\\n"``."""
-    out, i = {}, 0
-    while i < len(data) and data[i:i + 1] != b"\0":
-        space = data.index(b" ", i)
-        length = int(data[i:space])
-        key, _, value = data[space + 1:i + length - 1].partition(b"=")
-        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
-        i += length
-    return out
-
-
-def iter_tar(f, offset: int, index: int, stride: int, phase: int, counter):
+def iter_tar(f, offset: int, index: int, stride: int, phase: int, counter,
+             limits: ReadLimits = DEFAULT_LIMITS):
     """Group a tar's members by key (``KEY.jpg``, ``KEY.txt``, ...) into samples.
 
-    Headers are parsed one by one so every sample's starting offset is known;
-    members of samples that belong to other slots are seeked over, not read.
-    GNU long names and pax ``path`` records are honoured; members other than
-    regular files are ignored (sparse ones counted as ``bad_tar_member``).
+    Headers are parsed one by one (``iter_tar_members``: every field checked) so
+    every sample's starting offset is known; members of samples that belong to
+    other slots are seeked over, not read. Members other than regular files are
+    ignored (sparse ones counted as ``bad_tar_member``); a member over
+    ``limits.max_member_bytes`` is not read (``member_too_large``).
     """
-    f.seek(offset)
-    pos = offset
     key: Optional[str] = None  # key of the group being gathered
     files: dict[str, bytes] = {}
     own = False
     idx = index - 1
-    long_name: Optional[str] = None
-    ext_start: Optional[int] = None  # offset of a long-name/pax header owning the next member
-    at_start = offset == 0
-    while True:
-        hdr_pos = pos
-        buf = f.read(TAR_BLOCK)
-        if len(buf) == 0:  # end of file without the end-of-archive blocks: tolerated
-            if at_start and key is None:
-                raise ShardError("empty_shard", "0 bytes" if hdr_pos == 0 else "no members")
-            break
-        if len(buf) < TAR_BLOCK:
-            raise ShardError("truncated_shard", f"short header at {hdr_pos}")
-        try:
-            ti = tarfile.TarInfo.frombuf(buf, "utf-8", "surrogateescape")
-        except tarfile.EOFHeaderError:  # zero block: end of archive
-            if at_start and key is None:
-                raise ShardError("empty_shard", "an archive with no members") from None
-            break
-        except tarfile.HeaderError as e:
-            raise ShardError("corrupt_shard", f"bad tar header at {hdr_pos}: {e}") from None
-        pos += TAR_BLOCK
-        padded = -(-ti.size // TAR_BLOCK) * TAR_BLOCK
-        if ti.type in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
-            data = _read_exact(f, padded)[: ti.size]
-            pos += padded
-            if ti.type == tarfile.GNUTYPE_LONGNAME:
-                long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-            else:
-                long_name = _pax_records(data).get("path", long_name)
-            ext_start = hdr_pos if ext_start is None else ext_start
-            continue
-        name = long_name or ti.name
-        start = hdr_pos if ext_start is None else ext_start
-        long_name = ext_start = None
-        if not ti.isreg() or ti.type == tarfile.GNUTYPE_SPARSE:
-            if ti.type == tarfile.GNUTYPE_SPARSE:
+    after = offset  # where the last member ended
+    for m in iter_tar_members(f, offset):
+        after = m.end
+        if not m.regular:
+            if m.type == tarfile.GNUTYPE_SPARSE:
                 counter.add("bad_tar_member")
-            f.seek(pos + padded)
-            pos += padded
             continue
-        m = _KEY_RE.match(name)
-        if m is None:
+        km = _KEY_RE.match(m.name)
+        if km is None:
             counter.add("bad_tar_member")
-            f.seek(pos + padded)
-            pos += padded
             continue
-        if m.group(1) != key:
+        if km.group(1) != key:
             if key is not None and own:
-                yield idx, key, files, start, idx + 1
+                yield idx, key, files, m.start, idx + 1
             idx += 1
-            key, files, own = m.group(1), {}, idx % stride == phase
-        if own:
-            files[m.group(2)] = _read_exact(f, padded)[: ti.size]
-        else:
-            f.seek(pos + padded)
-        pos += padded
+            key, files, own = km.group(1), {}, idx % stride == phase
+        if not own or not m.complete:  # an incomplete member: the walk raises truncated_shard next
+            continue
+        if m.size > limits.max_member_bytes:
+            counter.add("member_too_large")
+            continue
+        files[km.group(2)] = _read_exact(f, m.size)
+    if key is None and offset == 0:
+        raise ShardError("empty_shard", "0 bytes" if after == 0 and file_size(f) == 0 else "no members")
     if key is not None and own:
-        yield idx, key, files, hdr_pos, idx + 1
+        yield idx, key, files, after, idx + 1
 
 
-def _decode_text(value: Any, counter) -> Optional[str]:
+def _decode_text(value: Any, counter, limits: ReadLimits = DEFAULT_LIMITS) -> Optional[str]:
+    """A document's text, or None (counted): not UTF-8 text, empty, or over
+    ``limits.max_document_bytes`` in UTF-8 (checked before any tokenising)."""
+    cap = limits.max_document_bytes
     if isinstance(value, (bytes, bytearray)):
+        if len(value) > cap:
+            counter.add("document_too_large")
+            return None
         try:
             value = bytes(value).decode("utf-8")
         except UnicodeDecodeError:
@@ -158,13 +132,18 @@ def _decode_text(value: Any, counter) -> Optional[str]:
     if not isinstance(value, str):
         counter.add("bad_text")
         return None
+    # A character is 1 to 4 UTF-8 bytes: the exact count only when the length leaves a doubt.
+    if len(value) > cap or (4 * len(value) > cap and len(value.encode("utf-8", "surrogatepass")) > cap):
+        counter.add("document_too_large")
+        return None
     if not value.strip():
         counter.add("empty_text")
         return None
     return value
 
 
-def iter_parquet(f, offset: int, index: int, stride: int, phase: int, counter):
+def iter_parquet(f, offset: int, index: int, stride: int, phase: int, counter,
+                 limits: ReadLimits = DEFAULT_LIMITS):
     """Rows of a Parquet file's ``text`` column; offset = index = row number."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -191,30 +170,65 @@ def iter_parquet(f, offset: int, index: int, stride: int, phase: int, counter):
             row = row0 + i
             if row % stride != phase:
                 continue
-            text = _decode_text(values[i], counter)
+            text = _decode_text(values[i], counter, limits)
             if text is not None:
                 yield row, str(row), text, row + 1, row + 1
         row0 += n
 
 
-def iter_jsonl(f, offset: int, index: int, stride: int, phase: int, counter, by_line: bool = False):
+def _bounded_lines(f, cap: int, chunk: int = 1 << 16) -> Iterator[tuple[Optional[bytes], int]]:
+    """``(line, bytes it took)`` for each line of ``f`` (read in ``chunk``-byte pieces;
+    works on any file with ``read``); ``line`` is None for a line of over ``cap`` bytes,
+    whose pieces are dropped as they come, so it is never held whole."""
+    pending: list[bytes] = []  # pieces of the current line
+    size, dropping = 0, False
+    while True:
+        data = f.read(chunk)
+        if not data:
+            if size:
+                yield (None if dropping else b"".join(pending)), size
+            return
+        start = 0
+        while True:
+            nl = data.find(b"\n", start)
+            piece = data[start:] if nl < 0 else data[start:nl + 1]
+            size += len(piece)
+            if size > cap:
+                dropping, pending = True, []
+            elif not dropping:
+                pending.append(piece)
+            if nl < 0:
+                break
+            yield (None if dropping else b"".join(pending)), size
+            pending, size, dropping = [], 0, False
+            start = nl + 1
+
+
+def iter_jsonl(f, offset: int, index: int, stride: int, phase: int, counter, by_line: bool = False,
+               limits: ReadLimits = DEFAULT_LIMITS):
     """JSON Lines with a ``text`` field. Plain files: offset = byte offset;
-    compressed (``by_line``): offset = line number (a compressed stream cannot seek)."""
-    if by_line:
-        for _ in range(offset):
-            if not f.readline():
-                return
-    else:
-        f.seek(offset)
+    compressed (``by_line``): offset = line number (a compressed stream cannot seek).
+    A line over ``limits.max_line_bytes`` is skipped unread (``line_too_long``)."""
+    cap = limits.max_line_bytes
     line_no, at_start = index, offset == 0
     try:
-        for line in f:
+        if not by_line:
+            f.seek(offset)
+        lines = _bounded_lines(f, cap)
+        if by_line and sum(1 for _ in zip(range(offset), lines)) < offset:
+            return
+        for line, n in lines:
             idx = line_no
             line_no += 1
-            offset += 1 if by_line else len(line)
+            offset += 1 if by_line else n
+            if idx % stride != phase:
+                continue
+            if line is None:
+                counter.add("line_too_long")
+                continue
             if idx == 0 and line.startswith(codecs.BOM_UTF8):  # a BOM written by some editors and tools
                 line = line[len(codecs.BOM_UTF8):]
-            if idx % stride != phase or not line.strip():
+            if not line.strip():
                 continue
             try:
                 obj = json.loads(line.decode("utf-8"))
@@ -224,7 +238,7 @@ def iter_jsonl(f, offset: int, index: int, stride: int, phase: int, counter, by_
             except ValueError:
                 counter.add("bad_json")
                 continue
-            text = _decode_text(obj.get("text") if isinstance(obj, dict) else None, counter)
+            text = _decode_text(obj.get("text") if isinstance(obj, dict) else None, counter, limits)
             if text is not None:
                 yield idx, str(idx), text, offset, line_no
         if at_start and line_no == 0:
@@ -279,6 +293,72 @@ def decompressed(f, compression: Optional[str]):
     from fsspec.compression import compr
 
     return compr[compression](f, mode="rb")
+
+
+class CappedReader(io.RawIOBase):
+    """A decompressing file that refuses to give more than ``cap`` bytes: past them it
+    raises ``ShardError("archive_too_large")`` (a decompression bomb costs at most
+    ``cap`` bytes of reading, and nothing is held). Seeks go forward only, by reading.
+    Decompression errors become ``ShardError`` (``truncated_shard``, ``corrupt_shard``)."""
+
+    def __init__(self, f, cap: int, name: str = "archive"):
+        self.f, self.cap, self.name, self.pos = f, cap, name, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b) -> int:
+        """Fills ``b`` unless the stream ends (a short read means the end)."""
+        want = min(len(b), self.cap + 1 - self.pos)  # one byte past the cap tells a bomb from an exact fit
+        try:
+            data = self.f.read(want)
+            while 0 < len(data) < want:
+                more = self.f.read(want - len(data))
+                if not more:
+                    break
+                data += more
+        except EOFError as e:
+            raise ShardError("truncated_shard", f"{self.name}: {e}") from None
+        except (zlib.error, gzip.BadGzipFile, lzma.LZMAError, _ZstdError) as e:
+            raise ShardError("corrupt_shard", f"{self.name}: {e}") from None
+        if self.pos + len(data) > self.cap:
+            raise ShardError("archive_too_large", f"{self.name} decompresses to over {self.cap} bytes")
+        b[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+    def seek(self, target: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_CUR:
+            target += self.pos
+        elif whence != io.SEEK_SET or target < self.pos:
+            raise io.UnsupportedOperation("a decompressed archive seeks forward only")
+        while self.pos < target:
+            if not self.read(min(target - self.pos, 1 << 20)):
+                break
+        return self.pos
+
+
+_ARCHIVE_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bz2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd"))
+
+
+def open_archive(f, max_bytes: int, name: str = "archive"):
+    """``f`` as it is when it is not compressed, else a ``CappedReader`` over its
+    decompression (gzip, bzip2, xz or zstd, told by the magic bytes) that gives at
+    most ``max_bytes`` bytes."""
+    head = f.read(6)
+    f.seek(0)
+    kind = next((k for magic, k in _ARCHIVE_MAGIC if head.startswith(magic)), None)
+    if kind is None:
+        return f
+    inner = {"gzip": lambda: gzip.GzipFile(fileobj=f, mode="rb"), "bz2": lambda: bz2.BZ2File(f),
+             "xz": lambda: lzma.LZMAFile(f), "zstd": lambda: decompressed(f, "zstd")}[kind]()
+    return CappedReader(inner, max_bytes, name)
 
 
 _TEXT_EXTS = (".jsonl", ".json", ".ndjson")

@@ -37,9 +37,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlbert.config import CaptionDataConfig, DataConfig, MaskingConfig
+from vlbert.config import CaptionDataConfig, DataConfig, MaskingConfig, TextDataConfig
 from vlbert.batch import PretrainBatch
 from vlbert.data.captions import BadSample, collate_captions, decode_caption_sample
+from vlbert.data.formats import ReadLimits
 from vlbert.data.prefetch import Prefetcher, wait_for_item
 from vlbert.data.partitions import LayoutError, assignment, default_partitions
 from vlbert.data.shards import Cursor, ShardStream, SkipCounter, expand_urls, record_rng
@@ -55,6 +56,16 @@ STATE_VERSION = 2
 
 def _identity(x):
     return x
+
+
+def caption_limits(cfg: CaptionDataConfig) -> ReadLimits:
+    """The reader caps of a caption source (its tar members)."""
+    return ReadLimits(max_member_bytes=cfg.max_member_bytes)
+
+
+def text_limits(cfg: TextDataConfig) -> ReadLimits:
+    """The reader caps of the text sources (a JSON Lines line, a document)."""
+    return ReadLimits(max_line_bytes=cfg.max_line_bytes, max_document_bytes=cfg.max_document_bytes)
 
 
 def fresh_partition_state(partition: int, text_sources: list[str]) -> dict:
@@ -114,13 +125,14 @@ class PartitionBatches:
         self.captions_per_batch, self.text_per_batch = dataset.captions_per_batch, dataset.text_per_batch
         self.seed = cfg.seed
 
-        def stream(urls, cursor, source):
+        def stream(urls, cursor, source, limits):
             return ShardStream(urls, part, dataset.num_partitions, cfg.seed, self.counter, Cursor.from_dict(cursor),
-                               cfg.read_retries, cfg.retry_backoff_s, source=source)
+                               cfg.read_retries, cfg.retry_backoff_s, source=source, limits=limits)
 
         self.captions = None
         if self.captions_per_batch:
-            self.cap_stream = stream(dataset.caption_urls, self.state["captions"], "captions")
+            self.cap_stream = stream(dataset.caption_urls, self.state["captions"], "captions",
+                                     caption_limits(cfg.captions))
             self.captions = iter(CaptionReader(self.cap_stream, cfg.captions, dataset.masking, dataset.tokenizer,
                                                cfg.seed, TAG_CAPTIONS, train=True))
         self.names = sorted(dataset.text_urls)
@@ -129,7 +141,8 @@ class PartitionBatches:
             pieces = WordPieces(dataset.tokenizer)
             for name in self.names:
                 st = self.state["text"][name]
-                self.segmenters[name] = TextSegmenter(stream(dataset.text_urls[name], st["cursor"], f"text.{name}"),
+                self.segmenters[name] = TextSegmenter(stream(dataset.text_urls[name], st["cursor"], f"text.{name}",
+                                                             text_limits(cfg.text)),
                                                       pieces, cfg.text.segment_length, dataset.masking, cfg.seed, st)
             weights = np.array([cfg.text.sources[k].weight for k in self.names], dtype=np.float64)
             self.weights = weights / weights.sum()
@@ -395,7 +408,8 @@ class ValidationDataset(IterableDataset):
         p, n = (info.id, info.num_workers) if info is not None else (0, 1)
         stream = ShardStream(self.urls, self.rank * n + p, self.world_size * n, self.cfg.seed, SkipCounter(),
                              retries=self.cfg.read_retries, backoff_s=self.cfg.retry_backoff_s,
-                             shuffle=False, loop=False, source="validation")
+                             shuffle=False, loop=False, source="validation",
+                             limits=caption_limits(self.cfg.validation))
         vcfg = dataclasses.replace(self.cfg.validation, flip_prob=0.0)
         samples = []
         for sample in CaptionReader(stream, vcfg, self.masking, self.tokenizer, self.cfg.seed, TAG_VALIDATION,

@@ -39,7 +39,7 @@ import fsspec
 import numpy as np
 from braceexpand import braceexpand
 
-from vlbert.data.formats import ShardError, decompressed, reader_for
+from vlbert.data.formats import DEFAULT_LIMITS, ReadLimits, ShardError, decompressed, reader_for
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,7 @@ class ShardStream:
         loop: bool = True,
         source: str = "source",
         usable: Optional[Callable[[Record], bool]] = None,
+        limits: ReadLimits = DEFAULT_LIMITS,
     ):
         if not urls:
             raise ValueError("ShardStream needs at least one shard URL")
@@ -279,6 +280,7 @@ class ShardStream:
         self.shuffle, self.loop = shuffle, loop
         self.source = source
         self.usable = usable
+        self.limits = limits
         self.delivered = 0  # samples the consumer made from this stream's records
         self._viable = False  # a probe found a usable sample: empty epochs are bad luck, not a dead source
 
@@ -358,7 +360,7 @@ class ShardStream:
             try:
                 with open_shard(url, compression) as f:
                     for idx, key, payload, next_offset, next_index in reader(
-                        f, c.offset, c.index, plan.stride, plan.phase, counter
+                        f, c.offset, c.index, plan.stride, plan.phase, counter, limits=self.limits
                     ):
                         c = Cursor(c.epoch, c.pos, next_offset, next_index)
                         if track:

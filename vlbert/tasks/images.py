@@ -2,8 +2,11 @@
 
 Fine-tuning sets (VQA, RefCOCO+) name images by COCO ``image_id`` and visit
 them in question order, so the shards are indexed once: every tar header is
-read (the data in between is seeked over) and each sample's members are
-remembered as (offset, size). A sample's image id is its JSON ``image_id``
+read and checked (``formats.iter_tar_members``; the data in between is seeked
+over) and each sample's members are remembered as (offset, size). A shard whose
+headers are damaged is indexed up to the damage (counted in ``skips`` under the
+``ShardError`` reason); a member over ``max_member_bytes`` is left out
+(``member_too_large``). A sample's image id is its JSON ``image_id``
 when present, else the last run of digits in its key (COCO file names such as
 ``COCO_train2014_000000123456`` give 123456).
 
@@ -17,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import tarfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,7 +29,8 @@ from PIL import Image
 
 from vlbert.config import CaptionDataConfig
 from vlbert.data.captions import IMAGE_EXTENSIONS, BadSample, _decode_image, _parse_meta, select_boxes
-from vlbert.data.shards import expand_urls
+from vlbert.data.formats import DEFAULT_LIMITS, ShardError, iter_tar_members
+from vlbert.data.shards import SkipCounter, expand_urls
 
 log = logging.getLogger(__name__)
 _TRAILING_DIGITS = re.compile(r"(\d+)\D*$")
@@ -50,12 +53,14 @@ def _image_id(key: str, meta: Optional[dict]) -> Optional[int]:
 class ImageIndex:
     """image id -> where its files lie in the shards. Reads the tar headers and the JSON members."""
 
-    def __init__(self, patterns: list[str]):
+    def __init__(self, patterns: list[str], max_member_bytes: int = DEFAULT_LIMITS.max_member_bytes):
         urls = expand_urls(patterns)
         if not urls:
             raise FileNotFoundError(f"no image shards match {patterns}")
         self.entries: dict[int, ImageEntry] = {}
         self.unnamed = 0  # samples without an image id
+        self.max_member_bytes = max_member_bytes
+        self.skips = SkipCounter()
         for url in urls:
             self._index_shard(url)
         if not self.entries:
@@ -63,16 +68,21 @@ class ImageIndex:
 
     def _index_shard(self, url: str) -> None:
         samples: dict[str, dict[str, tuple[int, int]]] = {}
-        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                if "." not in base:
-                    continue
-                dot = member.name.rfind("/") + 1 + base.index(".")
-                key, ext = member.name[:dot], member.name[dot + 1:].lower()
-                samples.setdefault(key, {})[ext] = (member.offset_data, member.size)
+        with fsspec.open(url, "rb") as f:
+            try:
+                for member in iter_tar_members(f):
+                    base = member.name.rsplit("/", 1)[-1]
+                    if not member.regular or not member.complete or "." not in base:
+                        continue
+                    if member.size > self.max_member_bytes:
+                        self.skips.add("member_too_large")
+                        continue
+                    dot = member.name.rfind("/") + 1 + base.index(".")
+                    key, ext = member.name[:dot], member.name[dot + 1:].lower()
+                    samples.setdefault(key, {})[ext] = (member.data, member.size)
+            except ShardError as e:
+                log.warning("image shard %s: %s; indexed up to there", url, e)
+                self.skips.add(e.reason)
             for key, members in samples.items():
                 meta = None
                 if "json" in members:
