@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from vlbert.config import (CaptionDataConfig, DataConfig, DetectorConfig, ModelConfig, OptimConfig,
-                           RuntimeConfig, TrackingConfig)
+                           RuntimeConfig, TrackingConfig, validate_detector)
 from vlbert.config_reader import build, read_raw_config, require
 
 
@@ -140,6 +140,10 @@ def validate_finetune(cfg: FinetuneConfig, source: str = "<config>", check_files
             f"must divide the batch size {t.batch_size}")
     require(r.checkpoint_every > 0 and r.keep_last >= 1 and r.log_every > 0, source, "runtime.checkpoint_every",
             "checkpoint_every and log_every must be positive and keep_last >= 1")
+    validate_detector(cfg.detector, source)
+    require(cfg.detector.source == "pixels" or cfg.refcoco is None, source, "detector.source",
+            "RefCOCO+ fine-tunes on pixels only (its ground-truth boxes have no stored features); "
+            "use detector.source: pixels")
     if cfg.vqa is not None:
         v = cfg.vqa
         require(bool(v.train) or bool(v.val), source, "vqa.train", "give a train or a val split")
