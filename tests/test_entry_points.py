@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {"vlbert-train", "vlbert-compare", "vlbert-finetune", "vlbert-evaluate", "vlbert-prepare-captions",
-            "vlbert-prepare-text", "vlbert-extract-regions", "vlbert-convert-detector"}
+            "vlbert-prepare-text", "vlbert-extract-regions", "vlbert-convert-detector", "vlbert-import-features"}
 
 
 def console_scripts() -> dict[str, str]:
