@@ -55,6 +55,7 @@ setup(
             "vlbert-prepare-captions=vlbert.cli.prepare_captions:cli",
             "vlbert-prepare-text=vlbert.cli.prepare_text:main",
             "vlbert-extract-regions=vlbert.cli.extract_regions:cli",
+            "vlbert-import-features=vlbert.cli.import_features:cli",
             "vlbert-convert-detector=vlbert.cli.convert_detector:cli",
             "vlbert-replay-tracking=vlbert.tracking.replay:main",
             "vlbert-make-demo-data=vlbert.demo.make_data:cli",

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {"vlbert-train", "vlbert-compare", "vlbert-finetune", "vlbert-evaluate", "vlbert-prepare-captions",
             "vlbert-prepare-text", "vlbert-extract-regions", "vlbert-convert-detector", "vlbert-replay-tracking",
             "vlbert-make-demo-data", "vlbert-pretrain-demo-detector", "vlbert-probe-colours", "vlbert-make-demo-vqa",
-            "vlbert-compare-vqa-demo", "vlbert-make-demo-vcr", "vlbert-compare-vcr-demo"}
+            "vlbert-compare-vqa-demo", "vlbert-make-demo-vcr", "vlbert-compare-vcr-demo", "vlbert-import-features"}
 
 
 def console_scripts() -> dict[str, str]:

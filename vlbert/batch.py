@@ -31,8 +31,10 @@ class CaptionBatch:
     input_ids:      long  [B, T]  caption after MLM masking, padded with 0
     attention_mask: bool  [B, T]  True on real tokens
     mlm_labels:     long  [B, T]  original id where the token was chosen for MLM, else IGNORE_INDEX
-    images:         uint8 [B, 3, H, W]  RGB, resized, padded at the bottom/right with 0
-    image_sizes:    long  [B, 2]  (height, width) of each image before padding
+    images:         uint8 [B, 3, H, W]  RGB, resized, padded at the bottom/right with 0;
+                    None when the batch carries stored box features instead
+    image_sizes:    long  [B, 2]  (height, width) of each image before padding (with features:
+                    the pixel frame of the boxes, the JSON's height and width)
     boxes:          float [B, R, 4]  (x1, y1, x2, y2) in pixels of the resized image;
                     box 0 is the whole image
     box_mask:       bool  [B, R]  True on real boxes
@@ -42,12 +44,14 @@ class CaptionBatch:
     roi_targets:    float [B, R, C] class distribution of each box on the unmasked image,
                     or None when the shards carry none (the detector then provides it)
     keys:           B strings ``<shard URL>#<sample key>``: which samples these are
+    features:       float16/32 [B, R, D] stored box features (``detector.source: features``),
+                    slot 0 and padding 0; None when the batch carries images
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     mlm_labels: torch.Tensor
-    images: torch.Tensor
+    images: Optional[torch.Tensor]
     image_sizes: torch.Tensor
     boxes: torch.Tensor
     box_mask: torch.Tensor
@@ -55,6 +59,7 @@ class CaptionBatch:
     roi_labels_mask: torch.Tensor
     roi_targets: Optional[torch.Tensor] = None
     keys: list[str] = field(default_factory=list)
+    features: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

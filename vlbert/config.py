@@ -56,6 +56,12 @@ class DetectorConfig:
     ``faster-rcnn_r50-caffe-c4`` layout.
     """
 
+    # Where each box's appearance feature comes from: "pixels" runs this Faster R-CNN on the
+    # decoded image every step (end to end); "features" reads the per-box features stored in
+    # the shards (``<key>.features.npy``, docs/features.md): no image decode, no CNN, and none of
+    # the fields below but ``feature_dim``, ``num_classes`` and ``roi_targets`` apply.
+    source: str = "pixels"
+    feature_dim: int = 2048  # with source "features": the width of the stored features
     preset: str = ""  # "" or one of DETECTOR_PRESETS
     depth: int = 101
     checkpoint: str = ""  # path or URL of a detector state dict (vlbert-convert-detector); empty = random init
@@ -96,6 +102,7 @@ class DetectorConfig:
 
 
 DETECTOR_PRESETS = ("butd_r101_vg",)
+REGION_SOURCES = ("pixels", "features")
 
 
 def detector_preset(name: str) -> dict[str, Any]:
@@ -310,6 +317,11 @@ def validate(cfg: Config, source: str = "<config>", check_files: bool = True) ->
     require(len(cfg.detector.pixel_mean) == 3 and len(cfg.detector.pixel_std) == 3, source,
             "detector.pixel_mean", "pixel_mean and pixel_std need 3 values each")
     validate_detector(cfg.detector, source)
+    require(cfg.detector.source == "pixels" or k.roi_prob == 0 or cfg.detector.roi_targets == "precomputed",
+            source, "detector.roi_targets",
+            "with detector.source: features there is no detector to compute masked-RoI targets: set "
+            "detector.roi_targets: precomputed (the shards' stored class scores, <key>.regions.npy), "
+            "or masking.roi_prob: 0 to train without masked-RoI classification")
     require(d.captions.max_sequence_length == 0 or d.captions.max_sequence_length >= 4, source,
             "data.captions.max_sequence_length",
             f"0 (no cap) or at least 4 ([CLS] word [SEP] + the whole-image box), got {d.captions.max_sequence_length}")
@@ -369,6 +381,12 @@ def validate(cfg: Config, source: str = "<config>", check_files: bool = True) ->
 
 def validate_detector(det: DetectorConfig, source: str = "<config>") -> None:
     """Rules of the detector section alone (also used by tools that read only it)."""
+    require(det.source in REGION_SOURCES, source, "detector.source",
+            f"expected one of {', '.join(REGION_SOURCES)}, got {det.source!r}")
+    require(det.feature_dim > 0, source, "detector.feature_dim", f"must be positive, got {det.feature_dim}")
+    require(det.source == "pixels" or not det.checkpoint, source, "detector.checkpoint",
+            "is not used with detector.source: features (the features were made by the detector already); "
+            "leave it empty")
     require(det.res5_dilation in (1, 2), source, "detector.res5_dilation", f"expected 1 or 2, got {det.res5_dilation}")
     require(det.roi_op in ("align", "pool"), source, "detector.roi_op", f"expected align or pool, got {det.roi_op!r}")
     require(det.roi_sampling_ratio >= 0, source, "detector.roi_sampling_ratio", "must be >= 0")

@@ -13,7 +13,10 @@ samples in the same order, each with (docs/design.md section 4):
 - ``KEY.json``: the input JSON plus ``boxes`` [[x1, y1, x2, y2], ...] in pixels of the
   stored image, ``box_scores`` [...] (best first), ``width``/``height`` of the stored image;
 - ``KEY.regions.npy``: float16 [n_boxes, num_classes], the detector's class
-  distribution per box (softmax over all ``num_classes`` outputs, background last).
+  distribution per box (softmax over all ``num_classes`` outputs, background last);
+- with ``--features``, ``KEY.features.npy``: float16 [n_boxes, dim], each box's pooled
+  appearance feature (res5 on its RoI, average-pooled; ``detect_with_features``), the input
+  of ``detector.source: features`` (docs/features.md). Read with ``allow_pickle=False``.
 Samples whose image is missing or cannot be decoded, or whose JSON is invalid, are
 left out and counted. Shards are split over ``--world-size`` processes by index.
 A shard is written to ``NAME.tar.partial`` and renamed when complete, so an existing
@@ -40,6 +43,7 @@ from vlbert.cli.common import add_overrides, add_renamed_flag, command_parser, c
 from vlbert.config import load_config
 from vlbert.data.captions import IMAGE_EXTENSIONS, target_size
 from vlbert.data.formats import ShardError, iter_tar
+from vlbert.data.region_features import FEATURES_EXT, encode_npy
 from vlbert.data.shards import SkipCounter, expand_urls, open_shard
 from vlbert.model.detector import RegionFeatureExtractor
 
@@ -101,8 +105,10 @@ def decode_image(data: bytes, short_side: int, max_long_side: int,
 
 
 def annotate(files: dict[str, bytes], boxes: torch.Tensor, scores: torch.Tensor, probs: torch.Tensor,
-             meta: dict, scale: tuple[float, float], size: tuple[int, int]) -> dict[str, bytes]:
-    """The sample's files with the detections added (boxes scaled back to the stored image)."""
+             meta: dict, scale: tuple[float, float], size: tuple[int, int],
+             features: Optional[torch.Tensor] = None) -> dict[str, bytes]:
+    """The sample's files with the detections added (boxes scaled back to the stored image), and
+    the boxes' features [n, dim] as float16 ``features.npy`` when given."""
     sx, sy = scale
     w, h = size
     b = (boxes.float().cpu() * torch.tensor([sx, sy, sx, sy])).clamp(min=0)
@@ -111,9 +117,11 @@ def annotate(files: dict[str, bytes], boxes: torch.Tensor, scores: torch.Tensor,
                 box_scores=[round(v, 4) for v in scores.float().cpu().tolist()])
     buf = io.BytesIO()
     np.save(buf, probs.float().cpu().numpy().astype(np.float16), allow_pickle=False)
-    out = {k: v for k, v in files.items() if k not in ("json", "regions.npy")}
+    out = {k: v for k, v in files.items() if k not in ("json", "regions.npy", FEATURES_EXT)}
     out["json"] = json.dumps(meta).encode()
     out["regions.npy"] = buf.getvalue()
+    if features is not None:
+        out[FEATURES_EXT] = encode_npy(features.float().cpu().numpy().astype(np.float16))
     return out
 
 
@@ -150,12 +158,14 @@ def detect_batch(detector: RegionFeatureExtractor, batch: list, opts) -> list[Sa
     sizes = torch.tensor([[i.shape[1], i.shape[2]] for i in images])
     device = next(detector.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.bf16):
-        results = detector.detect(padded.to(device), score_thr=opts.score_thr, min_boxes=opts.min_boxes,
-                                  max_boxes=opts.max_boxes, image_sizes=sizes, num_proposals=opts.num_proposals)
+        results = detector.detect_with_features(
+            padded.to(device), score_thr=opts.score_thr, min_boxes=opts.min_boxes, max_boxes=opts.max_boxes,
+            image_sizes=sizes, num_proposals=opts.num_proposals)
     out = []
-    for (key, files, img, meta, size), (boxes, scores, probs) in zip(batch, results):
+    for (key, files, img, meta, size), (boxes, scores, probs, feats) in zip(batch, results):
         scale = (size[0] / img.shape[2], size[1] / img.shape[1])
-        out.append((key, annotate(files, boxes, scores, probs, meta, scale, size)))
+        out.append((key, annotate(files, boxes, scores, probs, meta, scale, size,
+                                  feats if opts.features else None)))
     return out
 
 
@@ -191,6 +201,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--bf16", action="store_true", help="run the detector under bf16 autocast")
     p.add_argument("--num-proposals", type=int, default=300, help="RPN proposals classified per image")
+    p.add_argument("--features", action="store_true",
+                   help="also write each box's pooled feature (KEY.features.npy, float16 [n_boxes, dim])")
     for name, kind in (("score-thr", float), ("min-boxes", int), ("max-boxes", int), ("short-side", int),
                        ("max-long-side", int), ("max-image-pixels", int)):
         p.add_argument(f"--{name}", type=kind, default=None, help="default: from data.captions")

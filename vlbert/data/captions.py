@@ -21,6 +21,11 @@ Conventions:
   most ``max_boxes + 1`` RoIs. With ``max_sequence_length``, caption tokens + RoIs
   are capped jointly (``joint_budget``): the lowest-scoring boxes and the last words go.
 - The image stays uint8 RGB, ``[3, h, w]``; normalisation runs on the device.
+- With ``features=True`` (``detector.source: features``) no image is decoded: the sample
+  carries each kept box's stored feature (``vlbert.data.region_features``), the boxes stay in
+  the pixels of the JSON's ``width`` x ``height``, and a flip mirrors the boxes only, as the
+  reference's precomputed variant does (its transform flips boxes whatever the image). Row 0
+  (whole image) of the features is 0: the model makes it from the other boxes.
 - Masking is applied whether or not ``train``; ``train=False`` only turns off
   the random flip (validation measures the same masked losses; pass a
   generator seeded per sample for a fixed validation set).
@@ -73,12 +78,13 @@ class CaptionSample:
     roi_labels_mask: bool [n]
     roi_targets:     float32 [n, C] or None (no ``regions.npy``); row 0 is zeros
     image_size:      (h, w)
+    features:        float16/32 [n, D] stored box features, row 0 zeros; with ``image`` None
     """
 
     key: str
     input_ids: np.ndarray
     mlm_labels: np.ndarray
-    image: np.ndarray
+    image: Optional[np.ndarray]
     boxes: np.ndarray
     roi_masked: np.ndarray
     roi_labels_mask: np.ndarray
@@ -86,6 +92,7 @@ class CaptionSample:
     image_size: tuple[int, int]
     flipped: bool = False
     dropped_boxes: int = 0  # boxes in the JSON that were invalid (non-finite or empty after clipping)
+    features: Optional[np.ndarray] = None
 
 
 # --------------------------------------------------------------------------- image
@@ -290,26 +297,41 @@ def decode_caption_sample(
     tokenizer,
     rng: np.random.Generator,
     train: bool = True,
+    features: bool = False,
 ) -> CaptionSample:
-    """Decode one shard sample (``files`` maps extension -> bytes). Raises ``BadSample``."""
+    """Decode one shard sample (``files`` maps extension -> bytes). Raises ``BadSample``.
+    ``features``: read the stored box features instead of the image (module docstring)."""
     image_ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
-    if image_ext is None:
+    if image_ext is None and not features:
         raise BadSample("missing_image", f"none of {', '.join(IMAGE_EXTENSIONS)} in {sorted(files)}")
     text = _caption_text(files.get("txt"), cfg.max_caption_bytes)
     boxes_json, scores = _parse_meta(files.get("json"))
     regions = _load_regions(files["regions.npy"], len(boxes_json)) if "regions.npy" in files else None
 
-    img, (w0, h0) = _decode_image(files[image_ext], cfg)
-    w, h = img.size
-    boxes, kept, dropped = select_boxes(boxes_json, scores, w / w0, h / h0, w, h, cfg)
+    img, stored = None, None
+    if features:
+        from vlbert.data.region_features import FEATURES_EXT, load_features, stored_image_size
+
+        w, h = stored_image_size(files.get("json"))
+        stored = load_features(files.get(FEATURES_EXT), len(boxes_json))
+        boxes, kept, dropped = select_boxes(boxes_json, scores, 1.0, 1.0, w, h, cfg)
+    else:
+        img, (w0, h0) = _decode_image(files[image_ext], cfg)
+        w, h = img.size
+        boxes, kept, dropped = select_boxes(boxes_json, scores, w / w0, h / h0, w, h, cfg)
 
     flipped = train and rng.random() < cfg.flip_prob
     if flipped:
-        # PIL flips in C about 4x faster than copying a reversed numpy view.
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if img is not None:
+            # PIL flips in C about 4x faster than copying a reversed numpy view.
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         boxes[:, [0, 2]] = w - boxes[:, [2, 0]]
-    pixels = np.asarray(img).transpose(2, 0, 1)  # [3, h, w], a view of the [h, w, 3] pixels
+    pixels = np.asarray(img).transpose(2, 0, 1) if img is not None else None  # [3, h, w] view of [h, w, 3]
     boxes = np.concatenate([np.array([[0, 0, w, h]], np.float32), boxes])
+    box_features = None
+    if stored is not None:
+        box_features = np.zeros((len(boxes), stored.shape[1]), stored.dtype)
+        box_features[1:] = stored[kept]
 
     roi_targets = None
     if regions is not None:
@@ -325,11 +347,12 @@ def decode_caption_sample(
         mlm_labels = np.concatenate([mlm_labels[: n_tokens - 1], mlm_labels[-1:]])
     boxes = boxes[:n_rois]  # best-scoring first (select_boxes)
     roi_targets = roi_targets[:n_rois] if roi_targets is not None else None
+    box_features = box_features[:n_rois] if box_features is not None else None
     roi_masked, roi_labels_mask = choose_rois(len(boxes), masking, rng)
     return CaptionSample(
         key=key, input_ids=input_ids, mlm_labels=mlm_labels, image=pixels, boxes=boxes,
         roi_masked=roi_masked, roi_labels_mask=roi_labels_mask, roi_targets=roi_targets,
-        image_size=(h, w), flipped=flipped, dropped_boxes=dropped,
+        image_size=(h, w), flipped=flipped, dropped_boxes=dropped, features=box_features,
     )
 
 
@@ -344,21 +367,38 @@ def collate_captions(samples: list[CaptionSample], pad_to_multiple: int = 32) ->
     ``pad_to_multiple`` (1 = no rounding), boxes with zeros and ``box_mask`` False.
     ``roi_targets`` is None unless every sample has targets (a batch never mixes
     shard targets with detector-made ones); all must then have the same C.
+    Samples with stored features (all or none) give ``features`` [B, R, D] in their
+    dtype, padded with 0, and ``images`` None.
     """
     if not samples:
         raise ValueError("collate_captions needs at least one sample")
     b = len(samples)
     t = max(len(s.input_ids) for s in samples)
     r = max(len(s.boxes) for s in samples)
+    with_features = [s.features is not None for s in samples]
+    if any(with_features) and not all(with_features):
+        raise ValueError("collate_captions: some samples carry features and others images")
+    features = None
+    if all(with_features):
+        dims = {(s.features.shape[1], s.features.dtype) for s in samples}
+        if len(dims) != 1:
+            raise ValueError(f"samples disagree on the feature width or dtype: {sorted(map(str, dims))}")
+        dim, dtype = dims.pop()
+        features = torch.zeros(b, r, dim, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
+        for i, s in enumerate(samples):
+            features[i, :len(s.features)] = torch.from_numpy(s.features)
+        images_np = None
     m = max(1, pad_to_multiple)
-    hh = math.ceil(max(s.image.shape[1] for s in samples) / m) * m
-    ww = math.ceil(max(s.image.shape[2] for s in samples) / m) * m
 
     input_ids = torch.zeros(b, t, dtype=torch.long)
     attention_mask = torch.zeros(b, t, dtype=torch.bool)
     mlm_labels = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
-    images = torch.zeros(b, 3, hh, ww, dtype=torch.uint8)
-    images_np = images.numpy()
+    images = None
+    if features is None:
+        hh = math.ceil(max(s.image.shape[1] for s in samples) / m) * m
+        ww = math.ceil(max(s.image.shape[2] for s in samples) / m) * m
+        images = torch.zeros(b, 3, hh, ww, dtype=torch.uint8)
+        images_np = images.numpy()
     image_sizes = torch.zeros(b, 2, dtype=torch.long)
     boxes = torch.zeros(b, r, 4, dtype=torch.float32)
     box_mask = torch.zeros(b, r, dtype=torch.bool)
@@ -375,11 +415,12 @@ def collate_captions(samples: list[CaptionSample], pad_to_multiple: int = 32) ->
 
     for i, s in enumerate(samples):
         n, k = len(s.input_ids), len(s.boxes)
-        _, h, w = s.image.shape
+        h, w = s.image.shape[1:] if s.image is not None else s.image_size
         input_ids[i, :n] = torch.from_numpy(s.input_ids)
         attention_mask[i, :n] = True
         mlm_labels[i, :n] = torch.from_numpy(s.mlm_labels)
-        images_np[i, :, :h, :w] = s.image  # NumPy copy: the decoded image may be a read-only view
+        if images_np is not None:
+            images_np[i, :, :h, :w] = s.image  # NumPy copy: the decoded image may be a read-only view
         image_sizes[i, 0], image_sizes[i, 1] = h, w
         boxes[i, :k] = torch.from_numpy(s.boxes)
         box_mask[i, :k] = True
@@ -391,4 +432,5 @@ def collate_captions(samples: list[CaptionSample], pad_to_multiple: int = 32) ->
         input_ids=input_ids, attention_mask=attention_mask, mlm_labels=mlm_labels, images=images,
         image_sizes=image_sizes, boxes=boxes, box_mask=box_mask, roi_masked=roi_masked,
         roi_labels_mask=roi_labels_mask, roi_targets=roi_targets, keys=[s.key for s in samples],
+        features=features,
     )

@@ -82,18 +82,19 @@ def fresh_partition_state(partition: int, text_sources: list[str]) -> dict:
 
 class CaptionReader:
     """One slot's caption samples: records -> decoded ``CaptionSample``s; bad ones counted.
-    A sample's key is ``<shard URL>#<sample key>``."""
+    A sample's key is ``<shard URL>#<sample key>``. ``features``: read the stored box features
+    instead of decoding the image (``detector.source: features``)."""
 
     def __init__(self, stream: ShardStream, cfg: CaptionDataConfig, masking: MaskingConfig, tokenizer,
-                 seed: int, tag: int, train: bool):
+                 seed: int, tag: int, train: bool, features: bool = False):
         self.stream, self.cfg, self.masking, self.tokenizer = stream, cfg, masking, tokenizer
-        self.seed, self.tag, self.train = seed, tag, train
+        self.seed, self.tag, self.train, self.features = seed, tag, train, features
         stream.usable = self._usable
 
     def _decode(self, rec):
         return decode_caption_sample(rec.payload, f"{self.stream.urls[rec.shard]}#{rec.key}", self.cfg,
                                      self.masking, self.tokenizer, record_rng(self.seed, self.tag, rec),
-                                     train=self.train)
+                                     train=self.train, features=self.features)
 
     def _usable(self, rec, counter: SkipCounter) -> bool:
         try:
@@ -134,7 +135,7 @@ class PartitionBatches:
             self.cap_stream = stream(dataset.caption_urls, self.state["captions"], "captions",
                                      caption_limits(cfg.captions))
             self.captions = iter(CaptionReader(self.cap_stream, cfg.captions, dataset.masking, dataset.tokenizer,
-                                               cfg.seed, TAG_CAPTIONS, train=True))
+                                               cfg.seed, TAG_CAPTIONS, train=True, features=dataset.features))
         self.names = sorted(dataset.text_urls)
         self.segmenters = {}
         if self.text_per_batch:
@@ -172,8 +173,8 @@ class PretrainDataset(IterableDataset):
     def __init__(self, data_cfg: DataConfig, masking_cfg: MaskingConfig, tokenizer, num_partitions: int,
                  captions_per_batch: int, text_per_batch: int, caption_urls: list[str],
                  text_urls: dict[str, list[str]], workers: list[list[int]], worker_next: list[int],
-                 partition_states: dict[int, dict], offset: int):
-        self.cfg, self.masking, self.tokenizer = data_cfg, masking_cfg, tokenizer
+                 partition_states: dict[int, dict], offset: int, features: bool = False):
+        self.cfg, self.masking, self.tokenizer, self.features = data_cfg, masking_cfg, tokenizer, features
         self.num_partitions = num_partitions
         self.captions_per_batch, self.text_per_batch = captions_per_batch, text_per_batch
         self.caption_urls, self.text_urls = caption_urls, text_urls
@@ -203,11 +204,13 @@ class PretrainStream:
 
     ``num_partitions``: the run's canonical partitions (``vlbert.data.partitions``);
     None or 0: ``world_size x max(1, data.num_workers)``. A resumed stream takes the
-    number from the saved state.
+    number from the saved state. ``features``: caption samples carry the shards' stored box
+    features instead of pixels (``detector.source: features``).
     """
 
     def __init__(self, data_cfg: DataConfig, masking_cfg: MaskingConfig, tokenizer, rank: int, world_size: int,
-                 captions_per_batch: int, text_per_batch: int, num_partitions: Optional[int] = None):
+                 captions_per_batch: int, text_per_batch: int, num_partitions: Optional[int] = None,
+                 features: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world size {world_size}")
         if captions_per_batch < 0 or text_per_batch < 0 or captions_per_batch + text_per_batch == 0:
@@ -216,7 +219,7 @@ class PretrainStream:
             raise ValueError("captions_per_batch > 0 needs data.captions.urls")
         if text_per_batch and not data_cfg.text.sources:
             raise ValueError("text_per_batch > 0 needs data.text.sources")
-        self.cfg, self.masking, self.tokenizer = data_cfg, masking_cfg, tokenizer
+        self.cfg, self.masking, self.tokenizer, self.features = data_cfg, masking_cfg, tokenizer, features
         self.rank, self.world_size = rank, world_size
         self.captions_per_batch, self.text_per_batch = captions_per_batch, text_per_batch
         self.num_workers = data_cfg.num_workers
@@ -247,7 +250,8 @@ class PretrainStream:
     def _make_dataset(self) -> PretrainDataset:
         return PretrainDataset(self.cfg, self.masking, self.tokenizer, self.num_partitions, self.captions_per_batch,
                                self.text_per_batch, self.caption_urls, self.text_urls, self.workers,
-                               list(self._worker_next), copy.deepcopy(self._states), self._next)
+                               list(self._worker_next), copy.deepcopy(self._states), self._next,
+                               features=self.features)
 
     def __iter__(self) -> "PretrainStream":
         return self
@@ -382,11 +386,11 @@ def _upgrade(state: dict) -> dict:
 
 def build_pretrain_stream(data_cfg: DataConfig, masking_cfg: MaskingConfig, tokenizer, rank: int, world_size: int,
                           captions_per_batch: int, text_per_batch: int,
-                          num_partitions: Optional[int] = None) -> PretrainStream:
+                          num_partitions: Optional[int] = None, features: bool = False) -> PretrainStream:
     """The training stream of one rank; ``*_per_batch`` are this rank's micro-batch counts;
-    ``num_partitions``: see ``PretrainStream`` (default: ``data.partitions``)."""
+    ``num_partitions``, ``features``: see ``PretrainStream`` (default: ``data.partitions``)."""
     return PretrainStream(data_cfg, masking_cfg, tokenizer, rank, world_size, captions_per_batch, text_per_batch,
-                          num_partitions or data_cfg.partitions or None)
+                          num_partitions or data_cfg.partitions or None, features=features)
 
 
 # --------------------------------------------------------------------------- validation
@@ -396,10 +400,10 @@ class ValidationDataset(IterableDataset):
     """One deterministic pass over ``data_cfg.validation`` (no flip, fixed masking)."""
 
     def __init__(self, data_cfg: DataConfig, masking_cfg: MaskingConfig, tokenizer, rank: int, world_size: int,
-                 batch_size: int):
+                 batch_size: int, features: bool = False):
         if not data_cfg.validation.urls:
             raise ValueError("data.validation.urls is empty: no validation set")
-        self.cfg, self.masking, self.tokenizer = data_cfg, masking_cfg, tokenizer
+        self.cfg, self.masking, self.tokenizer, self.features = data_cfg, masking_cfg, tokenizer, features
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.urls = expand_urls(data_cfg.validation.urls)
 
@@ -413,7 +417,7 @@ class ValidationDataset(IterableDataset):
         vcfg = dataclasses.replace(self.cfg.validation, flip_prob=0.0)
         samples = []
         for sample in CaptionReader(stream, vcfg, self.masking, self.tokenizer, self.cfg.seed, TAG_VALIDATION,
-                                    train=False):
+                                    train=False, features=self.features):
             samples.append(sample)
             if len(samples) == self.batch_size:
                 yield PretrainBatch(captions=collate_captions(samples))
@@ -423,10 +427,10 @@ class ValidationDataset(IterableDataset):
 
 
 def build_validation_stream(data_cfg: DataConfig, masking_cfg: MaskingConfig, tokenizer, rank: int,
-                            world_size: int, batch_size: int):
+                            world_size: int, batch_size: int, features: bool = False):
     """A finite, deterministic iterable of caption-only ``PretrainBatch``es for one rank
-    (iterate it again for another identical pass)."""
-    dataset = ValidationDataset(data_cfg, masking_cfg, tokenizer, rank, world_size, batch_size)
+    (iterate it again for another identical pass); ``features``: see ``PretrainStream``."""
+    dataset = ValidationDataset(data_cfg, masking_cfg, tokenizer, rank, world_size, batch_size, features)
     if data_cfg.num_workers == 0:
         return dataset
     return DataLoader(dataset, batch_size=None, num_workers=data_cfg.num_workers, collate_fn=_identity,

@@ -24,10 +24,15 @@ from torch import nn
 from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertOnlyMLMHead, BertPredictionHeadTransform
 
+from typing import TYPE_CHECKING
+
 from vlbert.config import DetectorConfig, ModelConfig
 from vlbert.batch import IGNORE_INDEX, CaptionBatch, PretrainBatch, TextBatch
-from vlbert.model.detector import RegionFeatureExtractor
 from vlbert.model.embeddings import VisualInputs
+from vlbert.model.regions import PrecomputedRegions
+
+if TYPE_CHECKING:  # the detector (mmdet) is imported only when the pixel path is built
+    from vlbert.model.detector import RegionFeatureExtractor
 from vlbert.model.vlbert import VLBertModel, init_bert_weights, load_bert_checkpoint
 
 
@@ -121,19 +126,33 @@ class VLBertForPretraining(nn.Module):
     ``load_detector_checkpoint``; part of the state dict, so a resumed run keeps the
     initial weights), and "detector" the detector itself (only allowed when it is frozen).
     The moving detector never gives targets.
+
+    With ``detector_cfg.source == "features"`` there is no detector (``detector`` and
+    ``target_detector`` are None, mmdet is not imported): ``regions`` (``PrecomputedRegions``)
+    turns the batch's stored box features into the appearance input, and the masked-RoI targets
+    are the batch's stored class scores.
     """
 
     def __init__(self, model_cfg: ModelConfig, detector_cfg: DetectorConfig,
                  bert_config: Optional[BertConfig] = None):
         super().__init__()
-        self.detector = RegionFeatureExtractor(detector_cfg)
+        self.features = detector_cfg.source == "features"
         self.roi_targets = detector_cfg.roi_targets
-        if self.roi_targets == "detector" and detector_cfg.trainable:
-            raise ValueError("detector.roi_targets 'detector' with a trainable detector: the targets would drift")
-        self.target_detector: Optional[RegionFeatureExtractor] = None
-        if self.roi_targets == "frozen_copy" and detector_cfg.trainable:
-            self.target_detector = self._frozen_copy()
-        self.vlbert = VLBertModel(model_cfg, self.detector.out_channels, bert_config)
+        self.detector: Optional["RegionFeatureExtractor"] = None
+        self.regions: Optional[PrecomputedRegions] = None
+        self.target_detector: Optional["RegionFeatureExtractor"] = None
+        if self.features:
+            self.regions = PrecomputedRegions(detector_cfg.feature_dim)
+            appearance_dim = self.regions.out_channels
+        else:
+            from vlbert.model.detector import RegionFeatureExtractor
+            self.detector = RegionFeatureExtractor(detector_cfg)
+            if self.roi_targets == "detector" and detector_cfg.trainable:
+                raise ValueError("detector.roi_targets 'detector' with a trainable detector: the targets would drift")
+            if self.roi_targets == "frozen_copy" and detector_cfg.trainable:
+                self.target_detector = self._frozen_copy()
+            appearance_dim = self.detector.out_channels
+        self.vlbert = VLBertModel(model_cfg, appearance_dim, bert_config)
         config = self.vlbert.config
         self.mlm_head = BertOnlyMLMHead(config)
         self.roi_head = RoIClassificationHead(config, detector_cfg.num_classes)
@@ -154,7 +173,7 @@ class VLBertForPretraining(nn.Module):
         model = cls(model_cfg, detector_cfg, bert_config)
         if state:
             model.load_bert_state_dict(state)
-        if detector_cfg.checkpoint:
+        if detector_cfg.checkpoint and not model.features:
             model.load_detector_checkpoint(detector_cfg.checkpoint)
         return model
 
@@ -171,11 +190,13 @@ class VLBertForPretraining(nn.Module):
     def load_detector_checkpoint(self, url: str) -> None:
         """Load the detector's weights; the frozen target copy is retaken from them, so that
         masked-RoI targets come from the loaded detector, not from a random one."""
+        if self.detector is None:
+            raise ValueError("detector.source is 'features': there is no detector to load a checkpoint into")
         self.detector.load_checkpoint(url)
         if self.target_detector is not None:
             self.target_detector = self._frozen_copy()
 
-    def _frozen_copy(self) -> RegionFeatureExtractor:
+    def _frozen_copy(self) -> "RegionFeatureExtractor":
         return copy.deepcopy(self.detector).requires_grad_(False).eval()
 
     # ----------------------------------------------------------------- tasks
@@ -188,8 +209,20 @@ class VLBertForPretraining(nn.Module):
         logits = self.mlm_head(_gather_slots(hidden, text_index))
         return masked_lm_loss(logits.flatten(0, 1), labels.flatten())
 
+    def _appearance(self, c: CaptionBatch) -> torch.Tensor:
+        """[B, R, A]: from the stored features (``regions``) or the detector on the pixels."""
+        if self.regions is not None:
+            if c.features is None:
+                raise ValueError("detector.source is 'features' but the caption batch carries no box features "
+                                 "(the shards need <key>.features.npy: vlbert-extract-regions --features or "
+                                 "vlbert-import-features)")
+            return self.regions(c.features, c.box_mask, c.roi_masked)
+        if c.images is None:
+            raise ValueError("the caption batch carries features, not images: set detector.source: features")
+        return self.detector(c.images, c.boxes, c.box_mask, c.roi_masked)
+
     def _captions(self, c: CaptionBatch):
-        appearance = self.detector(c.images, c.boxes, c.box_mask, c.roi_masked)
+        appearance = self._appearance(c)
         visual = VisualInputs(appearance, c.boxes, c.image_sizes, c.box_mask, c.roi_masked)
         out = self.vlbert(c.input_ids, c.attention_mask, visual)
         hidden = out.last_hidden_state
@@ -207,6 +240,15 @@ class VLBertForPretraining(nn.Module):
 
     def _online_targets(self, c: CaptionBatch) -> torch.Tensor:
         """Class distributions of a batch without ``regions.npy``, from a detector that does not train."""
+        if self.features and self.roi_targets != "precomputed":
+            # Configs allow this only with masking.roi_prob 0 (vlbert.config.validate): no RoI is
+            # chosen, so the targets take no part in the loss.
+            return torch.zeros(*c.box_mask.shape, self.roi_head.classifier.out_features, device=c.box_mask.device)
+        if self.features:
+            raise ValueError(
+                "a caption batch has no masked-RoI targets (some sample lacks <key>.regions.npy) and with "
+                "detector.source: features there is no detector to compute them: give the shards the "
+                "detector's class scores, or set masking.roi_prob: 0")
         if self.roi_targets == "precomputed":
             raise ValueError(
                 "a caption batch has no masked-RoI targets (some sample lacks regions.npy) and "

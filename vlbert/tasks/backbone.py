@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
@@ -20,12 +20,15 @@ from transformers import BertConfig
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from vlbert.config import DetectorConfig, ModelConfig
-from vlbert.model.detector import RegionFeatureExtractor
 from vlbert.model.embeddings import VisualInputs
+from vlbert.model.regions import PrecomputedRegions
 from vlbert.model.vlbert import (VLBertModel, VLBertOutput, bert_architecture, init_bert_weights,
                                  load_bert_checkpoint)
 from vlbert.tasks.config import FinetuneModelConfig
 from vlbert.tasks.pretrained import read_pretrained
+
+if TYPE_CHECKING:  # the detector (mmdet) is imported only when the pixel path is built
+    from vlbert.model.detector import RegionFeatureExtractor
 
 PRETRAINED_TRANSFORM = "mlm_head.predictions.transform."
 BERT_TRANSFORM = "cls.predictions.transform."
@@ -33,23 +36,34 @@ BERT_TRANSFORM = "cls.predictions.transform."
 
 @dataclass
 class ImageInputs:
-    """images uint8 [B, 3, H, W]; image_sizes [B, 2]; boxes float [B, R, 4]; box_mask bool [B, R]."""
+    """images uint8 [B, 3, H, W] (None with stored features); image_sizes [B, 2]; boxes float [B, R, 4];
+    box_mask bool [B, R]; features float [B, R, D] stored box features (``detector.source: features``)."""
 
-    images: torch.Tensor
+    images: Optional[torch.Tensor]
     image_sizes: torch.Tensor
     boxes: torch.Tensor
     box_mask: torch.Tensor
+    features: Optional[torch.Tensor] = None
 
 
 class Backbone(nn.Module):
-    """Detector + encoder, randomly initialised (no file is read); ``bert_config``, a
-    checkpoint's architecture, replaces the sizes in ``model_cfg``."""
+    """Detector (or, with ``detector.source: features``, ``PrecomputedRegions`` as ``regions``) +
+    encoder, randomly initialised (no file is read); ``bert_config``, a checkpoint's architecture,
+    replaces the sizes in ``model_cfg``."""
 
     def __init__(self, model_cfg: ModelConfig, detector_cfg: DetectorConfig,
                  bert_config: Optional[BertConfig] = None):
         super().__init__()
-        self.detector = RegionFeatureExtractor(detector_cfg)
-        self.vlbert = VLBertModel(model_cfg, self.detector.out_channels, bert_config)
+        self.detector: Optional["RegionFeatureExtractor"] = None
+        self.regions: Optional[PrecomputedRegions] = None
+        if detector_cfg.source == "features":
+            self.regions = PrecomputedRegions(detector_cfg.feature_dim)
+            appearance_dim = self.regions.out_channels
+        else:
+            from vlbert.model.detector import RegionFeatureExtractor
+            self.detector = RegionFeatureExtractor(detector_cfg)
+            appearance_dim = self.detector.out_channels
+        self.vlbert = VLBertModel(model_cfg, appearance_dim, bert_config)
         self.whole_image = getattr(model_cfg, "whole_image", "pooled")
 
     @property
@@ -58,7 +72,14 @@ class Backbone(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
                 image: ImageInputs) -> VLBertOutput:
-        appearance = self.detector(image.images, image.boxes, image.box_mask)
+        if self.regions is not None:
+            if image.features is None:
+                raise ValueError("detector.source is 'features' but the batch carries no box features")
+            appearance = self.regions(image.features, image.box_mask)
+        else:
+            if image.images is None:
+                raise ValueError("the batch carries box features, not images: set detector.source: features")
+            appearance = self.detector(image.images, image.boxes, image.box_mask)
         if self.whole_image == "mean":
             appearance = mean_whole_image(appearance, image.box_mask)
         visual = VisualInputs(appearance, image.boxes, image.image_sizes, image.box_mask)
@@ -113,7 +134,7 @@ class TaskModel(nn.Module):
         model = cls(model_cfg, detector_cfg, *args, bert_config=bert_config)
         if state:
             model.load_bert(state)
-        if detector_cfg.checkpoint:
+        if detector_cfg.checkpoint and model.backbone.detector is not None:
             model.backbone.detector.load_checkpoint(detector_cfg.checkpoint)
         return model
 
@@ -144,7 +165,7 @@ def load_pretrained_state(model: nn.Module, state: dict[str, torch.Tensor],
     ``vlbert.*`` key must be there, with matching shapes) and the transform under
     ``transform_prefix`` (default: the MLM head's) into each module of ``transforms``
     (name -> module, for the error message)."""
-    backbone = {k: v for k, v in state.items() if k.startswith(("detector.", "vlbert."))}
+    backbone = {k: v for k, v in state.items() if k.startswith(("detector.", "regions.", "vlbert."))}
     if not backbone:
         raise ValueError("the pretrained state dict has no detector.* or vlbert.* weights "
                          "(expected the model.safetensors of a pretraining run)")
@@ -153,8 +174,12 @@ def load_pretrained_state(model: nn.Module, state: dict[str, torch.Tensor],
     except RuntimeError as e:  # shape mismatch
         raise ValueError(f"pretrained weights do not fit the model config (model/detector sections): {e}") from None
     if missing or unexpected:
+        hint = ""
+        if any(k.startswith("regions.") for k in missing + unexpected):
+            hint = (" (one side was trained on stored region features, the other on pixels: "
+                    "set detector.source to what the pretraining run used)")
         raise ValueError(f"pretrained weights do not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+                         f"unexpected {unexpected[:5]}{hint}")
     head = {k[len(transform_prefix):]: v for k, v in state.items() if k.startswith(transform_prefix)}
     for name, module in (transforms or {}).items():
         if not head:

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from vlbert.config import (CaptionDataConfig, DataConfig, DetectorConfig, ModelConfig, OptimConfig,
-                           RuntimeConfig, TrackingConfig, _apply_detector_preset)
+                           RuntimeConfig, TrackingConfig, _apply_detector_preset,
+                           validate_detector)
 from vlbert.config_reader import build, read_raw_config, require
 
 
@@ -218,6 +219,10 @@ def validate_finetune(cfg: FinetuneConfig, source: str = "<config>", check_files
             "checkpoint_every and log_every must be positive and keep_last >= 1")
     require(0.0 <= cfg.eval.max_missing_fraction <= 1.0, source, "eval.max_missing_fraction",
             f"expected a fraction in [0, 1], got {cfg.eval.max_missing_fraction}")
+    validate_detector(cfg.detector, source)
+    require(cfg.detector.source == "pixels" or cfg.refcoco is None, source, "detector.source",
+            "RefCOCO+ fine-tunes on pixels only (its ground-truth boxes have no stored features); "
+            "use detector.source: pixels")
     if cfg.vqa is not None:
         v = cfg.vqa
         require(bool(v.train) or bool(v.val), source, "vqa.train", "give a train or a val split")

@@ -12,7 +12,8 @@ when present, else the last run of digits in its key (COCO file names such as
 
 ``decode_image_sample`` reuses the caption pipeline's decoding: resize, box
 selection (``data.captions`` rules), optional horizontal flip; box 0 is the
-whole image.
+whole image. ``decode_feature_sample`` is its counterpart for shards with stored
+box features (``detector.source: features``): no image is decoded.
 """
 
 from __future__ import annotations
@@ -125,12 +126,13 @@ class DecodedImage:
     rows: int [n - 1], the row of the source boxes (JSON or given) behind boxes 1..n-1
     (-1 for ``extra_boxes``)."""
 
-    image: np.ndarray
+    image: Optional[np.ndarray]
     boxes: np.ndarray
     image_size: tuple[int, int]
     scale: tuple[float, float]
     flipped: bool
     rows: np.ndarray
+    features: Optional[np.ndarray] = None  # float [n, D] stored box features, row 0 zeros (no image then)
 
 
 def _keep_all(boxes: np.ndarray, sx: float, sy: float, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
@@ -167,3 +169,22 @@ def decode_image_sample(files: dict[str, bytes], cfg: CaptionDataConfig, flip: b
     pixels = np.asarray(img).transpose(2, 0, 1)
     all_boxes = np.concatenate([np.array([[0, 0, w, h]], np.float32), kept])
     return DecodedImage(pixels, all_boxes, (h, w), (sx, sy), flip, rows)
+
+
+def decode_feature_sample(files: dict[str, bytes], cfg: CaptionDataConfig, flip: bool) -> DecodedImage:
+    """The stored boxes and features of a sample (``vlbert.data.region_features``): box
+    selection as ``decode_image_sample``, boxes in the JSON's ``width`` x ``height`` pixels, a
+    flip mirrors the boxes only (the reference's precomputed variant, jackroos/VL-BERT
+    vqa/data/datasets/vqa.py, flips the boxes whatever the image). Raises ``BadSample``."""
+    from vlbert.data.region_features import FEATURES_EXT, load_features, stored_image_size
+
+    w, h = stored_image_size(files.get("json"))
+    raw, scores = _parse_meta(files.get("json"))
+    stored = load_features(files.get(FEATURES_EXT), len(raw))
+    kept, rows, _ = select_boxes(raw, scores, 1.0, 1.0, w, h, cfg)
+    if flip:
+        kept[:, [0, 2]] = w - kept[:, [2, 0]]
+    all_boxes = np.concatenate([np.array([[0, 0, w, h]], np.float32), kept])
+    feats = np.zeros((len(all_boxes), stored.shape[1]), stored.dtype)
+    feats[1:] = stored[rows]
+    return DecodedImage(None, all_boxes, (h, w), (1.0, 1.0), flip, rows, feats)

@@ -220,11 +220,13 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
                      reference=checkpoint_tokenizer(cfg.model.bert, cfg.data.tokenizer))
     flops_params = count_parameters(model, skip_prefixes=("detector.", "target_detector."))
     engine = Engine(model, o, ds_json)
+    features = cfg.detector.source == "features"  # stored box features instead of pixels
     stream = build_pretrain_stream(cfg.data, cfg.masking, tokenizer, rank, world, captions_mb, text_mb,
-                                   num_partitions=layout.partitions)
+                                   num_partitions=layout.partitions, features=features)
     val_data = None
     if r.val_every and cfg.data.validation.urls:
-        val_data = build_validation_stream(cfg.data, cfg.masking, tokenizer, rank, world, max(1, captions_mb))
+        val_data = build_validation_stream(cfg.data, cfg.masking, tokenizer, rank, world, max(1, captions_mb),
+                                           features=features)
 
     # ---- resume: weights, optimizer, schedule, data position, RNG, counters, MLflow run
     seed_everything(r.seed + rank)  # masking and dropout differ per rank

@@ -337,6 +337,16 @@ class RegionFeatureExtractor(nn.Module):
         padding, or None for the full size.
         Returns per image (boxes float [n, 4], scores float [n], class_probs float [n, num_classes]).
         """
+        return [r[:3] for r in self.detect_with_features(images, score_thr, min_boxes, max_boxes, image_sizes,
+                                                         nms_iou, num_proposals)]
+
+    @torch.no_grad()
+    def detect_with_features(self, images: Tensor, score_thr: float = 0.5, min_boxes: int = 10,
+                             max_boxes: int = 100, image_sizes: Optional[Tensor] = None, nms_iou: float = 0.3,
+                             num_proposals: int = 300) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        """``detect``, plus each kept box's pooled appearance feature (res5 on its RoI, average-pooled:
+        what ``forward`` gives for that box on the same image): per image (boxes [n, 4], scores [n],
+        class_probs [n, num_classes], features float [n, out_channels])."""
         if not 1 <= min_boxes <= max_boxes:
             raise ValueError(f"need 1 <= min_boxes <= max_boxes, got {min_boxes}, {max_boxes}")
         self._require_heads("detect")
@@ -353,8 +363,14 @@ class RegionFeatureExtractor(nn.Module):
                                                                    cfg=rpn_cfg)]
         res5 = self._res5(feat, bbox2roi(proposals))
         cls_score, _ = self.detector.roi_head.bbox_head(res5)
-        probs = cls_score.float().softmax(-1).split([len(p) for p in proposals])
-        return [_select_regions(p, q, score_thr, min_boxes, max_boxes, nms_iou) for p, q in zip(proposals, probs)]
+        counts = [len(p) for p in proposals]
+        probs = cls_score.float().softmax(-1).split(counts)
+        pooled = res5.mean(dim=(2, 3)).float().split(counts)
+        out = []
+        for p, q, f in zip(proposals, probs, pooled):
+            keep, scores = _select_regions(p, q, score_thr, min_boxes, max_boxes, nms_iou)
+            out.append((p[keep], scores, q[keep], f[keep]))
+        return out
 
     def load_checkpoint(self, url: str) -> None:
         """Load MMDetection weights from a path or any fsspec URL, read by
@@ -391,8 +407,8 @@ class RegionFeatureExtractor(nn.Module):
 
 
 def _select_regions(boxes: Tensor, probs: Tensor, score_thr: float, min_boxes: int, max_boxes: int,
-                    nms_iou: float) -> tuple[Tensor, Tensor, Tensor]:
-    """boxes [n, 4], probs [n, K+1] (background last) -> kept (boxes, scores, probs)."""
+                    nms_iou: float) -> tuple[Tensor, Tensor]:
+    """boxes [n, 4], probs [n, K+1] (background last) -> (indices of the kept boxes, best first; their scores)."""
     fg = probs[:, :-1]
     # Pairs far below the threshold cannot decide a box's score; skip them to keep NMS small.
     box_idx, cls_idx = torch.nonzero(fg >= min(score_thr, 0.01), as_tuple=True)
@@ -406,4 +422,4 @@ def _select_regions(boxes: Tensor, probs: Tensor, score_thr: float, min_boxes: i
     order = order[torch.argsort(score[order], descending=True, stable=True)]
     n = min(max(int((score >= score_thr).sum()), min_boxes), max_boxes, len(boxes))
     keep = order[:n]
-    return boxes[keep], score[keep], probs[keep]
+    return keep, score[keep]

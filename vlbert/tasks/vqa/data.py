@@ -26,7 +26,7 @@ from vlbert.config import CaptionDataConfig
 from vlbert.batch import _to
 from vlbert.data.captions import BadSample
 from vlbert.model.embeddings import SEGMENT_A, SEGMENT_B
-from vlbert.tasks.images import ImageIndex, decode_image_sample
+from vlbert.tasks.images import ImageIndex, decode_feature_sample, decode_image_sample
 from vlbert.tasks.sampling import flips
 from vlbert.tasks.vqa.answers import AnswerVocab, answer_targets, swap_left_right
 
@@ -108,42 +108,47 @@ class VQASample:
     input_ids: np.ndarray  # int64 [T]
     token_type_ids: np.ndarray  # int64 [T]
     mask_position: int
-    image: np.ndarray  # uint8 [3, h, w]
+    image: Optional[np.ndarray]  # uint8 [3, h, w]; None with stored features
     boxes: np.ndarray  # float32 [n, 4], box 0 = whole image
     image_size: tuple[int, int]
     targets: Optional[dict[int, float]]  # answer index -> soft score; None without answers
     flipped: bool = False
+    features: Optional[np.ndarray] = None  # float [n, D] stored box features (detector.source: features)
 
 
 def make_vqa_sample(q: VQAQuestion, files: dict[str, bytes], image_cfg: CaptionDataConfig, tokenizer,
-                    vocab: Optional[AnswerVocab], max_question_tokens: int, flip: bool) -> VQASample:
-    image = decode_image_sample(files, image_cfg, flip)
+                    vocab: Optional[AnswerVocab], max_question_tokens: int, flip: bool,
+                    features: bool = False) -> VQASample:
+    image = decode_feature_sample(files, image_cfg, flip) if features else decode_image_sample(files, image_cfg, flip)
     question, answers = q.question, q.answers
     if flip:
         question = swap_left_right(question)
         answers = [swap_left_right(a) for a in answers] if answers is not None else None
     ids, seg, mask_pos = encode_question(question, tokenizer, max_question_tokens)
     targets = answer_targets(answers, vocab) if answers is not None and vocab is not None else None
-    return VQASample(q.question_id, ids, seg, mask_pos, image.image, image.boxes, image.image_size, targets, flip)
+    return VQASample(q.question_id, ids, seg, mask_pos, image.image, image.boxes, image.image_size, targets, flip,
+                     image.features)
 
 
 @dataclass
 class VQABatch:
     """input_ids, token_type_ids: long [B, T] (padded with 0); attention_mask: bool [B, T];
-    mask_position: long [B], text slot of [MASK]; images uint8 [B, 3, H, W]; image_sizes
-    long [B, 2] (h, w); boxes float [B, R, 4]; box_mask bool [B, R]; targets float [B, A]
-    soft scores or None; question_ids long [B]."""
+    mask_position: long [B], text slot of [MASK]; images uint8 [B, 3, H, W] (None with stored
+    features); image_sizes long [B, 2] (h, w); boxes float [B, R, 4]; box_mask bool [B, R];
+    targets float [B, A] soft scores or None; question_ids long [B]; features float [B, R, D]
+    stored box features or None."""
 
     input_ids: torch.Tensor
     token_type_ids: torch.Tensor
     attention_mask: torch.Tensor
     mask_position: torch.Tensor
-    images: torch.Tensor
+    images: Optional[torch.Tensor]
     image_sizes: torch.Tensor
     boxes: torch.Tensor
     box_mask: torch.Tensor
     question_ids: torch.Tensor
     targets: Optional[torch.Tensor] = None
+    features: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -152,11 +157,37 @@ class VQABatch:
         return _to(self, device, non_blocking)
 
 
+def collate_features(samples) -> Optional[torch.Tensor]:
+    """Stored box features [B, R, D] padded with 0, or None when the samples carry images."""
+    if all(getattr(s, "features", None) is None for s in samples):
+        return None
+    if any(getattr(s, "features", None) is None for s in samples):
+        raise ValueError("some samples carry features and others images")
+    dims = {(s.features.shape[1], s.features.dtype) for s in samples}
+    if len(dims) != 1:
+        raise ValueError(f"samples disagree on the feature width or dtype: {sorted(map(str, dims))}")
+    dim, dtype = dims.pop()
+    out = torch.zeros(len(samples), max(len(s.boxes) for s in samples), dim,
+                      dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
+    for i, s in enumerate(samples):
+        out[i, :len(s.features)] = torch.from_numpy(s.features)
+    return out
+
+
 def collate_images(samples, pad_to_multiple: int = 32):
-    """Pad images and boxes: (images, image_sizes, boxes, box_mask)."""
+    """Pad images and boxes: (images, image_sizes, boxes, box_mask); images is None when the
+    samples carry stored features instead (``collate_features``)."""
     b = len(samples)
     r = max(len(s.boxes) for s in samples)
     m = max(1, pad_to_multiple)
+    if all(s.image is None for s in samples):
+        image_sizes = torch.tensor([list(s.image_size) for s in samples], dtype=torch.long)
+        boxes = torch.zeros(b, r, 4, dtype=torch.float32)
+        box_mask = torch.zeros(b, r, dtype=torch.bool)
+        for i, s in enumerate(samples):
+            boxes[i, :len(s.boxes)] = torch.from_numpy(s.boxes)
+            box_mask[i, :len(s.boxes)] = True
+        return None, image_sizes, boxes, box_mask
     hh = math.ceil(max(s.image.shape[1] for s in samples) / m) * m
     ww = math.ceil(max(s.image.shape[2] for s in samples) / m) * m
     images = torch.zeros(b, 3, hh, ww, dtype=torch.uint8)
@@ -197,6 +228,7 @@ def collate_vqa(samples: list[VQASample], num_answers: int, pad_to_multiple: int
         mask_position=torch.tensor([s.mask_position for s in samples], dtype=torch.long),
         images=images, image_sizes=image_sizes, boxes=boxes, box_mask=box_mask,
         question_ids=torch.tensor([s.question_id for s in samples], dtype=torch.long), targets=targets,
+        features=collate_features(samples),
     )
 
 
@@ -212,7 +244,7 @@ class VQADataset(torch.utils.data.Dataset):
 
     def __init__(self, questions: list[VQAQuestion], images: ImageIndex, image_cfg: CaptionDataConfig,
                  tokenizer, vocab: Optional[AnswerVocab], max_question_tokens: int, seed: int = 0,
-                 train: bool = True):
+                 train: bool = True, features: bool = False):
         if not getattr(tokenizer, "is_fast", False):
             raise TypeError("VQA data needs a fast (Rust) Hugging Face tokenizer")
         self.missing_images = sum(q.image_id not in images for q in questions)
@@ -225,6 +257,7 @@ class VQADataset(torch.utils.data.Dataset):
                         len(questions))
         self.images, self.image_cfg, self.tokenizer, self.vocab = images, image_cfg, tokenizer, vocab
         self.max_question_tokens, self.seed, self.train = max_question_tokens, seed, train
+        self.features = features  # read stored box features, not pixels (detector.source: features)
         self.num_answers = len(vocab) if vocab is not None else 0
 
     def __len__(self) -> int:
@@ -234,7 +267,7 @@ class VQADataset(torch.utils.data.Dataset):
         q = self.questions[index]
         flip = self.train and flips(self.seed, epoch, index, self.image_cfg.flip_prob)
         return make_vqa_sample(q, self.images.read(q.image_id), self.image_cfg, self.tokenizer, self.vocab,
-                               self.max_question_tokens, flip)
+                               self.max_question_tokens, flip, self.features)
 
     def get_batch(self, items: list[tuple[int, int]]) -> tuple[Optional[VQABatch], dict[str, int]]:
         samples, skipped = [], {}

@@ -72,7 +72,7 @@ class VLBertForVQA(TaskModel):
         return {"the VQA head": self.head.transform}
 
     def forward(self, batch: VQABatch) -> VQAOutput:
-        image = ImageInputs(batch.images, batch.image_sizes, batch.boxes, batch.box_mask)
+        image = ImageInputs(batch.images, batch.image_sizes, batch.boxes, batch.box_mask, batch.features)
         out = self.backbone(batch.input_ids, batch.attention_mask, batch.token_type_ids, image)
         rows = torch.arange(len(batch), device=batch.input_ids.device)
         slot = out.layout.text_index[rows, batch.mask_position]

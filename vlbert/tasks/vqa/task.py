@@ -71,7 +71,8 @@ class VQATask:
 
     def _dataset(self, questions, images: list[str], train: bool) -> VQADataset:
         return VQADataset(questions, ImageIndex(images), self.v.image, self.tokenizer, self.vocab,
-                          self.v.max_question_tokens, seed=self.v.seed, train=train)
+                          self.v.max_question_tokens, seed=self.v.seed, train=train,
+                          features=self.cfg.detector.source == "features")
 
     def train_set(self) -> VQADataset:
         if not self._train_questions:
