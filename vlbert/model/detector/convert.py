@@ -13,12 +13,17 @@ three layouts people actually have. Each is mapped, name by name, onto the
     no detections or class distributions, so regions must come from a full checkpoint.
 ``detectron2_caffe`` — the detectron2 ports ``faster_rcnn_from_caffe.pkl`` and
     ``faster_rcnn_from_caffe_attr.pkl`` (py-bottom-up-attention): a pickle of
-    ``{"model": {name: ndarray}}``, read with a restricted unpickler that builds only
-    dicts, lists, strings, numbers and numpy arrays. Names ``backbone.stem.conv1``,
+    ``{"model": {name: ndarray}, "__author__": ...}``, read through inert stand-ins
+    (``weight_files``: no object is built from pickle data). Names ``backbone.stem.conv1``,
     ``backbone.res{2,3,4}.N.*``, ``roi_heads.res5.N.*``, ``proposal_generator.rpn_head.*``,
     ``roi_heads.box_predictor.*``.
 ``bua_caffe`` — MILVLG bottom-up-attention.pytorch ``bua-caffe-frcn-r101-*.pth``: the
-    Caffe blobs under the same detectron2 names (read with ``torch.load(weights_only=True)``).
+    Caffe blobs under the same detectron2 names, BatchNorm ``num_batches_tracked`` in res4 and
+    res5 (read with ``torch.load(weights_only=True)``).
+
+Files are read by ``weight_files.read_weights_file``: torch's zip and legacy (pre-1.6, which
+VL-BERT's ``.model`` and MILVLG's 2020 files are) containers and numpy pickles, told apart
+by their first bytes.
 
 Conventions, and what the conversion does about each:
 - Background class: mmdet and the detectron2 ports put it LAST (index 1600); the Caffe
@@ -45,8 +50,9 @@ Conventions, and what the conversion does about each:
   what the preset sets (``bgr``, ``pixel_mean``, ``pixel_std``); weights are not changed.
 - BatchNorm: Caffe's BatchNorm+Scale pairs arrive as weight, bias, running_mean,
   running_var (eps 1e-5); ``num_batches_tracked`` is dropped.
-- Attribute heads (``_attr`` files: ``cls_embedding``/``cls_embed``, ``attr_linear1``,
-  ``attr_linear2``) have no counterpart here; they are reported as unused.
+- Attribute heads (``_attr`` files; detectron2 port: ``cls_embedding``, ``fc_attr``,
+  ``attr_score``; MILVLG: ``cls_embed``, ``attr_linear1``, ``attr_linear2``) have no
+  counterpart here; they are reported as unused.
 
 ``convert`` refuses a checkpoint when any target weight stays unfilled or has the wrong
 shape, and returns the source names it did not use.

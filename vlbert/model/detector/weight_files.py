@@ -301,7 +301,8 @@ def read_weights_file(data: bytes) -> Any:
 
 
 def weights_dict(obj) -> dict:
-    """The ``{name: array}`` of a loaded weights file: bare, or under ``model`` / ``state_dict``; ``module.`` dropped."""
+    """The ``{name: array}`` of a loaded weights file: bare, or under ``model`` / ``state_dict``
+    (``module.`` dropped); anything else is a one-line ConversionError."""
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
             if isinstance(obj.get(key), dict):
