@@ -69,11 +69,18 @@ def _resnet_blocks(rng):
             cin = cout
 
 
-def torchvision_checkpoint(seed=0) -> dict[str, torch.Tensor]:
-    """VL-BERT's resnet101-pt-vgbua layout: conv1, bn1, layer1..layer4 (+ num_batches_tracked, fc)."""
+def torchvision_checkpoint(seed=0, fc=False) -> dict[str, torch.Tensor]:
+    """VL-BERT's ``resnet101-pt-vgbua-0000.model``: torchvision names ``conv1``, ``bn1``,
+    ``layer1..layer4.N.{conv1,bn1,conv2,bn2,conv3,bn3,downsample.0,downsample.1}`` with BatchNorm2d's
+    ``num_batches_tracked``. Read from jackroos/VL-BERT common/backbone/resnet/resnet.py (ResNet:
+    ``self.conv1``, ``self.bn1 = nn.BatchNorm2d``, ``layer{i+1}`` via ``_make_layer``, Bottleneck
+    ``conv1/bn1/conv2/bn2/conv3/bn3/downsample``) and common/fast_rcnn.py ``init_weight`` (the file's
+    ``layer4.*`` keys are loaded strictly into the res5 head). No ``fc`` unless asked (the backbone
+    is built with ``expose_stages=[4]``, so a file without one loads)."""
     rng = np.random.default_rng(seed)
     w = {"conv1.weight": _conv(rng, 64, 3, 7)}
     w.update({f"bn1.{k}": v for k, v in _bn(rng, 64).items()})
+    w["bn1.num_batches_tracked"] = np.array(0)
     for stage, b, parts in _resnet_blocks(rng):
         p = f"layer{stage - 1}.{b}."
         for name, (conv, bn) in parts.items():
@@ -81,14 +88,45 @@ def torchvision_checkpoint(seed=0) -> dict[str, torch.Tensor]:
             w[p + cname + ".weight"] = conv
             w.update({f"{p}{bname}.{k}": v for k, v in bn.items()})
             w[f"{p}{bname}.num_batches_tracked"] = np.array(0)
-    w["fc.weight"], w["fc.bias"] = rng.normal(0, 0.01, (1000, 2048)), np.zeros(1000)
+    if fc:
+        w["fc.weight"], w["fc.bias"] = rng.normal(0, 0.01, (1000, 2048)), np.zeros(1000)
     return {k: torch.tensor(v, dtype=torch.int64 if k.endswith("tracked") else torch.float32) for k, v in w.items()}
+
+
+def attribute_keys(fmt: str) -> dict[str, tuple[int, ...]]:
+    """The attribute head of each port's ``_attr`` file, names and shapes from its source:
+    detectron2 port (airsplay/py-bottom-up-attention detectron2/modeling/roi_heads/fast_rcnn.py,
+    FastRCNNOutputLayers with use_attr: ``cls_embedding = nn.Embedding(1601, 2048 // 8)``,
+    ``fc_attr = nn.Linear(2048 + 256, 2048 // 4)``, ``attr_score = nn.Linear(512, 400 + 1)``);
+    MILVLG (MILVLG/bottom-up-attention.pytorch bua/caffe/modeling/fast_rcnn.py,
+    BUACaffeFastRCNNOutputLayers: ``cls_embed = nn.Embedding(1601, 256)``,
+    ``attr_linear1 = nn.Linear(2048 + 256, 512)``, ``attr_linear2 = nn.Linear(512, 401)``)."""
+    q = "roi_heads.box_predictor."
+    if fmt == "bua_caffe":
+        names = {"cls_embed.weight": (NUM_CLASSES, 256), "attr_linear1.weight": (512, 2048 + 256),
+                 "attr_linear1.bias": (512,), "attr_linear2.weight": (401, 512), "attr_linear2.bias": (401,)}
+    else:
+        names = {"cls_embedding.weight": (NUM_CLASSES, 256), "fc_attr.weight": (512, 2048 + 256),
+                 "fc_attr.bias": (512,), "attr_score.weight": (401, 512), "attr_score.bias": (401,)}
+    return {q + k: v for k, v in names.items()}
 
 
 def detectron2_checkpoint(fmt: str, seed=0, attributes=True) -> dict[str, np.ndarray]:
     """detectron2 names; fmt "detectron2_caffe" (sigmoid RPN, size-major, background last, 1600x4
     deltas in detectron2's 10/10/5/5 scaling) or "bua_caffe" (softmax RPN with 2A channels,
-    background first, 1601x4 raw deltas)."""
+    background first, 1601x4 raw deltas).
+
+    detectron2 port (airsplay/py-bottom-up-attention): configs/VG-Detection/
+    faster_rcnn_R_101_C4_attr_caffemaxpool.yaml (HID_CHANNELS 512, 1600 classes, 400 attributes),
+    RESNETS.NORM "FrozenBN" in detectron2/config/defaults.py, whose FrozenBatchNorm2d
+    (detectron2/layers/batch_norm.py) holds weight, bias, running_mean, running_var and no
+    ``num_batches_tracked``; StandardRPNHead conv/objectness_logits/anchor_deltas
+    (detectron2/modeling/proposal_generator/rpn.py).
+    MILVLG (MILVLG/bottom-up-attention.pytorch): configs/caffe/test-caffe-r101.yaml (NORM "BN",
+    FREEZE_AT 3, NUM_CLASSES 1601, attribute head on), bua/caffe/modeling/backbone.py
+    (``block.freeze()`` turns the stem, res2 and res3 into FrozenBatchNorm2d; res4 and the res5
+    head keep BatchNorm2d, so their norms carry ``num_batches_tracked``), StandardBUARPNHead with
+    ``objectness_logits`` of ``num_cell_anchors * 2`` channels (bua/caffe/modeling/rpn.py)."""
     rng = np.random.default_rng(seed)
     w = {"backbone.stem.conv1.weight": _conv(rng, 64, 3, 7)}
     w.update({f"backbone.stem.conv1.norm.{k}": v for k, v in _bn(rng, 64).items()})
@@ -97,6 +135,8 @@ def detectron2_checkpoint(fmt: str, seed=0, attributes=True) -> dict[str, np.nda
         for name, (conv, bn) in parts.items():
             w[p + name + ".weight"] = conv
             w.update({f"{p}{name}.norm.{k}": v for k, v in bn.items()})
+            if fmt == "bua_caffe" and stage >= 4:
+                w[f"{p}{name}.norm.num_batches_tracked"] = np.array(0, dtype=np.int64)
     r = "proposal_generator.rpn_head."
     w[r + "conv.weight"], w[r + "conv.bias"] = _conv(rng, 512, 1024, 3), rng.normal(0, 0.1, 512)
     n_obj = 2 * A if fmt == "bua_caffe" else A
@@ -109,11 +149,20 @@ def detectron2_checkpoint(fmt: str, seed=0, attributes=True) -> dict[str, np.nda
     n_box = 4 * NUM_CLASSES if fmt == "bua_caffe" else 4 * (NUM_CLASSES - 1)
     w[q + "bbox_pred.weight"], w[q + "bbox_pred.bias"] = rng.normal(0, 0.05, (n_box, 2048)), rng.normal(0, 0.1, n_box)
     if attributes:
-        emb = "cls_embed" if fmt == "bua_caffe" else "cls_embedding"
-        w[q + emb + ".weight"] = rng.normal(0, 1, (NUM_CLASSES, 256))
-        w[q + "attr_linear1.weight"], w[q + "attr_linear1.bias"] = rng.normal(0, 0.01, (512, 2048 + 256)), np.zeros(512)
-        w[q + "attr_linear2.weight"], w[q + "attr_linear2.bias"] = rng.normal(0, 0.01, (401, 512)), np.zeros(401)
-    return {k: v.astype(np.float32) for k, v in w.items()}
+        w.update({k: rng.normal(0, 0.01, shape) for k, shape in attribute_keys(fmt).items()})
+    return {k: v if k.endswith("tracked") else v.astype(np.float32) for k, v in w.items()}
+
+
+def save_legacy(obj, path) -> None:
+    """torch.save as torch < 1.6 wrote it (VL-BERT's .model, MILVLG's 2020 .pth files)."""
+    torch.save(obj, path, _use_new_zipfile_serialization=False)
+
+
+def save_detectron2_pickle(weights: dict, path) -> None:
+    """The detectron2 model-zoo pickle: ``{"model": {name: ndarray}, "__author__": ...}``, as
+    airsplay/py-bottom-up-attention detectron2/checkpoint/detection_checkpoint.py ``_load_file``
+    reads it (``pickle.load(f, encoding="latin1")``, then ``"model"`` and ``"__author__"``)."""
+    path.write_bytes(pickle.dumps({"model": weights, "__author__": "py-bottom-up-attention"}, protocol=2))
 
 
 # --------------------------------------------------------------------------- reference forward
@@ -276,7 +325,7 @@ def max_err(a, b) -> float:
 def vlbert_source(tmp_path_factory):
     path = tmp_path_factory.mktemp("vlbert") / "resnet101-pt-vgbua-0000.model"
     weights = torchvision_checkpoint()
-    torch.save(weights, path)
+    save_legacy(weights, path)
     return path, weights
 
 
@@ -285,7 +334,7 @@ def test_vlbert_resnet_features_match_source(vlbert_source, tmp_path):
     # VL-BERT's network: pad-1 stem pool, RoIAlign 14 without the shift, one sample per bin (the preset's op).
     det, summary = convert_with_tool(tmp_path, path, caffe_stem_pool=False)
     assert summary["source_format"] == "vlbert_resnet" and summary["parts"] == "backbone"
-    assert summary["unused_source_keys"] == ["fc.bias", "fc.weight"]
+    assert summary["unused_source_keys"] == []  # num_batches_tracked is dropped, not reported
     assert not det.has_heads
     for seed in (0, 1):
         ref, got = ref_forward(weights, "vlbert_resnet", image(seed), BOXES), ours(det, image(seed))
@@ -309,17 +358,17 @@ def test_vlbert_resnet_wrong_but_loadable_conversions_fail_the_comparison(vlbert
 
 @pytest.mark.parametrize("fmt", ["detectron2_caffe", "bua_caffe"])
 def test_detectron2_named_sources_match_the_caffe_network(fmt, tmp_path):
+    """Each port in its authors' container: the detectron2 port's pickle, MILVLG's legacy .pth."""
     weights = detectron2_checkpoint(fmt)
     if fmt == "detectron2_caffe":
         path = tmp_path / "faster_rcnn_from_caffe_attr.pkl"
-        path.write_bytes(pickle.dumps({"model": weights, "__author__": "test"}, protocol=2))
+        save_detectron2_pickle(weights, path)
     else:
         path = tmp_path / "bua-caffe-frcn-r101-k10-100.pth"
-        torch.save({"model": {k: torch.from_numpy(v) for k, v in weights.items()}}, path)
+        save_legacy({"model": {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}}, path)
     det, summary = convert_with_tool(tmp_path, path, roi_op="pool")  # the Caffe network's RoIPool 14
     assert summary["source_format"] == fmt and summary["parts"] == "all"
-    assert all(".attr_linear" in k or ".cls_embed" in k for k in summary["unused_source_keys"])
-    assert len(summary["unused_source_keys"]) == 5
+    assert summary["unused_source_keys"] == sorted(attribute_keys(fmt))  # the attribute head, reported
     K = NUM_CLASSES - 1
     for seed in (0, 1):
         img = image(seed)
@@ -356,7 +405,7 @@ def test_detectron2_named_sources_match_the_caffe_network(fmt, tmp_path):
 def test_caffe_wrong_but_loadable_conversions_fail_the_comparison(tmp_path):
     weights = detectron2_checkpoint("bua_caffe", attributes=False)
     path = tmp_path / "bua.pth"
-    torch.save({k: torch.from_numpy(v) for k, v in weights.items()}, path)
+    torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}, path)  # a newer zip .pth
     ref = ref_forward(weights, "bua_caffe", image(), BOXES)
     for wrong in (dict(bgr=False), dict(res5_dilation=1)):
         det, _ = convert_with_tool(tmp_path, path, roi_op="pool", **wrong)
@@ -364,25 +413,6 @@ def test_caffe_wrong_but_loadable_conversions_fail_the_comparison(tmp_path):
         errs = (max_err(got["features"], ref["features"]), max_err(got["logits"][:, :-1], ref["logits"][:, 1:]))
         print("bua_caffe wrong", wrong, "features %.1e logits %.1e" % errs)
         assert min(errs) > 100 * TOL, (wrong, errs)
-
-
-def test_caffe_anchors_are_py_faster_rcnn_generate_anchors():
-    """Written from py-faster-rcnn's generate_anchors (base 16, ratios then scales)."""
-    def generate_anchors(base=16, ratios=RATIOS, scales=SCALES):
-        out = []
-        for r in ratios:
-            ws = np.round(np.sqrt(base * base / r))
-            hs = np.round(ws * r)
-            for s in scales:
-                w, h, c = ws * s, hs * s, (base - 1) / 2
-                out.append([c - (w - 1) / 2, c - (h - 1) / 2, c + (w - 1) / 2, c + (h - 1) / 2])
-        return torch.tensor(out, dtype=torch.float32)
-
-    cfg = DetectorConfig(**{**detector_preset("butd_r101_vg"), "depth": 18})
-    gen = RegionFeatureExtractor(cfg).detector.rpn_head.prior_generator
-    torch.testing.assert_close(gen.base_anchors[0], generate_anchors(), rtol=0, atol=0)
-    grid = gen.grid_priors([(2, 3)], device="cpu")[0]  # location (y, x) major, then anchor
-    torch.testing.assert_close(grid[A * 4: A * 5], generate_anchors() + torch.tensor([16.0, 16, 16, 16]))
 
 
 def test_restricted_unpickler_refuses_objects(tmp_path):

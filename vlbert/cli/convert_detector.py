@@ -7,8 +7,10 @@
 SOURCE is one of (docs/detector.md):
 - VL-BERT's ``resnet101-pt-vgbua-0000.model`` (backbone and res5 only);
 - the detectron2 ports ``faster_rcnn_from_caffe.pkl`` / ``faster_rcnn_from_caffe_attr.pkl``
-  (read with a restricted unpickler: dicts, strings, numbers and numpy arrays only);
+  (numpy pickles, read through inert stand-ins: plain numeric arrays only, nothing runs);
 - MILVLG's ``bua-caffe-frcn-r101-*.pth``.
+Torch files in either container (zip, or the pre-1.6 legacy format) load with
+``torch.load(weights_only=True)``; the container is told by the file's first bytes.
 The detector is built from the config's ``detector`` section (the e2e configs use
 the ``butd_r101_vg`` preset); every one of its weights must be filled, or nothing is
 written. The output (any fsspec URL) is ``{"state_dict", "meta"}``: set

@@ -13,12 +13,17 @@ three layouts people actually have. Each is mapped, name by name, onto the
     no detections or class distributions, so regions must come from a full checkpoint.
 ``detectron2_caffe`` — the detectron2 ports ``faster_rcnn_from_caffe.pkl`` and
     ``faster_rcnn_from_caffe_attr.pkl`` (py-bottom-up-attention): a pickle of
-    ``{"model": {name: ndarray}}``, read with a restricted unpickler that builds only
-    dicts, lists, strings, numbers and numpy arrays. Names ``backbone.stem.conv1``,
+    ``{"model": {name: ndarray}, "__author__": ...}``, read through inert stand-ins
+    (``weight_files``: no object is built from pickle data). Names ``backbone.stem.conv1``,
     ``backbone.res{2,3,4}.N.*``, ``roi_heads.res5.N.*``, ``proposal_generator.rpn_head.*``,
     ``roi_heads.box_predictor.*``.
 ``bua_caffe`` — MILVLG bottom-up-attention.pytorch ``bua-caffe-frcn-r101-*.pth``: the
-    Caffe blobs under the same detectron2 names (read with ``torch.load(weights_only=True)``).
+    Caffe blobs under the same detectron2 names, BatchNorm ``num_batches_tracked`` in res4 and
+    res5 (read with ``torch.load(weights_only=True)``).
+
+Files are read by ``weight_files.read_weights_file``: torch's zip and legacy (pre-1.6, which
+VL-BERT's ``.model`` and MILVLG's 2020 files are) containers and numpy pickles, told apart
+by their first bytes.
 
 Conventions, and what the conversion does about each:
 - Background class: mmdet and the detectron2 ports put it LAST (index 1600); the Caffe
@@ -45,8 +50,9 @@ Conventions, and what the conversion does about each:
   what the preset sets (``bgr``, ``pixel_mean``, ``pixel_std``); weights are not changed.
 - BatchNorm: Caffe's BatchNorm+Scale pairs arrive as weight, bias, running_mean,
   running_var (eps 1e-5); ``num_batches_tracked`` is dropped.
-- Attribute heads (``_attr`` files: ``cls_embedding``/``cls_embed``, ``attr_linear1``,
-  ``attr_linear2``) have no counterpart here; they are reported as unused.
+- Attribute heads (``_attr`` files; detectron2 port: ``cls_embedding``, ``fc_attr``,
+  ``attr_score``; MILVLG: ``cls_embed``, ``attr_linear1``, ``attr_linear2``) have no
+  counterpart here; they are reported as unused.
 
 ``convert`` refuses a checkpoint when any target weight stays unfilled or has the wrong
 shape, and returns the source names it did not use.
@@ -54,8 +60,6 @@ shape, and returns the source names it did not use.
 
 from __future__ import annotations
 
-import io
-import pickle
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -65,6 +69,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from vlbert.model.detector.weight_files import (ConversionError, load_numpy_pickle, load_tensors, read_weights_file,
+                                                weights_dict)
+
 FORMATS = ("vlbert_resnet", "detectron2_caffe", "bua_caffe")
 # Foreground-delta scaling of this project's box head (mmdet target_stds); raw deltas are divided by it.
 BOX_DELTA_STDS = (0.1, 0.1, 0.2, 0.2)
@@ -73,10 +80,6 @@ HEAD_PREFIXES = ("rpn_head.", "roi_head.bbox_head.")
 _BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 # Prefixes a whole saved state dict may carry (DataParallel, or our own RegionFeatureExtractor).
 _STRIPPED_PREFIXES = ("module.", "detector.")
-
-
-class ConversionError(ValueError):
-    """A checkpoint that cannot be mapped faithfully; the message says what is wrong."""
 
 
 @dataclass
@@ -120,61 +123,14 @@ def architecture_differences(fmt: str, cfg) -> list[str]:
 # --------------------------------------------------------------------------- reading
 
 
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """Builds dicts, lists, tuples, strings, numbers and numpy arrays; nothing else."""
-
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("collections", "OrderedDict"),
-        ("_codecs", "encode"),  # how protocol-2 pickles spell bytes (the array buffers): str -> bytes only
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused to build {module}.{name}: only dicts, strings, numbers "
-                                     f"and numpy arrays are accepted in a weights pickle")
-
-
 def load_pickle_weights(data: bytes) -> dict[str, np.ndarray]:
-    """``{"model": {name: ndarray}}`` (or a bare ``{name: ndarray}``) from pickle bytes."""
-    try:
-        obj = _ArraysOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
-        raise ConversionError(f"not a weights pickle: {e}") from None
-    return _weights_dict(obj)
+    """``{"model": {name: ndarray}}`` (or a bare ``{name: ndarray}``) from a numpy pickle (inert stand-ins)."""
+    return weights_dict(load_numpy_pickle(data))
 
 
 def load_torch_weights(data: bytes) -> dict[str, Tensor]:
-    """A torch checkpoint of tensors (``torch.load(weights_only=True)``), bare or under model/state_dict."""
-    return _weights_dict(_load_tensors(data))
-
-
-def _load_tensors(data: bytes):
-    """``torch.load(weights_only=True)``: tensors and plain containers only."""
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ConversionError(f"not a plain tensor checkpoint (torch.load weights_only=True): {e}") from None
-
-
-def _weights_dict(obj) -> dict:
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj:
-        raise ConversionError(f"expected a dict of weights (optionally under 'model'), got {type(obj).__name__}")
-    bad = [k for k, v in obj.items() if not isinstance(v, (np.ndarray, Tensor))]
-    if bad:
-        raise ConversionError(f"{len(bad)} entries are not arrays, e.g. {bad[:3]}")
-    for prefix in ("module.",):
-        if all(str(k).startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
-    return {str(k): v for k, v in obj.items()}
+    """A torch checkpoint of tensors in either container, bare or under model/state_dict."""
+    return weights_dict(load_tensors(data))
 
 
 def read_checkpoint(url: str) -> tuple[dict[str, Tensor], dict]:
@@ -188,7 +144,7 @@ def read_checkpoint(url: str) -> tuple[dict[str, Tensor], dict]:
     with fsspec.open(url, "rb") as f:
         data = f.read()
     try:
-        obj = _load_tensors(data)
+        obj = load_tensors(data)
     except ConversionError as e:
         raise ValueError(f"{url}: refused to load: {e}. Re-save it as torch.save(ckpt['state_dict'], path)") from None
     meta = {}
@@ -204,10 +160,8 @@ def read_checkpoint(url: str) -> tuple[dict[str, Tensor], dict]:
 
 
 def read_source(data: bytes) -> dict:
-    """Source weights from file bytes: a torch checkpoint, else a numpy pickle."""
-    if data[:2] == b"PK":  # torch.save's zip container
-        return load_torch_weights(data)
-    return load_pickle_weights(data)
+    """Source weights from file bytes in any container (told by its first bytes, see weight_files)."""
+    return weights_dict(read_weights_file(data))
 
 
 def detect_format(weights: dict) -> str:
