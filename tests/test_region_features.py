@@ -130,8 +130,8 @@ def test_tsv_import_counts_bad_rows_and_writes_the_features(tmp_path):
     """Fails if a truncated row, a bad base64 field or a box outside its image is written or not counted,
     or if the stored features differ from the TSV's (beyond float16 rounding)."""
     feats = write_tsv(tmp_path / "f.tsv", [1, 2, 3, 4])
-    stats = import_features("--tsv", str(tmp_path / "f.tsv"), "--output", str(tmp_path / "out"), "--prefix", "vqa",
-                            "--per-shard", "3")
+    stats = import_features("--tsv", str(tmp_path / "f.tsv"), "--out", str(tmp_path / "out"), "--prefix", "vqa",
+                            "--rows-per-shard", "3")
     assert stats["skipped"] == {"truncated_row": 1, "bad_base64": 1, "box_outside_image": 1}
     assert stats["images"] == 4 and stats["samples"] == 4 and stats["shards_written"] == 2
     members = {**shard_members(tmp_path / "out/vqa-00000.tar"), **shard_members(tmp_path / "out/vqa-00001.tar")}
@@ -147,7 +147,7 @@ def test_tsv_import_counts_bad_rows_and_writes_the_features(tmp_path):
 def test_an_interrupted_import_resumes_without_rewriting_finished_shards(tmp_path):
     """Fails if a finished shard is rewritten or the samples shift between shards on a rerun."""
     write_tsv(tmp_path / "f.tsv", [1, 2, 3, 4, 5], bad=False)
-    args = ["--tsv", str(tmp_path / "f.tsv"), "--output", str(tmp_path / "out"), "--per-shard", "2"]
+    args = ["--tsv", str(tmp_path / "f.tsv"), "--out", str(tmp_path / "out"), "--rows-per-shard", "2"]
     import_features(*args)
     first = (tmp_path / "out/features-00000.tar").read_bytes()
     (tmp_path / "out/features-00001.tar").unlink()  # as if the run died while writing shard 1
@@ -168,7 +168,7 @@ def test_vlbert_json_with_class_scores_gives_targets_and_scores(tmp_path):
          "classes": b64(classes)}))
     (tmp_path / "caps.jsonl").write_text(json.dumps({"image_id": 7, "caption": "a red circle"}) + "\n")
     stats = import_features("--json", str(tmp_path / "frcnn/*.json"), "--captions", str(tmp_path / "caps.jsonl"),
-                            "--output", str(tmp_path / "out"))
+                            "--out", str(tmp_path / "out"))
     assert stats["samples"] == 1 and stats["skipped"] == {}
     m = shard_members(tmp_path / "out/features-00000.tar")[f"{7:012d}_0"]
     np.testing.assert_allclose(np.load(io.BytesIO(m["regions.npy"])).astype(np.float32), classes, atol=1e-3)
@@ -184,7 +184,7 @@ def _pretrain_shards(tmp_path: Path, n_images: int = 8) -> Path:
     caps = [{"image_id": i, "caption": WORDS[i % len(WORDS)]} for i in range(1, n_images + 1)]
     (tmp_path / "caps.jsonl").write_text("".join(json.dumps(c) + "\n" for c in caps))
     import_features("--tsv", str(tmp_path / "f.tsv"), "--captions", str(tmp_path / "caps.jsonl"),
-                    "--output", str(tmp_path / "shards"), "--prefix", "train", "--per-shard", "4")
+                    "--out", str(tmp_path / "shards"), "--prefix", "train", "--rows-per-shard", "4")
     return tmp_path / "shards"
 
 
@@ -297,7 +297,7 @@ def test_vqa_finetunes_on_imported_features(demo_data, tmp_path):
     make_demo_vqa(vqa, train_questions=8, val_questions=4, seed=0)
     ids = sorted({q["image_id"] for q in json.loads((vqa / "train_questions.json").read_text())["questions"]})
     write_tsv(tmp_path / "f.tsv", ids)
-    import_features("--tsv", str(tmp_path / "f.tsv"), "--output", str(tmp_path / "feats"), "--prefix", "train")
+    import_features("--tsv", str(tmp_path / "f.tsv"), "--out", str(tmp_path / "feats"), "--prefix", "train")
     split = {"questions": str(vqa / "train_questions.json"), "annotations": str(vqa / "train_annotations.json"),
              "images": [str(tmp_path / "feats/train-*.tar")]}
     out = tmp_path / "out"

@@ -1,14 +1,14 @@
 """Import published region features into our shards (``detector.source: features``).
 
     vlbert-import-features --tsv trainval_36/*.tsv --captions captions_train2014.json \\
-        --output s3://bucket/coco-feats --prefix train [--per-shard 1000]
-    vlbert-import-features --tsv test2015_36.tsv --output data/vqa-feats --prefix test2015
-    vlbert-import-features --json 'frcnn/*.json' --captions cc_train.jsonl --output data/cc-feats
+        --out s3://bucket/coco-feats --prefix train [--rows-per-shard 1000]
+    vlbert-import-features --tsv test2015_36.tsv --out data/vqa-feats --prefix test2015
+    vlbert-import-features --json 'frcnn/*.json' --captions cc_train.jsonl --out data/cc-feats
 
 Inputs (``vlbert.data.butd_features``): bottom-up-attention TSV files (``--columns butd``, the
 default, or ``lxmert``, or a comma-separated list), or VL-BERT's per-image JSON files (with
 ``classes``, the detector's class scores). Output: tar shards ``<prefix>-00000.tar`` ... in the
-layout of docs/features.md, ``--per-shard`` samples each:
+layout of docs/features.md, ``--rows-per-shard`` samples each:
 
 - ``KEY.json``: ``image_id``, ``width``, ``height``, ``boxes`` (pixels), and with class scores
   ``box_scores`` (each box's highest class score, the order the reference sorts boxes by);
@@ -39,6 +39,7 @@ from typing import Iterator, Optional
 import fsspec
 import numpy as np
 
+from vlbert.cli.common import add_renamed_flag, command_parser, console_script
 from vlbert.data.butd_features import (BUTD_COLUMNS, LXMERT_COLUMNS, BadRecord, RegionRecord, parse_record,
                                        read_tsv, read_vlbert_json)
 from vlbert.data.region_features import FEATURES_EXT, REGIONS_EXT, encode_npy
@@ -194,19 +195,21 @@ def import_records(records: Iterator[RegionRecord], writer: ShardWriter, counter
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = command_parser("vlbert-import-features", __doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--tsv", nargs="+", help="bottom-up-attention TSV files (URLs or patterns)")
     src.add_argument("--json", nargs="+", help="VL-BERT per-image JSON files (URLs or patterns)")
     p.add_argument("--columns", default="butd",
                    help="TSV columns: butd (default), lxmert, or a comma-separated list of names")
     p.add_argument("--captions", default="", help="COCO captions JSON or JSON Lines {image_id, caption}")
-    p.add_argument("--output", required=True, help="output folder (any fsspec URL)")
+    p.add_argument("--out", required=True, help="output folder (any fsspec URL)")
+    add_renamed_flag(p, "--output", "--out", "out")
     p.add_argument("--prefix", default="features", help="shard name prefix")
-    p.add_argument("--per-shard", type=int, default=1000, help="samples per shard")
+    p.add_argument("--rows-per-shard", type=int, default=1000, help="samples per shard")
+    add_renamed_flag(p, "--per-shard", "--rows-per-shard", "rows_per_shard", type=int)
     args = p.parse_args(argv)
-    if args.per_shard < 1:
-        p.error("--per-shard must be positive")
+    if args.rows_per_shard < 1:
+        p.error("--rows-per-shard must be positive")
     return args
 
 
@@ -221,16 +224,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     else:
         records = json_records(expand_urls(opts.json), counter)
     captions = read_captions(opts.captions) if opts.captions else None
-    writer = ShardWriter(opts.output, opts.prefix, opts.per_shard)
+    writer = ShardWriter(opts.out, opts.prefix, opts.rows_per_shard)
     stats = import_records(records, writer, counter, captions)
     print(json.dumps(stats), file=sys.stderr)
     return stats
 
 
-def cli() -> None:
-    """The console script ``vlbert-import-features``: exit status 0."""
-    main()
-
+cli = console_script(main)
 
 if __name__ == "__main__":
-    cli()
+    sys.exit(cli())
