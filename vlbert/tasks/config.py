@@ -140,6 +140,7 @@ def validate_finetune(cfg: FinetuneConfig, source: str = "<config>", check_files
             f"must divide the batch size {t.batch_size}")
     require(r.checkpoint_every > 0 and r.keep_last >= 1 and r.log_every > 0, source, "runtime.checkpoint_every",
             "checkpoint_every and log_every must be positive and keep_last >= 1")
+    require(r.lease_stale_minutes > 0, source, "runtime.lease_stale_minutes", "must be positive")
     if cfg.vqa is not None:
         v = cfg.vqa
         require(bool(v.train) or bool(v.val), source, "vqa.train", "give a train or a val split")

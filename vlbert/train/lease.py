@@ -239,3 +239,57 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+# --------------------------------------------------------------------------- a run's folders
+
+
+def run_folders(output_dir: str, checkpoint_dir: str) -> list[str]:
+    """The folders a training run writes: ``output_dir``, and ``checkpoint_dir`` when it is
+    set and not inside ``output_dir`` (another disk, an object store)."""
+    folders = [output_dir]
+    if checkpoint_dir:
+        out = os.path.abspath(output_dir)
+        fs, path = fsspec.core.url_to_fs(checkpoint_dir)
+        inside = isinstance(fs, LocalFileSystem) and os.path.commonpath([out, os.path.abspath(path)]) == out
+        if not inside:
+            folders.append(checkpoint_dir)
+    return folders
+
+
+class FolderLeases:
+    """The leases on a run's folders (``<folder>/LEASE``), held by rank 0 for the run (collective:
+    every rank enters; all raise ``LeaseHeld`` when rank 0 could not take one). ``check`` is the
+    checkpointer's guard: ``LeaseLost`` on rank 0 once another job took a folder over."""
+
+    def __init__(self, folders: list[str], stale_after_s: float, rank: int):
+        self.folders, self.stale_after_s, self.rank = folders, stale_after_s, rank
+        self.leases: list[Lease] = []
+
+    def __enter__(self) -> "FolderLeases":
+        from vlbert.train import dist
+
+        error = None
+        if self.rank == 0:
+            try:
+                for folder in self.folders:
+                    self.leases.append(Lease(folder.rstrip("/") + "/" + LEASE, self.stale_after_s).acquire())
+            except LeaseHeld as e:
+                self.release()
+                error = str(e)
+        error = dist.broadcast_object(error)
+        if error:
+            raise LeaseHeld(error)
+        return self
+
+    def check(self) -> None:
+        for lease in self.leases:
+            lease.check()
+
+    def release(self) -> None:
+        for lease in self.leases:
+            lease.release()
+        self.leases = []
+
+    def __exit__(self, *exc) -> None:
+        self.release()
