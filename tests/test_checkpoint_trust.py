@@ -149,7 +149,7 @@ def test_local_target_never_leaves_its_folder(tmp_path):
 def test_fresh_run_keeps_its_own_checkpoints_and_leaves_another_runs_alone(root):
     """A fresh run (nothing loaded) in a folder that holds an older run's step-004000..005000:
     pruning touches only its own checkpoints, never the one just written, and a resume takes
-    up this run (the one ``latest`` names), not the older run's higher steps. Fails with the
+    up this run (the one that saved last), not the older run's higher steps. Fails with the
     old pruning, which kept the highest three steps and deleted step-000100 on the spot."""
     old = Checkpointer(root, keep_last=3, rank=0, world_size=1)
     for step in (4000, 4500, 5000):
@@ -170,7 +170,7 @@ def test_fresh_run_keeps_its_own_checkpoints_and_leaves_another_runs_alone(root)
 
 
 def test_resumed_old_run_prunes_its_own_checkpoints_only(root):
-    """Resuming the older run (its checkpoint is where ``latest`` points) keeps its run id, so its
+    """Resuming a run keeps its run id, so its
     next saves prune its own oldest checkpoints. Fails if the run id is not taken from the loaded one."""
     first = Checkpointer(root, keep_last=2, rank=0, world_size=1)
     for step in (10, 20):

@@ -19,8 +19,8 @@ uploads its files with fsspec, and rank 0 writes ``COMPLETE`` last.
 Resuming. A checkpoint counts only when its folder is named ``step-<n>`` and holds a
 ``COMPLETE`` that lists files. Rank 0 reads back every listed file and checks its size
 and sha256, and that ``meta.json`` parses; a checkpoint that fails is skipped with a
-warning naming the file, and the one before it is tried (the run that ``latest``
-names first, then by step), so a copy cut off mid-write or damaged later is never
+warning naming the file, and the one before it is tried (of the run that
+saved last first, then by step), so a copy cut off mid-write or damaged later is never
 loaded; when every one fails, ``CheckpointError``. Only the manifest's files are
 read or downloaded, under names checked to stay inside the checkpoint (and, when
 downloaded, inside a fresh temporary folder), each checked against its hash again.
@@ -99,6 +99,7 @@ class CheckpointInfo:
     path: str  # fs path (no protocol) of the step folder
     url: str  # the same, as a URL for messages
     run_id: Optional[str] = None  # from its COMPLETE marker
+    saved_at: float = 0.0  # the same (seconds since the epoch on the saving host)
 
 
 @dataclass
@@ -213,7 +214,8 @@ class Checkpointer:
             raw = self._marker(path) if _NAME.match(name) else None
             if raw is not None:
                 run_id = raw.get("run_id") if isinstance(raw.get("run_id"), str) else None
-                out.append(CheckpointInfo(step, path, self.url(path), run_id))
+                saved_at = raw.get("saved_at") if isinstance(raw.get("saved_at"), (int, float)) else 0.0
+                out.append(CheckpointInfo(step, path, self.url(path), run_id, float(saved_at)))
         return out
 
     def _pointer(self) -> Optional[str]:
@@ -273,12 +275,15 @@ class Checkpointer:
         return value
 
     def find_latest(self) -> Optional[CheckpointInfo]:
-        """The newest checkpoint that verifies: the run that ``latest`` names first, then by step.
-        A damaged one is skipped with a warning; CheckpointError when every one is damaged."""
+        """The newest checkpoint that verifies: of the run that saved last (a fresh run in a
+        folder holding an older run's higher steps is the one to resume), then by step. A
+        damaged one is skipped with a warning; CheckpointError when every one is damaged."""
         published = self.complete()
         pointer = self._pointer()
-        run = next((c.run_id for c in published if posixpath.basename(c.path) == pointer), None)
-        candidates = sorted(published, key=lambda c: (run is not None and c.run_id == run, c.step), reverse=True)
+        run_saved: dict[Optional[str], float] = {}
+        for c in published:
+            run_saved[c.run_id] = max(run_saved.get(c.run_id, 0.0), c.saved_at)
+        candidates = sorted(published, key=lambda c: (run_saved[c.run_id], c.step), reverse=True)
         damaged = []
         for info in candidates:
             try:
@@ -345,8 +350,9 @@ class Checkpointer:
                  meta: dict[str, Any]) -> None:
         """Rank 0: meta.json, the manifest (COMPLETE), the rename (local disk), ``latest``, pruning."""
         folder = staging if self.local else final
+        saved_at = time.time()
         full_meta = {"format": FORMAT_VERSION, "step": step, "world_size": self.world_size,
-                     "saved_at": time.time(), "run_id": self.run_id, **meta}
+                     "saved_at": saved_at, "run_id": self.run_id, **meta}
         meta_bytes = json.dumps(full_meta, indent=1).encode()
         with self.fs.open(posixpath.join(folder, META), "wb") as f:
             f.write(meta_bytes)
@@ -362,7 +368,7 @@ class Checkpointer:
         if self.guard is not None:
             self.guard()
         with self.fs.open(posixpath.join(folder, COMPLETE), "w") as f:
-            f.write(manifest_json(step, self.run_id, files))
+            f.write(manifest_json(step, self.run_id, saved_at, files))
         if self.local:
             os.replace(staging, final)
             _fsync_dir(self.root)

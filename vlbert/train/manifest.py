@@ -2,7 +2,7 @@
 
 Written as the checkpoint's ``COMPLETE`` marker::
 
-    {"manifest": 2, "step": 123, "run_id": "4f1c...",
+    {"manifest": 2, "step": 123, "run_id": "4f1c...", "saved_at": 1700000000.0,
      "files": {"ds/mp_rank_00_model_states.pt": {"size": 123456, "sha256": "ab12..."}, ...}}
 
 A checkpoint is trusted only through its manifest: a name is refused unless it is a
@@ -78,8 +78,8 @@ def hash_local_tree(folder: str) -> dict[str, Entry]:
     return out
 
 
-def manifest_json(step: int, run_id: str, files: dict[str, Entry]) -> str:
-    return json.dumps({"manifest": MANIFEST_VERSION, "step": step, "run_id": run_id,
+def manifest_json(step: int, run_id: str, saved_at: float, files: dict[str, Entry]) -> str:
+    return json.dumps({"manifest": MANIFEST_VERSION, "step": step, "run_id": run_id, "saved_at": saved_at,
                        "files": {k: {"size": e.size, "sha256": e.sha256} for k, e in sorted(files.items())}})
 
 
