@@ -274,12 +274,14 @@ class FolderLeases:
             try:
                 for folder in self.folders:
                     self.leases.append(Lease(folder.rstrip("/") + "/" + LEASE, self.stale_after_s).acquire())
-            except LeaseHeld as e:
+            except Exception as e:  # every rank must leave the broadcast below, then fail together
                 self.release()
-                error = str(e)
+                error = (type(e) is LeaseHeld, str(e) if isinstance(e, LeaseHeld) else
+                         f"could not take the lease on {folder}: {type(e).__name__}: {e}")
         error = dist.broadcast_object(error)
         if error:
-            raise LeaseHeld(error)
+            held, message = error
+            raise (LeaseHeld if held else RuntimeError)(message)
         return self
 
     def check(self) -> None:
