@@ -21,6 +21,7 @@
 #SBATCH --error=logs/%x-%j.err
 #SBATCH --open-mode=append
 #SBATCH --requeue
+#SBATCH --dependency=singleton
 #SBATCH --signal=B:USR1@120
 
 ROOT="${VLBERT_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"

@@ -30,6 +30,11 @@
 # two minutes (Reason=BeginTime). Never requeued: a trainer failure (non-zero
 # exit), and a job that got SIGTERM (scancel; Slurm requeues preempted jobs itself).
 #
+# One job per output folder: --dependency=singleton holds a job while another of yours
+# with the same --job-name runs (so give each run its own name), and the trainer takes
+# a lease on its output folder (runtime.lease_stale_minutes): a second job on the same
+# folder exits at once naming the holder.
+#
 #SBATCH --job-name=vlbert
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=8
@@ -40,6 +45,7 @@
 #SBATCH --error=logs/%x-%j.err
 #SBATCH --open-mode=append
 #SBATCH --requeue
+#SBATCH --dependency=singleton
 # B: sends the warning to this batch shell only. Sent to the tasks instead
 # (--signal=USR1@120), the trainers would save and exit 0 and this script could not
 # tell a preemption from a finished run, so it would not know to requeue. The
@@ -190,6 +196,10 @@ echo "[vlbert] $(date -Is) trainers exited with status $STATUS"
 if [ "$GOT_USR1" = 1 ] && [ "$GOT_TERM" = 0 ] && [ "$STATUS" = 0 ]; then
   echo "[vlbert] requeueing job $SLURM_JOB_ID: it resumes from the latest checkpoint"
   scontrol requeue "$SLURM_JOB_ID"
+  # Slurm clears a dependency once it is met: ask for singleton again for the requeued start
+  # (refused while the job is not pending yet; the output folder's lease still holds then).
+  scontrol update JobId="$SLURM_JOB_ID" Dependency=singleton 2>/dev/null ||
+    echo "[vlbert] (could not set Dependency=singleton on the requeued job; the output folder's lease guards it)"
   exit 0
 fi
 exit "$STATUS"

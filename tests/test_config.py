@@ -220,6 +220,7 @@ def test_broken_json_and_yaml(tmp_path):
         ("optim.grad_accum=5", "optim.grad_accum"),
         ("data.captions.min_boxes=20", "data.captions.min_boxes"),
         ("detector.depth=42", "detector.depth"),
+        ("runtime.lease_stale_minutes=0", "runtime.lease_stale_minutes"),
     ],
 )
 def test_inconsistent_values_are_named(override, key):

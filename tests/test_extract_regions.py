@@ -143,3 +143,21 @@ def test_extract_regions_with_the_visual_genome_preset(shards):
         assert (fg.argmax(1) == 6).all()  # the foreground order is kept (Caffe class 7 -> 6)
         # box scores are foreground scores: never the background's probability
         assert max(meta["box_scores"]) <= fg.max() + 1e-3
+
+
+def test_two_processes_never_share_a_partial_file(shards):
+    """Another live process holds s0's partial file (its lease, with a fresh heartbeat): this one
+    exits naming it and writes nothing under that name. Fails without the lease: both would write
+    one ``.partial`` and publish an interleaved tar."""
+    import time
+
+    out = shards / "out"
+    out.mkdir()
+    (out / "s0.tar.partial").write_bytes(b"being written by the other process")
+    (out / "s0.tar.partial.lease").write_text(json.dumps({
+        "holder": "slurm-job 99 step 0 task 3", "host": "node-b", "pid": 1, "token": "theirs",
+        "acquired_at": time.time(), "heartbeat_at": time.time()}))
+    with pytest.raises(SystemExit, match=r"s0\.tar\.partial\.lease is held by slurm-job 99 step 0 task 3"):
+        run(shards)
+    assert (out / "s0.tar.partial").read_bytes() == b"being written by the other process"
+    assert not (out / "s0.tar").exists()

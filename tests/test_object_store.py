@@ -551,7 +551,8 @@ def test_extract_regions_to_s3_resumes_after_a_kill(bucket, tmp_path):
     with FaultProxy(bucket.endpoint) as proxy:
         run_until_stalled([sys.executable, "-m", "vlbert.cli.extract_regions", *args], proxy,
                           path_matches(r"/out/s1\.tar$"), REPO, tmp_path / "extract.log")
-    assert bucket.ls("out") == ["s0.tar", "s1.tar.partial"]  # killed between writing and publishing s1
+    # killed between writing and publishing s1, holding the lease on its partial file
+    assert bucket.ls("out") == ["s0.tar", "s1.tar.partial", "s1.tar.partial.lease"]
     fs = fresh_s3(bucket.endpoint)
     first = fs.cat_file(f"{bucket.name}/out/s0.tar")
 

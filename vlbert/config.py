@@ -229,6 +229,9 @@ class RuntimeConfig:
     checkpoint_every: int = 1000
     keep_last: int = 3
     resume: bool = True
+    # The output folder's lease (vlbert/train/lease.py): a second job on the folder stops at once; a
+    # lease whose holder wrote no heartbeat for this long is taken over (keep it above clock skew).
+    lease_stale_minutes: float = 10.0
     log_every: int = 10  # steps between log lines and MLflow metrics
     val_every: int = 0  # 0 = no periodic validation
     val_batches: int = 10
@@ -371,6 +374,7 @@ def validate(cfg: Config, source: str = "<config>", check_files: bool = True) ->
             f"must divide the global batch {cfg.global_batch_size}")
     require(r.checkpoint_every > 0 and r.keep_last >= 1 and r.log_every > 0, source, "runtime.checkpoint_every",
             "checkpoint_every and log_every must be positive and keep_last >= 1")
+    require(r.lease_stale_minutes > 0, source, "runtime.lease_stale_minutes", "must be positive")
     t = cfg.tracking
     require(t.spool_max_records >= 1 and t.retry_max_s > 0 and t.drain_timeout_s >= 0, source,
             "tracking.spool_max_records", "spool_max_records and retry_max_s must be positive, drain_timeout_s >= 0")

@@ -1,7 +1,8 @@
 """The command line shared by the run commands (``vlbert.cli.train``, ``vlbert.cli.finetune``):
 ``--config FILE [--set KEY=VALUE ...]``, under ``python``, ``torchrun`` or ``deepspeed``, and their
 exit status: 0 finished or stopped cleanly on a signal, 2 a config error, 1 a data error
-(a source with no usable sample, no batch within the wait limit) or any other failure."""
+(a source with no usable sample, no batch within the wait limit), another job holding the
+output folder's lease, or any other failure."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def run_command(argv: Optional[list[str]], prog: str, doc: str, config_help: str
     from vlbert.config import ConfigError
     from vlbert.data.prefetch import DataWaitTimeout
     from vlbert.data.shards import SourceUnusable
+    from vlbert.train.lease import LeaseHeld
 
     args = parse_run_args(prog, doc, config_help, override_example, argv)
     try:
@@ -47,6 +49,9 @@ def run_command(argv: Optional[list[str]], prog: str, doc: str, config_help: str
         return 2
     except (SourceUnusable, DataWaitTimeout) as e:  # a source with nothing usable, or a store that never answers
         print(f"data error: {e}", file=sys.stderr)
+        return 1
+    except LeaseHeld as e:  # another job writes the same output folder
+        print(f"error: {e}", file=sys.stderr)
         return 1
     if result.preempted:
         print(f"stopped on {result.signal} at step {result.step}; checkpoint {result.checkpoint}", file=sys.stderr)

@@ -20,7 +20,10 @@ samples in the same order, each with (docs/design.md section 4):
 Samples whose image is missing or cannot be decoded, or whose JSON is invalid, are
 left out and counted. Shards are split over ``--world-size`` processes by index.
 A shard is written to ``NAME.tar.partial`` and renamed when complete, so an existing
-``NAME.tar`` is complete and is skipped when the command runs again.
+``NAME.tar`` is complete and is skipped when the command runs again. While it is
+written the partial file is leased (``NAME.tar.partial.lease``): a second process on
+the same shard exits naming the first (a lease left by a killed process is taken over
+once it is gone, or after ``runtime.lease_stale_minutes`` without a heartbeat).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from vlbert.data.formats import ShardError, iter_tar
 from vlbert.data.region_features import FEATURES_EXT, encode_npy
 from vlbert.data.shards import SkipCounter, expand_urls, open_shard
 from vlbert.model.detector import RegionFeatureExtractor
+from vlbert.train.lease import Lease, LeaseHeld, LeaseLost
 
 Sample = tuple[str, dict[str, bytes]]
 
@@ -63,19 +67,27 @@ def read_samples(url: str, counter: SkipCounter) -> Iterator[Sample]:
             counter.add(e.reason)
 
 
-def write_shard(url: str, samples: Iterable[Sample]) -> int:
-    """Stream samples into ``url + ".partial"``, then rename it to ``url``. Returns the count."""
+def write_shard(url: str, samples: Iterable[Sample], stale_after_s: float = 600.0) -> Optional[int]:
+    """Stream samples into ``url + ".partial"``, then rename it to ``url``. Returns the count,
+    or None when another process published ``url`` first.
+
+    The partial file is leased (``.partial.lease``, vlbert/train/lease.py) while it is written,
+    so two processes never write one: the second raises ``LeaseHeld`` naming the first."""
     fs, path = fsspec.core.url_to_fs(url)
     partial = path + ".partial"
     n = 0
-    with fs.open(partial, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for key, files in samples:
-            for ext, data in files.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime = len(data), 0
-                tar.addfile(info, io.BytesIO(data))
-            n += 1
-    fs.mv(partial, path)
+    with Lease(fs.unstrip_protocol(partial + ".lease"), stale_after_s) as lease:
+        if fs.exists(path):
+            return None
+        with fs.open(partial, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for key, files in samples:
+                for ext, data in files.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime = len(data), 0
+                    tar.addfile(info, io.BytesIO(data))
+                n += 1
+        lease.check()  # still ours: no other process took this shard over meanwhile
+        fs.mv(partial, path)
     return n
 
 
@@ -244,7 +256,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 stats["shards_skipped"] += 1
                 continue
             bar.set_postfix(shard=posixpath.basename(outs[i]), skipped=counter.total())
-            stats["samples_written"] += write_shard(outs[i], process_shard(detector, urls[i], opts, counter, bar))
+            try:
+                n = write_shard(outs[i], process_shard(detector, urls[i], opts, counter, bar),
+                                cfg.runtime.lease_stale_minutes * 60)
+            except (LeaseHeld, LeaseLost) as e:
+                raise SystemExit(f"error: {e}") from None
+            if n is None:  # another process published it meanwhile
+                stats["shards_skipped"] += 1
+                continue
+            stats["samples_written"] += n
             stats["shards_done"] += 1
     stats["skipped_samples"] = counter.as_dict()
     print(json.dumps(stats), file=sys.stderr)

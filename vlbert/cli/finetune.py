@@ -8,7 +8,7 @@ At the end the run evaluates on its val split (``<output_dir>/val_predictions.js
 accuracy in MLflow) and writes ``<output_dir>/model.safetensors``. Exit status: 0 when
 training finished or stopped cleanly on SIGTERM/SIGUSR1 (a requeued job resumes from
 the checkpoint), 2 for a config error, 1 for a data error (no batch within the task's
-wait_timeout_s) or any other failure.
+wait_timeout_s), another job holding the output folder (its lease) or any other failure.
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@
 Exit status: 0 when training finished or stopped cleanly on SIGTERM/SIGUSR1
 (a checkpoint was written; a requeued job resumes from it), 2 for a config
 error, 1 for a data error (a source with no usable sample, no batch within
-data.wait_timeout_s) or any other failure.
+data.wait_timeout_s), another job holding the output folder (its lease) or any other
+failure.
 """
 
 from __future__ import annotations

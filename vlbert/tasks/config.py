@@ -223,6 +223,7 @@ def validate_finetune(cfg: FinetuneConfig, source: str = "<config>", check_files
     require(cfg.detector.source == "pixels" or cfg.refcoco is None, source, "detector.source",
             "RefCOCO+ fine-tunes on pixels only (its ground-truth boxes have no stored features); "
             "use detector.source: pixels")
+    require(r.lease_stale_minutes > 0, source, "runtime.lease_stale_minutes", "must be positive")
     if cfg.vqa is not None:
         v = cfg.vqa
         require(bool(v.train) or bool(v.val), source, "vqa.train", "give a train or a val split")

@@ -37,6 +37,7 @@ from vlbert.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from vlbert.train.ds_config import deepspeed_config
 from vlbert.train.engine import Engine, init_distributed
 from vlbert.train.environment import environment_tags
+from vlbert.train.lease import FolderLeases, run_folders
 from vlbert.train.loop import export_weights, seed_everything
 from vlbert.train.progress import Progress
 from vlbert.train.signals import StopRequest
@@ -100,12 +101,15 @@ def finetune(cfg: FinetuneConfig, on_step: Optional[Callable[[int, float], None]
     """Fine-tune until the schedule's last step (or a stop signal), then evaluate and export."""
     stop = StopRequest()
     try:
-        return _finetune(cfg, stop, on_step)
+        r = cfg.runtime
+        rank = init_distributed().rank
+        with FolderLeases(run_folders(r.output_dir, r.checkpoint_dir), r.lease_stale_minutes * 60, rank) as leases:
+            return _finetune(cfg, stop, on_step, leases)
     finally:
         stop.restore()
 
 
-def _finetune(cfg: FinetuneConfig, stop: StopRequest, on_step) -> FinetuneResult:
+def _finetune(cfg: FinetuneConfig, stop: StopRequest, on_step, leases: FolderLeases) -> FinetuneResult:
     from transformers import AutoTokenizer
 
     # The network the starting weights were trained in (their model.json): built exactly.
@@ -146,7 +150,8 @@ def _finetune(cfg: FinetuneConfig, stop: StopRequest, on_step) -> FinetuneResult
                      reference=None if cfg.model.pretrained else checkpoint_tokenizer(cfg.model.bert, cfg.tokenizer),
                      expected_fingerprint=pretrained_info.get("tokenizer_vocab_sha256", ""))
     engine = Engine(model, optim, ds_json)
-    checkpointer = Checkpointer(r.checkpoint_dir or str(out_dir / "checkpoints"), r.keep_last, rank, world)
+    checkpointer = Checkpointer(r.checkpoint_dir or str(out_dir / "checkpoints"), r.keep_last, rank, world,
+                                guard=leases.check)
 
     # ---- resume
     seed_everything(r.seed + rank)

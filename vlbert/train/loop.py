@@ -36,6 +36,7 @@ from vlbert.data.partitions import read_rates
 from vlbert.data.vocabulary import check_vocabulary, checkpoint_tokenizer, vocabulary_fingerprint
 from vlbert.tasks.network import network_info
 from vlbert.train.layout import describe as describe_layout, plan_layout
+from vlbert.train.lease import FolderLeases, run_folders
 from vlbert.train.state import TrainState
 from vlbert.train.sample_keys import SampleKeyLog
 from vlbert.train.environment import environment_tags
@@ -180,15 +181,22 @@ def train(cfg: Config, on_step: Optional[Callable[[int, float], None]] = None) -
     SIGTERM/SIGUSR1 are caught from here on (a signal during start-up stops the
     run before its first step, with a checkpoint); the previous handlers come back
     on return.
+
+    The run holds the lease on its output and checkpoint folders throughout (``lease.py``):
+    raises ``LeaseHeld``, naming the holder, when another job has them.
     """
     stop = StopRequest()
     try:
-        return _train(cfg, stop, on_step)
+        r = cfg.runtime
+        rank = init_distributed().rank
+        with FolderLeases(run_folders(r.output_dir, r.checkpoint_dir), r.lease_stale_minutes * 60, rank) as leases:
+            return _train(cfg, stop, on_step, leases)
     finally:
         stop.restore()
 
 
-def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, float], None]]) -> TrainResult:
+def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, float], None]],
+           leases: FolderLeases) -> TrainResult:
     from transformers import AutoTokenizer
 
     from vlbert.data.mixture import build_pretrain_stream, build_validation_stream
@@ -199,7 +207,8 @@ def _train(cfg: Config, stop: StopRequest, on_step: Optional[Callable[[int, floa
     rank, world = info.rank, info.world_size
     _setup_logging(rank)
     out_dir = Path(r.output_dir)
-    checkpointer = Checkpointer(r.checkpoint_dir or str(out_dir / "checkpoints"), r.keep_last, rank, world)
+    checkpointer = Checkpointer(r.checkpoint_dir or str(out_dir / "checkpoints"), r.keep_last, rank, world,
+                                guard=leases.check)
     # The layout comes first: on another world size the accumulation adapts to keep the global batch.
     latest = checkpointer.peek_latest() if r.resume else None
     saved_layout = TrainState.from_meta(latest[1]).layout if latest is not None else None
