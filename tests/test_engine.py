@@ -13,7 +13,7 @@ from torch import nn
 from vlbert.config import ConfigError, DataConfig, OptimConfig
 from vlbert.train.ds_config import micro_batch_counts, resolve_deepspeed_config
 from vlbert.train.engine import Engine, count_parameters, init_distributed, param_groups
-from vlbert.train.schedule import warmup_linear_decay
+from vlbert.train.schedule import warmup_linear_decay, warmup_step_decay
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.filterwarnings("ignore::FutureWarning")]
 
@@ -79,6 +79,54 @@ def test_schedule_can_hold_the_peak_and_decay_over_the_last_steps():
     for decay in (10, 50):
         assert [warmup_linear_decay(s, 2, 12, decay) for s in range(14)] == [warmup_linear_decay(s, 2, 12)
                                                                               for s in range(14)]
+
+
+def test_step_schedule_warms_up_then_drops_at_its_points():
+    """VCR's recipe in miniature: warmup 2, x0.1 at 0.7 and 0.9 of 20 steps (steps 14 and 18), by
+    hand. Fails if a drop comes a step early or late or compounds wrongly."""
+    f = [warmup_step_decay(s, 2, 20, [0.7, 0.9], 0.1) for s in range(21)]
+    assert f == pytest.approx([0.0, 0.5] + [1.0] * 12 + [0.1] * 4 + [0.01] * 3)
+
+
+def test_engine_with_sgd_takes_momentum_steps_on_the_step_schedule():
+    """optim.optimizer: sgd runs torch's SGD with momentum under DeepSpeed, at the step schedule's
+    rate. The weights after two steps equal SGD with momentum worked out by hand on one parameter
+    group (fails if the momentum, the learning rate or the schedule is not the configured one)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False)
+    w0 = model.weight.detach().clone()
+    data = DataConfig(captions_per_step=4, text_per_step=4)
+    optim = OptimConfig(optimizer="sgd", momentum=0.5, lr=0.1, warmup_steps=0, total_steps=10, weight_decay=0.0,
+                        grad_clip=0.0, step_decay_at=[0.1], step_decay_factor=0.5)
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = model
+
+        def forward(self, batch):
+            return Out(self.lin(batch.x.float()).sum())
+
+    engine = Engine(Wrap(), optim, resolve_deepspeed_config({"zero_optimization": {"stage": 1}}, data, optim, 1))
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    batch = Batch(x, torch.zeros(1))
+    engine.step(batch)
+    engine.step(batch)
+    # grad is x every step; lr 0.1 at step 0, 0.05 from step 1 (0.1 x 10 = step 1); v1 = g, v2 = 0.5 v1 + g
+    g = x[0]
+    expected = w0[0] - 0.1 * g - 0.05 * (0.5 * g + g)
+    torch.testing.assert_close(model.weight.detach()[0].cpu(), expected, rtol=1e-5, atol=1e-6)
+    assert type(engine.optimizer.optimizer).__name__ == "SGD" or "SGD" in type(engine.optimizer).__name__
+
+
+def test_optimizer_choice_is_checked():
+    from vlbert.config import validate_optimizer_choice
+
+    for bad, field in ((dict(optimizer="adam"), "optim.optimizer"), (dict(step_decay_at=[0.9, 0.7]), "optim.step_decay_at"),
+                       (dict(step_decay_at=[1.0]), "optim.step_decay_at"), (dict(momentum=1.0), "optim.momentum"),
+                       (dict(step_decay_at=[0.5], decay_steps=3), "optim.decay_steps")):
+        with pytest.raises(ConfigError, match=field):
+            validate_optimizer_choice(OptimConfig(**bad), "<test>")
 
 
 def test_param_groups_exempt_biases_and_normalisation_but_not_embeddings():

@@ -160,6 +160,8 @@ def test_vcr_configs_load_with_the_reference_recipe():
     cfg = load_finetune_config(REPO / "configs/vcr_base.yaml", check_files=False)
     v, o = cfg.vcr, cfg.optim
     assert (v.batch_size, o.warmup_steps, cfg.epochs, o.weight_decay, o.grad_clip) == (64, 1000, 20, 1e-4, 10.0)
+    assert (o.optimizer, o.momentum, o.step_decay_at, o.step_decay_factor) == ("sgd", 0.9, [0.7, 0.9], 0.1)
+    assert o.lr == pytest.approx(7.0e-5 * v.batch_size)  # train.py: lr = TRAIN.LR x batch size
     assert (v.image.short_side, v.image.max_long_side, v.image.flip_prob) == (600, 1200, 0.5)
     assert (v.max_text_tokens, v.mask_size, v.aux_loss_weight, cfg.model.head_dropout) == (64, 14, 1.0, 0.1)
     assert cfg.detector.res5_dilation == 2 and cfg.detector.roi_size == 14  # a 14x14 res5 map for 14x14 masks

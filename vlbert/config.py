@@ -215,6 +215,13 @@ class OptimConfig:
     decay_steps: int = 0
     grad_clip: float = 10.0
     grad_accum: int = 1
+    # "adamw" (betas, eps) or "sgd" with ``momentum`` (VL-BERT's VCR recipe); weight decay either way.
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    # Step decay instead of the linear one: the learning rate times ``step_decay_factor`` at each
+    # of these fractions of total_steps (VCR: [0.7, 0.9], epochs 14 and 18 of 20). Empty: linear.
+    step_decay_at: list[float] = field(default_factory=list)
+    step_decay_factor: float = 0.1
     # Peak learning rate of the detector's trainable parameters as a multiple of ``lr``
     # (a pretrained backbone usually takes a smaller step than the encoder); the schedule
     # scales every parameter group alike.
@@ -305,6 +312,19 @@ def _apply_detector_preset(raw: dict[str, Any], source: str) -> None:
 # --------------------------------------------------------------------------- validation
 
 
+def validate_optimizer_choice(o: OptimConfig, source: str) -> None:
+    """The optimizer and schedule fields, shared by pretraining and fine-tuning configs."""
+    require(o.optimizer in ("adamw", "sgd"), source, "optim.optimizer", f"expected adamw or sgd, got {o.optimizer!r}")
+    require(0 <= o.momentum < 1, source, "optim.momentum", f"expected a value in [0, 1), got {o.momentum}")
+    at = list(o.step_decay_at)
+    require(all(0 < f < 1 for f in at) and at == sorted(at), source, "optim.step_decay_at",
+            f"expected increasing fractions of total_steps in (0, 1), got {at}")
+    require(0 < o.step_decay_factor <= 1, source, "optim.step_decay_factor",
+            f"expected a factor in (0, 1], got {o.step_decay_factor}")
+    require(not (at and o.decay_steps), source, "optim.decay_steps",
+            "set either decay_steps (linear decay at the end) or step_decay_at (step decay), not both")
+
+
 def validate(cfg: Config, source: str = "<config>", check_files: bool = True) -> None:
     """Cross-field rules. Raise ConfigError naming the first problem."""
     m, d, k, o, r = cfg.model, cfg.data, cfg.masking, cfg.optim, cfg.runtime
@@ -360,6 +380,7 @@ def validate(cfg: Config, source: str = "<config>", check_files: bool = True) ->
     require(bool(m.bert) or bool(d.tokenizer), source, "data.tokenizer",
             "set data.tokenizer when model.bert is empty (random init)")
     require(o.lr > 0, source, "optim.lr", f"must be positive, got {o.lr}")
+    validate_optimizer_choice(o, source)
     require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), source, "optim.betas",
             f"expected two values in [0, 1), got {o.betas}")
     require(0 <= o.warmup_steps <= o.total_steps and o.total_steps > 0, source, "optim.warmup_steps",

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from vlbert.config import (CaptionDataConfig, DataConfig, DetectorConfig, ModelConfig, OptimConfig,
                            RuntimeConfig, TrackingConfig, _apply_detector_preset,
-                           validate_detector)
+                           validate_detector, validate_optimizer_choice)
 from vlbert.config_reader import build, read_raw_config, require
 
 
@@ -211,6 +211,7 @@ def validate_finetune(cfg: FinetuneConfig, source: str = "<config>", check_files
     require(t.wait_warn_s > 0 and t.wait_timeout_s >= 0, source, "wait_warn_s",
             "wait_warn_s must be positive and wait_timeout_s >= 0 (0 = no limit)")
     require(o.lr > 0, source, "optim.lr", "must be positive")
+    validate_optimizer_choice(o, source)
     require(o.decay_steps >= 0, source, "optim.decay_steps", "must be >= 0 (0: decay over every step after the warmup)")
     require(o.total_steps > 0 or cfg.epochs > 0, source, "epochs", "set epochs or optim.total_steps")
     require(o.grad_accum >= 1 and t.batch_size % o.grad_accum == 0, source, "optim.grad_accum",

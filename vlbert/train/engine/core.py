@@ -28,7 +28,7 @@ from torch import nn
 
 from vlbert.config import OptimConfig
 from vlbert.train.ds_config import offload_device
-from vlbert.train.schedule import warmup_linear_decay
+from vlbert.train.schedule import lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,10 @@ class Engine:
             group["lr"] = optim.lr * group["lr_mult"]
         self._lr_mults = [group["lr_mult"] for group in groups]
         kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
-        if offload_device(ds_config):
+        if optim.optimizer == "sgd":  # VL-BERT's VCR recipe
+            optimizer = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum,
+                                        weight_decay=optim.weight_decay)
+        elif offload_device(ds_config):
             from deepspeed.ops.adam import DeepSpeedCPUAdam  # the optimizer ZeRO-Offload requires
 
             optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
@@ -240,8 +243,7 @@ class Engine:
             optimizer = torch.optim.AdamW(groups, **kwargs)
 
         def schedule(opt):  # built on DeepSpeed's wrapper of the optimizer
-            return torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda step: warmup_linear_decay(step, optim.warmup_steps, optim.total_steps, optim.decay_steps))
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, optim))
 
         self._ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config)
@@ -474,7 +476,7 @@ class Engine:
         if len(groups) != len(self._lr_mults):
             raise RuntimeError(f"the checkpoint's optimizer has {len(groups)} parameter groups, "
                                f"this model {len(self._lr_mults)}")
-        factor = warmup_linear_decay(sched.last_epoch, o.warmup_steps, o.total_steps, o.decay_steps)
+        factor = lr_factor(sched.last_epoch, o)
         sched.base_lrs = [o.lr * mult for mult in self._lr_mults]
         for group, base, mult in zip(groups, sched.base_lrs, self._lr_mults):
             group["lr"], group["initial_lr"], group["lr_mult"] = base * factor, base, mult
