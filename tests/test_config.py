@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # own loader (test_every_shipped_finetune_yaml_loads; their recipes in tests/test_vqa_recipe.py,
 # tests/test_refcoco.py).
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml")
-                 if not {"vqa", "refcoco"} & set(yaml.safe_load(p.read_text()) or {}))
+                 if not {"vqa", "refcoco", "vcr"} & set(yaml.safe_load(p.read_text()) or {}))
 FINETUNE_CONFIGS = sorted(set((ROOT / "configs").glob("*.yaml")) - set(CONFIGS))
 DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 
@@ -51,13 +51,13 @@ def test_shipped_files_exist():
 
 @pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_finetune_yaml_loads(path):
-    """Every fine-tuning YAML (VQA, RefCOCO+) builds the typed tree and passes validation, its
+    """Every fine-tuning YAML (VQA, RefCOCO+, VCR) builds the typed tree and passes validation, its
     DeepSpeed file included. Fails if a shipped file names a key the schema lacks."""
     from vlbert.tasks.config import FinetuneConfig, load_finetune_config
 
     cfg = load_finetune_config(path)
     assert isinstance(cfg, FinetuneConfig) and cfg.task is not None
-    assert {"vqa_base", "refcoco_base"} <= {p.stem for p in FINETUNE_CONFIGS}
+    assert {"vqa_base", "refcoco_base", "vcr_base"} <= {p.stem for p in FINETUNE_CONFIGS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -216,7 +216,10 @@ def test_pretraining_on_imported_features_runs_without_mmdet(demo_data, tmp_path
         "assert not bad, bad[:5]\n"
         "print('OK', losses)\n"
     ) % str(tmp_path / "run.yaml")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # A process group of its own: not the rendezvous of this test process.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(REPO)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=280,
                           cwd=str(tmp_path), env=env)
     assert done.returncode == 0 and "OK" in done.stdout, done.stderr[-3000:]
