@@ -14,9 +14,15 @@ randomness (flips) from them whatever the worker layout.
 
 from __future__ import annotations
 
-from typing import Iterator
+import logging
+from typing import Iterator, Optional
 
 import numpy as np
+import torch
+
+from vlbert.data.captions import BadSample
+
+log = logging.getLogger(__name__)
 
 
 class EpochBatchSampler:
@@ -62,3 +68,29 @@ def flips(seed: int, epoch: int, index: int, prob: float) -> bool:
     if epoch < 0 or prob <= 0:
         return False
     return bool(np.random.default_rng([seed & 0xFFFFFFFF, epoch, index]).random() < prob)
+
+
+class ItemBatchDataset(torch.utils.data.Dataset):
+    """A task dataset whose items are lists of ``(index, epoch)`` pairs (``EpochBatchSampler``;
+    epoch -1 = evaluation). Subclasses give ``sample(index, epoch)`` (raising ``BadSample`` for an
+    item it cannot read) and ``collate(samples)``; a list becomes ``(batch or None, skips by
+    reason)``."""
+
+    def sample(self, index: int, epoch: int):
+        raise NotImplementedError
+
+    def collate(self, samples: list):
+        raise NotImplementedError
+
+    def get_batch(self, items: list[tuple[int, int]]) -> tuple[Optional[object], dict[str, int]]:
+        samples, skipped = [], {}
+        for index, epoch in items:
+            try:
+                samples.append(self.sample(index, epoch))
+            except BadSample as e:
+                skipped[e.reason] = skipped.get(e.reason, 0) + 1
+                log.debug("%s item %d skipped: %s", type(self).__name__, index, e)
+        return (self.collate(samples) if samples else None), skipped
+
+    def __getitem__(self, items: list[tuple[int, int]]):
+        return self.get_batch(items)

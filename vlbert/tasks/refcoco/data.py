@@ -30,9 +30,8 @@ import torch
 
 from vlbert.config import CaptionDataConfig
 from vlbert.batch import _to
-from vlbert.data.captions import BadSample
 from vlbert.tasks.images import ImageIndex, decode_image_sample
-from vlbert.tasks.sampling import flips
+from vlbert.tasks.sampling import ItemBatchDataset, flips
 from vlbert.tasks.vqa.answers import swap_left_right
 from vlbert.tasks.vqa.data import collate_images, read_json
 
@@ -188,7 +187,7 @@ def collate_refs(samples: list[RefSample]) -> RefBatch:
                     torch.tensor([[*s.scale, *s.scale] for s in samples], dtype=torch.float32))
 
 
-class RefDataset(torch.utils.data.Dataset):
+class RefDataset(ItemBatchDataset):
     """Expressions whose image is in the shards; items ``(index, epoch)`` as ``VQADataset``."""
 
     def __init__(self, expressions: list[Expression], images: ImageIndex, image_cfg: CaptionDataConfig, tokenizer,
@@ -220,14 +219,5 @@ class RefDataset(torch.utils.data.Dataset):
         return make_ref_sample(e, self.images.read(e.image_id), self.image_cfg, self.tokenizer, self.max_tokens,
                                self.use_gt_boxes, self.positive_iou, flip, detected, self.add_gt)
 
-    def get_batch(self, items: list[tuple[int, int]]) -> tuple[Optional[RefBatch], dict[str, int]]:
-        samples, skipped = [], {}
-        for index, epoch in items:
-            try:
-                samples.append(self.sample(index, epoch))
-            except BadSample as e:
-                skipped[e.reason] = skipped.get(e.reason, 0) + 1
-        return (collate_refs(samples) if samples else None), skipped
-
-    def __getitem__(self, items):
-        return self.get_batch(items)
+    def collate(self, samples: list[RefSample]) -> RefBatch:
+        return collate_refs(samples)

@@ -53,7 +53,7 @@ from vlbert.config import CaptionDataConfig
 from vlbert.data.captions import BadSample, _decode_image
 from vlbert.data.shards import expand_urls
 from vlbert.model.embeddings import SEGMENT_A, SEGMENT_B
-from vlbert.tasks.sampling import flips
+from vlbert.tasks.sampling import ItemBatchDataset, flips
 from vlbert.tasks.vcr.tokens import TaggedText, encode_sentence, object_words, referenced_objects
 from vlbert.tasks.vqa.data import collate_images
 
@@ -386,7 +386,7 @@ def collate_vcr(samples: list[VCRSample]) -> VCRBatch:
 # --------------------------------------------------------------------------- data set
 
 
-class VCRDataset(torch.utils.data.Dataset):
+class VCRDataset(ItemBatchDataset):
     """Items (``Item``) over examples whose image is in the shards. Dataset items are
     ``(index, epoch)`` pairs (``sampling.EpochBatchSampler``; epoch -1 = evaluation, no flip);
     ``get_batch`` collates them and counts the ones it cannot read by reason (``BadSample``)."""
@@ -430,15 +430,5 @@ class VCRDataset(torch.utils.data.Dataset):
         return VCRSample(index, self.label(item), [s[0] for s in seqs], [s[1] for s in seqs], [s[2] for s in seqs],
                          image, boxes, masks, classes, size)
 
-    def get_batch(self, items: list[tuple[int, int]]) -> tuple[Optional[VCRBatch], dict[str, int]]:
-        samples, skipped = [], {}
-        for index, epoch in items:
-            try:
-                samples.append(self.sample(index, epoch))
-            except BadSample as e:
-                skipped[e.reason] = skipped.get(e.reason, 0) + 1
-                log.debug("VCR item %d skipped: %s", index, e)
-        return (collate_vcr(samples) if samples else None), skipped
-
-    def __getitem__(self, items):
-        return self.get_batch(items)
+    def collate(self, samples: list[VCRSample]) -> VCRBatch:
+        return collate_vcr(samples)

@@ -24,10 +24,9 @@ import torch
 
 from vlbert.config import CaptionDataConfig
 from vlbert.batch import _to
-from vlbert.data.captions import BadSample
 from vlbert.model.embeddings import SEGMENT_A, SEGMENT_B
 from vlbert.tasks.images import ImageIndex, decode_feature_sample, decode_image_sample
-from vlbert.tasks.sampling import flips
+from vlbert.tasks.sampling import ItemBatchDataset, flips
 from vlbert.tasks.vqa.answers import AnswerVocab, answer_targets, swap_left_right
 
 log = logging.getLogger(__name__)
@@ -235,7 +234,7 @@ def collate_vqa(samples: list[VQASample], num_answers: int, pad_to_multiple: int
 # --------------------------------------------------------------------------- data set
 
 
-class VQADataset(torch.utils.data.Dataset):
+class VQADataset(ItemBatchDataset):
     """Questions whose image is in the shards. Items are ``(index, epoch)`` pairs
     (``sampling.EpochBatchSampler``); epoch -1 = evaluation (no flip). Flips are
     drawn from ``(seed, epoch, index)``. ``get_batch`` returns a collated batch;
@@ -269,15 +268,5 @@ class VQADataset(torch.utils.data.Dataset):
         return make_vqa_sample(q, self.images.read(q.image_id), self.image_cfg, self.tokenizer, self.vocab,
                                self.max_question_tokens, flip, self.features)
 
-    def get_batch(self, items: list[tuple[int, int]]) -> tuple[Optional[VQABatch], dict[str, int]]:
-        samples, skipped = [], {}
-        for index, epoch in items:
-            try:
-                samples.append(self.sample(index, epoch))
-            except BadSample as e:
-                skipped[e.reason] = skipped.get(e.reason, 0) + 1
-        batch = collate_vqa(samples, self.num_answers) if samples else None
-        return batch, skipped
-
-    def __getitem__(self, items: list[tuple[int, int]]):
-        return self.get_batch(items)
+    def collate(self, samples: list[VQASample]) -> VQABatch:
+        return collate_vqa(samples, self.num_answers)
