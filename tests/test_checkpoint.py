@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from vlbert.train.checkpoint import COMPLETE, CheckpointError, Checkpointer, rng_state, set_rng_state
+from vlbert.train.checkpoint import COMPLETE, CheckpointError, Checkpointer
+from vlbert.train.rng import rng_state, set_rng_state
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.filterwarnings("ignore::FutureWarning")]
 

@@ -33,7 +33,8 @@ from vlbert.tasks.network import network_info, resolve_network
 from vlbert.tasks.pretrained import read_pretrained_info
 from vlbert.tasks.sampling import EpochBatchSampler
 from vlbert.train import dist
-from vlbert.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from vlbert.train.checkpoint import Checkpointer
+from vlbert.train.rng import rng_state, set_rng_state
 from vlbert.train.ds_config import deepspeed_config
 from vlbert.train.engine import Engine, init_distributed
 from vlbert.train.environment import environment_tags

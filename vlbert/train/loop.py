@@ -27,7 +27,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vlbert.config import Config, ConfigError, flatten, save_config
 from vlbert.train import dist
-from vlbert.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from vlbert.train.checkpoint import Checkpointer
+from vlbert.train.rng import rng_state, set_rng_state
 from vlbert.train.ds_config import deepspeed_config
 from vlbert.train.engine import Engine, count_parameters, init_distributed
 from vlbert.train.progress import Progress
