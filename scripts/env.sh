@@ -49,7 +49,7 @@ _with_heartbeat() {
     kill -0 "$pid" 2>/dev/null || break
     # ninja prints "[n/N] c++ ..." per compiled file: show that count when there is one.
     local last; last="$(grep -oE '^ *\[[0-9]+/[0-9]+\]' "${_HB_LOG:-$log}" 2>/dev/null | tail -n 1 | tr -d ' ')"
-    [ -n "$last" ] && last="files compiled $last" || last="$(tail -n 1 "$log" | cut -c1-100)"
+    [ -n "$last" ] && last="files compiled $last" || last="$(tail -n 1 "${_HB_LOG:-$log}" 2>/dev/null | cut -c1-100)"
     _say "$label: $(( (SECONDS - start) / 60 )) min $(( (SECONDS - start) % 60 )) s ... $last"
   done
   if ! wait "$pid"; then

@@ -207,6 +207,29 @@ def test_roi_pool_matches_its_definition_on_cuda():
     torch.testing.assert_close(got_in.grad.cpu(), want_in.grad)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA here: the CUDA kernels cannot run")
+def test_cuda_roi_align_and_nms_match_the_definitions():
+    g = torch.Generator().manual_seed(5)
+    feat = torch.randn(2, 3, 12, 15, generator=g, dtype=torch.float64)
+    rois = torch.tensor([[0, 0, 0, 239, 191], [1, 20.3, 30.1, 100.7, 150.2], [1, -30, -10, 60, 40]])
+    for aligned, ratio in ((True, 0), (False, 1)):
+        want_in = feat.clone().requires_grad_(True)
+        want = ref_roi_align(want_in, rois.double(), 14, 1 / 16, ratio, aligned)
+        got_in = feat.float().cuda().requires_grad_(True)
+        got = roi_align(got_in, rois.cuda(), (14, 14), 1 / 16, ratio, "avg", aligned)
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+        grad_out = torch.randn(got.shape, generator=g, dtype=torch.float64)
+        (want * grad_out).sum().backward()
+        (got * grad_out.float().cuda()).sum().backward()
+        torch.testing.assert_close(got_in.grad.double().cpu(), want_in.grad, rtol=1e-5, atol=1e-5)
+    boxes, scores = random_boxes(300, 60, g), torch.rand(300, generator=g)
+    classes = torch.randint(0, 4, (300,), generator=g)
+    assert nms(boxes.cuda(), scores.cuda(), 0.5)[1].tolist() == ref_nms(boxes, scores, 0.5)
+    cfg = dict(type="nms", iou_threshold=0.4)
+    assert (batched_nms(boxes.cuda(), scores.cuda(), classes.cuda(), cfg)[1].tolist()
+            == batched_nms(boxes, scores, classes, cfg)[1].tolist())
+
+
 # --------------------------------------------------------------------------- the built set
 
 
