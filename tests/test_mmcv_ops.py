@@ -302,26 +302,20 @@ def patched_source(tmp_path_factory):
     return src
 
 
-def _subset(src: Path, ops_text: str, cuda: bool):
-    """Run the patch's source filter (vlbert_subset.py) as setup.py does, in ``src``."""
+def _subset(src: Path, ops_text: str, monkeypatch):
+    """Run the patch's source filter (vlbert_subset.py) in ``src`` on the CUDA build's source list, as
+    setup.py does: (kept sources, pybind_subset.cpp, cudabind_subset.cpp)."""
     import importlib.util
     (src / "vlbert_ops.txt").write_text(ops_text)
     spec = importlib.util.spec_from_file_location("vlbert_subset", src / "vlbert_subset.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cwd = os.getcwd()
-    os.chdir(src)
-    try:
-        pt = Path("mmcv/ops/csrc/pytorch")
-        files = [f"./{p}" for p in sorted(pt.glob("*.cpp")) + sorted(pt.glob("cpu/*.cpp")) if "_subset" not in p.name]
-        if cuda:
-            files += [f"./{p}" for p in sorted(pt.glob("cuda/*.cu")) + [pt / "cuda" / "cudabind.cpp"]]
-        kept = module.subset_sources(files, "vlbert_ops.txt")
-        pybind = (pt / "pybind_subset.cpp").read_text()
-        cudabind = (pt / "cuda" / "cudabind_subset.cpp").read_text() if cuda else ""
-    finally:
-        os.chdir(cwd)
-    return kept, pybind, cudabind
+    monkeypatch.chdir(src)
+    pt = Path("mmcv/ops/csrc/pytorch")
+    files = [f"./{p}" for p in sorted(pt.glob("*.cpp")) + sorted(pt.glob("cpu/*.cpp")) + sorted(pt.glob("cuda/*.cu"))
+             + sorted(pt.glob("cuda/*.cpp"))]  # the CUDA branch of setup.py globs these
+    kept = module.subset_sources(files, "vlbert_ops.txt")
+    return kept, (pt / "pybind_subset.cpp").read_text(), (pt / "cuda" / "cudabind_subset.cpp").read_text()
 
 
 def defined(cpp: str) -> list[str]:
@@ -329,7 +323,7 @@ def defined(cpp: str) -> list[str]:
     return re.findall(r"(\w+)\s*\([^;{}]*\)\s*\{", cpp)
 
 
-def test_op_list_sources_exist_and_the_cuda_binding_keeps_exactly_these_ops(patched_source):
+def test_op_list_sources_exist_and_the_cuda_binding_keeps_exactly_these_ops(patched_source, monkeypatch):
     """The CUDA build's source list and bindings for our op list. Fails if the filter drops a registration
     of a built op or keeps one of another (checked by keeping every item in subset_cudabind: every op's
     registration appeared) or keeps a definition whose launcher is not compiled (checked by ignoring the
@@ -339,7 +333,7 @@ def test_op_list_sources_exist_and_the_cuda_binding_keeps_exactly_these_ops(patc
     for files in ops.values():
         for f in files:
             assert (pt / f).is_file(), f
-    kept, pybind, cudabind = _subset(patched_source, OPS_FILE.read_text(), cuda=True)
+    kept, pybind, cudabind = _subset(patched_source, OPS_FILE.read_text(), monkeypatch)
     listed = {f"./mmcv/ops/csrc/pytorch/{f}" for files in ops.values() for f in files}
     assert set(kept) == listed | {"./mmcv/ops/csrc/pytorch/pybind_subset.cpp",
                                   "./mmcv/ops/csrc/pytorch/cuda/cudabind_subset.cpp"}
@@ -355,13 +349,13 @@ def test_op_list_sources_exist_and_the_cuda_binding_keeps_exactly_these_ops(patc
     assert 'm.attr("__vlbert_ops__") = py::make_tuple("nms", "roi_align", "roi_pool")' in pybind
 
 
-def test_filter_with_every_source_keeps_every_binding(patched_source):
+def test_filter_with_every_source_keeps_every_binding(patched_source, monkeypatch):
     """With every op listed the filter must keep all of mmcv's bindings (counted in the original files), so
     it only ever drops what is not compiled. Fails if a binding is misparsed."""
     pt = patched_source / "mmcv" / "ops" / "csrc" / "pytorch"
     every = [p.relative_to(pt).as_posix() for p in sorted(pt.glob("*.cpp")) + sorted(pt.glob("cpu/*.cpp"))
              + sorted(pt.glob("cuda/*.cu")) if "pybind" not in p.name]
-    _, pybind, cudabind = _subset(patched_source, "all_ops " + " ".join(every) + "\n", cuda=True)
+    _, pybind, cudabind = _subset(patched_source, "all_ops " + " ".join(every) + "\n", monkeypatch)
     original_pybind = (pt / "pybind.cpp").read_text()
     original_cudabind = (pt / "cuda" / "cudabind.cpp").read_text()
     assert re.findall(r'm\.def\("(\w+)"', pybind) == re.findall(r'm\.def\("(\w+)"', original_pybind)
