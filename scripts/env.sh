@@ -88,34 +88,34 @@ if ! "$VLBERT_VENV/bin/python" -c 'import mmcv.ops' 2>/dev/null; then
     # mmcv has no wheel for current torch: compile it (scripts/mmcv_build.sh: our patches, only the ops of
     # VLBERT_MMCV_OPS, CPU and with CUDA torch its CUDA kernels) into a wheel kept in VLBERT_CACHE under a key
     # of everything the binary depends on, so the next install reuses it.
-    key="$("$VLBERT_VENV/bin/python" -c 'import sys, sysconfig, torch
+    _mmcv_key="$("$VLBERT_VENV/bin/python" -c 'import sys, sysconfig, torch
 print(sys.implementation.cache_tag, sysconfig.get_platform(), torch.__version__, torch.version.cuda)')"
-    key="$( { echo "$key ${TORCH_CUDA_ARCH_LIST:-}"; cat scripts/patches/mmcv-2.1.0-*.patch
+    _mmcv_key="$( { echo "$_mmcv_key ${TORCH_CUDA_ARCH_LIST:-}"; cat scripts/patches/mmcv-2.1.0-*.patch
               [ "$VLBERT_MMCV_OPS" = all ] && echo all || cat "$VLBERT_MMCV_OPS"; } | sha256sum | cut -c1-16)"
-    wheel_dir="$VLBERT_CACHE/mmcv-2.1.0-$key"
-    if ! ls "$wheel_dir"/mmcv-2.1.0-*.whl >/dev/null 2>&1; then
-      sdist="$VLBERT_CACHE/mmcv-2.1.0.tar.gz"
-      if [ ! -f "$sdist" ]; then
+    _mmcv_wheels="$VLBERT_CACHE/mmcv-2.1.0-$_mmcv_key"
+    if ! ls "$_mmcv_wheels"/mmcv-2.1.0-*.whl >/dev/null 2>&1; then
+      _mmcv_sdist="$VLBERT_CACHE/mmcv-2.1.0.tar.gz"
+      if [ ! -f "$_mmcv_sdist" ]; then
         _say "downloading mmcv 2.1.0's source"
         "${PIP[@]}" download --quiet --no-deps --no-binary :all: --no-build-isolation -d "$VLBERT_CACHE" mmcv==2.1.0
       fi
       if [ "$VLBERT_MMCV_OPS" = all ]; then
         _say "compiling mmcv 2.1.0 with all its ops: 30-45 minutes on 2 cores"
       else
-        ops="$(sed 's/#.*//' "$VLBERT_MMCV_OPS" | awk 'NF {print $1}' | xargs)"
-        _say "compiling mmcv 2.1.0 with the ops vlbert uses ($ops): about 3.5 CPU-minutes (docs/install.md)"
+        _mmcv_ops="$(sed 's/#.*//' "$VLBERT_MMCV_OPS" | awk 'NF {print $1}' | xargs)"
+        _say "compiling mmcv 2.1.0 with the ops vlbert uses ($_mmcv_ops): about 3.5 CPU-minutes (docs/install.md)"
       fi
-      rm -f "$VLBERT_CACHE/mmcv_build.log"
+      rm -rf "$VLBERT_CACHE/mmcv_build.log" "$_mmcv_wheels.tmp"
       _HB_LOG="$VLBERT_CACHE/mmcv_build.log" MMCV_OPS="$VLBERT_MMCV_OPS" MMCV_BUILD_DIR="$VLBERT_CACHE/mmcv-build" \
-        MMCV_WHEEL_DIR="$wheel_dir.tmp" PYTHON="$VLBERT_VENV/bin/python" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+        MMCV_WHEEL_DIR="$_mmcv_wheels.tmp" PYTHON="$VLBERT_VENV/bin/python" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
         _with_heartbeat "compiling mmcv (log: $VLBERT_CACHE/mmcv_build.log)" \
-        bash scripts/mmcv_build.sh "$sdist" - "$VLBERT_CACHE/mmcv_build.log" || exit 1
-      rm -rf "$wheel_dir" "$VLBERT_CACHE/mmcv-build"
-      mv "$wheel_dir.tmp" "$wheel_dir"
+        bash scripts/mmcv_build.sh "$_mmcv_sdist" - "$VLBERT_CACHE/mmcv_build.log" || exit 1
+      rm -rf "$_mmcv_wheels" "$VLBERT_CACHE/mmcv-build"
+      mv "$_mmcv_wheels.tmp" "$_mmcv_wheels"
     else
-      _say "installing mmcv 2.1.0 compiled earlier ($wheel_dir)"
+      _say "installing mmcv 2.1.0 compiled earlier ($_mmcv_wheels)"
     fi
-    "${PIP[@]}" install --quiet --no-deps "$wheel_dir"/mmcv-2.1.0-*.whl
+    "${PIP[@]}" install --quiet --no-deps "$_mmcv_wheels"/mmcv-2.1.0-*.whl
   fi
 fi
 
