@@ -6,6 +6,8 @@ Checks, each recorded as {"ok": bool, ...} (the exit status is 1 when a required
 - imports: torch, mmcv (its version and ops), mmdet, mmengine, deepspeed, mlflow (skinny), vlbert's model,
   engine and tracking packages;
 - mmcv RoIAlign on the device against the same op on the CPU (the compiled kernels, both ways);
+- tests/test_mmcv_ops.py (RoIAlign, RoIPool, NMS kernels against their definitions on the device; the
+  subset build's "not built in this install" stubs);
 - vlbert's tracker writes a metric through mlflow-skinny to a file store and reads it back (skinny cannot
   open vlbert's default SQLite store, having no SQLAlchemy: a real run on such a host points
   tracking.tracking_uri at a server; the bench does not track);
@@ -82,6 +84,19 @@ def main(argv=None) -> int:
         if not err < 1e-4:
             raise AssertionError(f"RoIAlign on {args.device} differs from the CPU kernel by {err}")
         return dict(max_abs_diff=err, device=args.device)
+
+    @check(results, "mmcv_ops_tests")
+    def _mmcv_ops_tests():
+        # tests/test_mmcv_ops.py on this host: with CUDA its RoIPool, RoIAlign and NMS kernel checks run
+        # (they are skipped on CPU-only machines), and the subset build's stub error.
+        import subprocess
+        out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                              str(ROOT / "tests" / "test_mmcv_ops.py")], capture_output=True, text=True,
+                             timeout=300, cwd=ROOT)
+        tail = out.stdout.strip().splitlines()[-12:]
+        if out.returncode != 0:
+            raise AssertionError("tests/test_mmcv_ops.py failed: " + "\n".join(tail))
+        return dict(summary=tail[-1] if tail else "", skipped=[ln for ln in tail if ln.startswith("SKIPPED")])
 
     @check(results, "tracking_skinny")
     def _tracking():
