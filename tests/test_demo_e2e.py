@@ -7,10 +7,11 @@ ZeRO-2 on the CPU, tracked in MLflow) and probe the model. It must
 fill in masked colour words from the image and fall to chance without it (<= 0.30, chance 0.20),
 and the probe's figures must reach the training run's MLflow run at its last step.
 
-The bar with the image, 0.85, is above what a model reaches that sees the colours in the image
+The bar with the image, 0.90, is above what a model reaches that sees the colours in the image
 but does not tie each colour word to its shape (about 0.73 on the demo's scenes of one or two
-shapes) and well below every seed measured with this config (0.97, 0.98 and 0.99 for seeds 0-2;
-docs/demo.md), with room for another CPU's floating-point sums. Minutes on 2 cores: marked integration
+shapes) and below every run measured with this config with a margin of 0.07 (0.977, 0.989 and
+0.977 for seeds 0-2, 0.977+ with AVX2 kernels on an AVX-512 CPU; docs/demo.md), for another CPU's
+floating-point sums. Minutes on 2 cores: marked integration
 (``.ci/run`` runs it with the rest).
 """
 
@@ -89,5 +90,5 @@ def test_demo_grounds_colour_words_in_the_image(tmp_path):
 
     assert result["probe_colour_chance"] == pytest.approx(0.2)
     assert result["probe_colour_queries"] >= 500  # the held-out set is large enough for a stable figure
-    assert result["probe_colour_acc_with_image"] >= 0.85, result
+    assert result["probe_colour_acc_with_image"] >= 0.90, result
     assert result["probe_colour_acc_blanked"] <= 0.30, result
