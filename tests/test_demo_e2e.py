@@ -10,7 +10,7 @@ and the probe's figures must reach the training run's MLflow run at its last ste
 The bar with the image, 0.90, is above what a model reaches that sees the colours in the image
 but does not tie each colour word to its shape (about 0.73 on the demo's scenes of one or two
 shapes) and below every run measured with this config with a margin of 0.07 (0.977, 0.989 and
-0.977 for seeds 0-2, 0.977+ with AVX2 kernels on an AVX-512 CPU; docs/demo.md), for another CPU's
+0.977 for seeds 0-2, 0.984 for seed 0 with AVX2 kernels on an AVX-512 CPU; docs/demo.md), for another CPU's
 floating-point sums. Minutes on 2 cores: marked integration
 (``.ci/run`` runs it with the rest).
 """
