@@ -161,3 +161,62 @@ def test_two_processes_never_share_a_partial_file(shards):
         run(shards)
     assert (out / "s0.tar.partial").read_bytes() == b"being written by the other process"
     assert not (out / "s0.tar").exists()
+
+
+def test_given_boxes_keep_the_annotations_and_add_their_features(tmp_path):
+    """--given-boxes: no detection; each sample keeps its JSON boxes, scores and regions.npy, and
+    gains one feature per box: what the detector's forward gives for that box, scaled here by hand
+    into the resized image (and not what it gives for the unscaled box); a sample without valid
+    boxes is a counted skip. The image is stored at 96x72 and read at 85x64 (short side 64), so
+    the boxes must be scaled into the resized image.
+    Fails if the boxes are not scaled (features of the wrong regions), if detections replace the
+    given boxes, or if the given regions.npy is overwritten."""
+    import torch
+
+    from vlbert.config import load_config
+    from vlbert.model.detector import RegionFeatureExtractor
+
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    det_cfg = load_config(tmp_path / "cfg.yaml", check_files=False).detector
+    torch.manual_seed(0)
+    detector = RegionFeatureExtractor(det_cfg).eval()
+    torch.save(detector.detector.state_dict(), tmp_path / "det.pth")
+    boxes = [[6, 3, 40, 30], [48, 24, 90, 70]]  # pixels of the stored 96x72 image
+    one_hot = np.eye(NUM_CLASSES, dtype=np.float16)[[1, 3]]
+    buf = io.BytesIO()
+    np.save(buf, one_hot)
+    meta = {"width": 96, "height": 72, "boxes": boxes, "box_scores": [1.0, 1.0], "labels": ["a", "b"]}
+    samples = [("g0", {"jpg": jpeg(96, 72, 3), "txt": b"two boxes", "json": json.dumps(meta).encode(),
+                       "regions.npy": buf.getvalue()}),
+               ("g1", {"jpg": jpeg(96, 72, 4), "txt": b"one box, no regions",
+                       "json": json.dumps(dict(meta, boxes=boxes[:1], box_scores=[0.9])).encode()}),
+               ("g2", {"jpg": jpeg(96, 72, 5), "txt": b"box outside",
+                       "json": json.dumps(dict(meta, boxes=[[0, 0, 97, 10]])).encode()}),
+               ("g3", {"jpg": jpeg(96, 72, 6), "txt": b"no json"})]
+    (tmp_path / "in").mkdir()
+    write_tar(str(tmp_path / "in" / "g.tar"), samples)
+    stats = main(["--config", str(tmp_path / "cfg.yaml"), "--input", str(tmp_path / "in" / "g.tar"),
+                  "--out", str(tmp_path / "out"), "--device", "cpu", "--given-boxes", "--batch-size", "4",
+                  "--set", f"detector.checkpoint={tmp_path / 'det.pth'}"])
+    assert stats["samples_written"] == 2 and stats["skipped_samples"] == {"bad_boxes": 2}
+    out = read(tmp_path / "out" / "g.tar")
+    assert list(out) == ["g0", "g1"]
+    assert out["g0"]["regions.npy"] == buf.getvalue()  # the given targets, byte for byte
+    regions1 = np.load(io.BytesIO(out["g1"]["regions.npy"]), allow_pickle=False)  # the detector's, where none
+    assert regions1.shape == (1, NUM_CLASSES)
+    np.testing.assert_allclose(regions1.astype(np.float32).sum(1), 1.0, atol=5e-3)
+    for key, n in (("g0", 2), ("g1", 1)):
+        written = json.loads(out[key]["json"])
+        assert written["boxes"] == boxes[:n] and written["width"] == 96 and written["height"] == 72
+        feats = np.load(io.BytesIO(out[key]["features.npy"]), allow_pickle=False)
+        assert feats.dtype == np.float16 and feats.shape == (n, detector.out_channels)
+        image = torch.from_numpy(np.asarray(Image.open(io.BytesIO(out[key]["jpg"])).convert("RGB")
+                                            .resize((85, 64), Image.BILINEAR)).copy()).permute(2, 0, 1)[None]
+        scaled = torch.tensor(boxes[:n], dtype=torch.float) * torch.tensor([85 / 96, 64 / 72] * 2)
+        mask = torch.ones(1, n, dtype=torch.bool)
+        with torch.no_grad():
+            expected = detector(image, scaled[None], mask)[0].numpy()
+            unscaled = detector(image, torch.tensor(boxes[:n], dtype=torch.float)[None], mask)[0].numpy()
+        # float16 storage: ~1e-3 relative; the unscaled boxes' features differ well beyond that.
+        np.testing.assert_allclose(feats.astype(np.float32), expected, rtol=2e-3, atol=1e-3)
+        assert not np.allclose(feats.astype(np.float32), unscaled, rtol=2e-3, atol=1e-3)

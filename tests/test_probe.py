@@ -91,3 +91,26 @@ def test_accuracy_matches_the_model_query_by_query():
     model.train()
     colour_fill_accuracy(model, [PretrainBatch(captions=c)], COLOURS, MASK)
     assert model.training
+
+
+def test_blanking_zeroes_stored_features():
+    """With stored box features (detector.source: features) there are no pixels: blanking zeroes
+    every box feature, so the model's whole-image region, their mean, is 0 as well; the queries
+    are otherwise those of the pixel batch. Fails if blanking leaves the features (the probe
+    would then report the with-image figure twice) or expects images."""
+    import dataclasses
+
+    from vlbert.model.regions import PrecomputedRegions
+
+    c = captions()
+    feats = torch.zeros(2, 2, 8)
+    feats[:, 1] = torch.arange(1, 9, dtype=torch.float)  # slot 0 (whole image) is 0 as stored
+    c = dataclasses.replace(c, images=None, features=feats)
+    q = colour_queries(c, COLOURS, MASK, blank=False)
+    assert q.images is None and torch.equal(q.features[2], feats[1])
+    blank = colour_queries(c, COLOURS, MASK, blank=True)
+    assert blank.images is None and blank.features.shape == q.features.shape
+    assert (blank.features == 0).all() and torch.equal(blank.input_ids, q.input_ids)
+    appearance = PrecomputedRegions(8)(blank.features, blank.box_mask)
+    assert (appearance == 0).all()  # the whole-image mean included
+    assert (PrecomputedRegions(8)(q.features, q.box_mask)[:, 0] != 0).all()

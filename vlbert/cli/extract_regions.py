@@ -17,6 +17,12 @@ samples in the same order, each with (docs/design.md section 4):
 - with ``--features``, ``KEY.features.npy``: float16 [n_boxes, dim], each box's pooled
   appearance feature (res5 on its RoI, average-pooled; ``detect_with_features``), the input
   of ``detector.source: features`` (docs/features.md). Read with ``allow_pickle=False``.
+With ``--given-boxes`` (implies ``--features``) nothing is detected: each sample keeps the boxes
+of its JSON (pixels of the stored image, as ``vlbert-make-demo-data`` and annotated data sets
+write them), its ``box_scores`` and its ``regions.npy`` (the detector's class distribution of
+those boxes is written only where the sample has none and the detector has a box head), and
+gains the feature of every one of those boxes, in the JSON's order. A sample whose JSON has no
+valid ``boxes`` list is left out and counted (``bad_boxes``).
 Samples whose image is missing or cannot be decoded, or whose JSON is invalid, are
 left out and counted. Shards are split over ``--world-size`` processes by index.
 A shard is written to ``NAME.tar.partial`` and renamed when complete, so an existing
@@ -157,16 +163,79 @@ def _prepare(files: dict[str, bytes], opts, counter: SkipCounter):
     except ValueError:
         counter.add("corrupt_image")
         return None
+    if opts.given_boxes:
+        boxes = given_boxes(meta, size)
+        if boxes is None:
+            counter.add("bad_boxes")
+            return None
+        meta = dict(meta, boxes=boxes)
     return image, meta, size
 
 
-def detect_batch(detector: RegionFeatureExtractor, batch: list, opts) -> list[Sample]:
-    """batch: [(key, files, image [3, h, w], meta, size)] -> annotated samples."""
-    images = [x[2] for x in batch]
+def given_boxes(meta: dict, size: tuple[int, int]) -> Optional[list[list[float]]]:
+    """The JSON's ``boxes`` when every one is 4 finite numbers with x1 < x2, y1 < y2 inside the
+    stored image of ``size`` (width, height), and there is at least one; else None."""
+    boxes = meta.get("boxes")
+    if not isinstance(boxes, list) or not boxes:
+        return None
+    w, h = size
+    for b in boxes:
+        if (not isinstance(b, list) or len(b) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b)):
+            return None
+        x1, y1, x2, y2 = (float(v) for v in b)
+        if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):  # also false for NaN
+            return None
+    return [[float(v) for v in b] for b in boxes]
+
+
+def _pad_images(images: list[torch.Tensor]) -> torch.Tensor:
     H, W = max(i.shape[1] for i in images), max(i.shape[2] for i in images)
     padded = torch.zeros(len(images), 3, H, W, dtype=torch.uint8)
     for i, img in enumerate(images):
         padded[i, :, : img.shape[1], : img.shape[2]] = img
+    return padded
+
+
+@torch.no_grad()
+def features_of_given_boxes(detector: RegionFeatureExtractor, batch: list, opts) -> list[Sample]:
+    """batch: [(key, files, image [3, h, w], meta, size)] -> samples with the features of their
+    own JSON boxes added (``--given-boxes``; the module docstring says what is kept)."""
+    images = [x[2] for x in batch]
+    padded = _pad_images(images)
+    rows = []
+    for _, _, img, meta, size in batch:
+        sx, sy = img.shape[2] / size[0], img.shape[1] / size[1]  # stored pixels -> resized pixels
+        rows.append(torch.tensor(meta["boxes"], dtype=torch.float) * torch.tensor([sx, sy, sx, sy]))
+    R = max(len(r) for r in rows)
+    boxes = torch.zeros(len(batch), R, 4)
+    box_mask = torch.zeros(len(batch), R, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        boxes[i, : len(r)], box_mask[i, : len(r)] = r, True
+    device = next(detector.parameters()).device
+    padded, boxes, box_mask = padded.to(device), boxes.to(device), box_mask.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.bf16):
+        feats = detector(padded, boxes, box_mask)
+        need_probs = detector.has_heads and any("regions.npy" not in x[1] for x in batch)
+        probs = detector.class_probs(padded, boxes, box_mask) if need_probs else None
+    out = []
+    for i, ((key, files, _, meta, size), r) in enumerate(zip(batch, rows)):
+        n = len(r)
+        files = {k: v for k, v in files.items() if k != FEATURES_EXT}
+        files["json"] = json.dumps(dict(meta, width=size[0], height=size[1])).encode()
+        files[FEATURES_EXT] = encode_npy(feats[i, :n].float().cpu().numpy().astype(np.float16))
+        if "regions.npy" not in files and probs is not None:
+            files["regions.npy"] = encode_npy(probs[i, :n].float().cpu().numpy().astype(np.float16))
+        out.append((key, files))
+    return out
+
+
+def detect_batch(detector: RegionFeatureExtractor, batch: list, opts) -> list[Sample]:
+    """batch: [(key, files, image [3, h, w], meta, size)] -> annotated samples."""
+    if opts.given_boxes:
+        return features_of_given_boxes(detector, batch, opts)
+    images = [x[2] for x in batch]
+    padded = _pad_images(images)
     sizes = torch.tensor([[i.shape[1], i.shape[2]] for i in images])
     device = next(detector.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.bf16):
@@ -215,10 +284,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-proposals", type=int, default=300, help="RPN proposals classified per image")
     p.add_argument("--features", action="store_true",
                    help="also write each box's pooled feature (KEY.features.npy, float16 [n_boxes, dim])")
+    p.add_argument("--given-boxes", action="store_true",
+                   help="detect nothing: write the features of each sample's own JSON boxes, keeping those "
+                        "boxes, their scores and regions.npy (implies --features)")
     for name, kind in (("score-thr", float), ("min-boxes", int), ("max-boxes", int), ("short-side", int),
                        ("max-long-side", int), ("max-image-pixels", int)):
         p.add_argument(f"--{name}", type=kind, default=None, help="default: from data.captions")
     args = p.parse_args(argv)
+    args.features = args.features or args.given_boxes
     if not 0 <= args.rank < args.world_size:
         p.error(f"--rank must be in [0, --world-size), got {args.rank} of {args.world_size}")
     return args

@@ -13,7 +13,8 @@ Layout under ``--out``::
 
 Scenes are drawn as ``vlbert.demo.make_data`` draws them (new images, other
 seed). Questions ask for colours, shapes, counts, existence and left/right/
-above/below relations; each has 10 human answers, most of them right, some
+above/below relations; existence, count and relation questions are about
+something in the scene half the time (``scene_questions``); each has 10 human answers, most of them right, some
 wrong, and spelled variously ("2"/"two", "Yes"/"yes", "none" for 0) so that the
 official normalisation and the soft scores matter.
 """
@@ -56,8 +57,46 @@ def _wrong(answer: str, answer_type: str, rng: np.random.Generator) -> str:
     return str(rng.choice([a for a in pool if a != answer]))
 
 
+P_PRESENT = 0.5  # share of existence and count questions about something in the scene
+RELATIONS = ("left of", "right of", "above", "below")
+
+
+def _count_question(colours: list[str], rng: np.random.Generator) -> tuple[str, str]:
+    """(colour, answer) of a "how many <colour> shapes" question: with probability ``P_PRESENT`` a
+    colour in the scene, the count drawn uniformly among the scene's distinct non-zero counts (so
+    that 2 and 3 come up as often as the scenes allow); otherwise a colour absent from it (0)."""
+    absent = [c for c in COLOUR_NAMES if c not in colours]
+    if rng.random() < P_PRESENT or not absent:
+        count = int(rng.choice(sorted({colours.count(c) for c in colours})))
+        colour = str(rng.choice(sorted(c for c in set(colours) if colours.count(c) == count)))
+    else:
+        colour, count = str(rng.choice(absent)), 0
+    return colour, str(count)
+
+
+def _existence_question(objects: list[dict], rng: np.random.Generator) -> tuple[str, str, str]:
+    """(colour, shape, answer) of an "is there a <colour> <shape>" question: with probability
+    ``P_PRESENT`` an object of the scene (yes); otherwise a near miss (no): a shape of the scene in
+    a colour it does not have there, or a colour of the scene on a shape that does not have it,
+    so that "no" needs the colour tied to its shape as much as "yes" does."""
+    if rng.random() < P_PRESENT:
+        o = objects[int(rng.integers(len(objects)))]
+        return o["colour"], o["shape"], "yes"
+    present = {(o["colour"], o["shape"]) for o in objects}
+    near = sorted({(c, o["shape"]) for o in objects for c in COLOUR_NAMES}
+                  | {(o["colour"], s) for o in objects for s in SHAPES})
+    misses = [pair for pair in near if pair not in present]  # never empty: each shape has one colour
+    colour, shape = misses[int(rng.integers(len(misses)))]
+    return colour, shape, "no"
+
+
 def scene_questions(objects: list[dict], rng: np.random.Generator) -> list[tuple[str, str, str, str]]:
-    """Candidate (question, answer, answer_type, question_type) about one scene."""
+    """Candidate (question, answer, answer_type, question_type) about one scene.
+
+    Existence, count and relation questions are about something present (yes, a count above 0,
+    the true relation) half the time, so that no answer is right from the question alone more
+    often than the scenes make it.
+    """
     out = []
     shapes = [o["shape"] for o in objects]
     colours = [o["colour"] for o in objects]
@@ -66,15 +105,14 @@ def scene_questions(objects: list[dict], rng: np.random.Generator) -> list[tuple
             out.append((f"what colour is the {o['shape']}", o["colour"], "other", "what colour is the"))
         if colours.count(o["colour"]) == 1:
             out.append((f"what shape is the {o['colour']} shape", o["shape"], "other", "what shape is the"))
-    c = str(rng.choice(COLOUR_NAMES))
-    out.append((f"how many {c} shapes are there", str(colours.count(c)), "number", "how many"))
-    c, s = str(rng.choice(COLOUR_NAMES)), str(rng.choice(SHAPES))
-    there = any(o["colour"] == c and o["shape"] == s for o in objects)
-    out.append((f"is there a {c} {s}", "yes" if there else "no", "yes/no", "is there a"))
+    c, n = _count_question(colours, rng)
+    out.append((f"how many {c} shapes are there", n, "number", "how many"))
+    c, s, there = _existence_question(objects, rng)
+    out.append((f"is there a {c} {s}", there, "yes/no", "is there a"))
     if len(objects) >= 2:
         a, b = (objects[i] for i in rng.choice(len(objects), 2, replace=False))
         rel = _relation(a["box"], b["box"])
-        asked = str(rng.choice(["left of", "right of", "above", "below"]))
+        asked = rel if rng.random() < P_PRESENT else str(rng.choice([r for r in RELATIONS if r != rel]))
         out.append((f"is the {a['colour']} {a['shape']} {asked} the {b['colour']} {b['shape']}",
                     "yes" if asked == rel else "no", "yes/no", "is the"))
     return out

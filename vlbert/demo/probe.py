@@ -3,8 +3,12 @@
 For every colour word in a caption, one query masks exactly that word (all its
 pieces) and nothing else: no other MLM masking, no masked RoIs. The model's MLM
 prediction over the whole vocabulary must equal the colour. The same queries
-are asked again with every pixel set to 0 (the image blanked); a model that
-uses the image falls to chance there, one that guesses from the text does not.
+are asked again with the image blanked; a model that uses the image falls to
+chance there, one that guesses from the text does not. Blanked means: on pixels,
+every pixel set to 0 (the detector then sees a black image); on stored region
+features (``detector.source: features``), every box feature set to 0, so the
+whole-image region, their mean, is 0 too. Either way the boxes' geometry stays and
+nothing of the image's appearance is left.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ def colour_queries(captions: CaptionBatch, colour_ids: torch.Tensor, mask_id: in
     captions: an unmasked batch (``input_ids`` hold the original words).
     colour_ids: long [K], the vocabulary ids of the colour words.
     Returns a batch of Q queries (Q = colour tokens in the batch) or None when
-    there are none. ``blank`` zeroes every pixel of the images.
+    there are none. ``blank`` zeroes every pixel of the images, or every stored box
+    feature [Q, R, D] when the batch carries features instead of images.
     """
     hits = torch.isin(captions.input_ids, colour_ids.to(captions.input_ids.device)) & captions.attention_mask
     b, t = hits.nonzero(as_tuple=True)
@@ -51,7 +56,9 @@ def colour_queries(captions: CaptionBatch, colour_ids: torch.Tensor, mask_id: in
     queries["roi_masked"] = torch.zeros_like(queries["roi_masked"])
     queries["roi_labels_mask"] = torch.zeros_like(queries["roi_labels_mask"])
     if blank:
-        queries["images"] = torch.zeros_like(queries["images"])
+        for name in ("images", "features"):
+            if queries[name] is not None:
+                queries[name] = torch.zeros_like(queries[name])
     return CaptionBatch(**queries)
 
 

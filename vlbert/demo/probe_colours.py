@@ -4,7 +4,9 @@
 
 Reads the weights that training exported (``<runtime.output_dir>/model.safetensors``),
 the held-out caption shards (``data.validation``) without any other masking, and the
-colour words from the demo manifest. Prints both accuracies and chance, writes them
+colour words from the demo manifest. With ``detector.source: features`` (configs/demo_features.yaml)
+the shards' stored box features take the place of the pixels, and blanking zeroes them
+(vlbert/demo/probe.py). Prints both accuracies and chance, writes them
 to ``<output_dir>/probe.json`` and logs them to the run's MLflow run.
 """
 
@@ -74,7 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     no_masking = MaskingConfig(mlm_prob=0.0, roi_prob=0.0)
     data_cfg = dataclasses.replace(cfg.data, num_workers=0)
     batches = build_validation_stream(data_cfg, no_masking, tokenizer, rank=0, world_size=1,
-                                      batch_size=args.batch_size)
+                                      batch_size=args.batch_size, features=cfg.detector.source == "features")
     results = colour_fill_accuracy(model, batches, torch.tensor(ids), tokenizer.mask_token_id)
 
     chance = 1.0 / len(colours)
