@@ -1,10 +1,21 @@
 """Exactly-once audits of elastic resumes: each canonical partition's reference sample order,
-and a check that what a run consumed from each partition is a gap-free prefix of it."""
+and a check that what a run consumed from each partition is a gap-free prefix of it.
+
+The order within a partition can only come from ``ShardStream`` (it is the stream's own
+shuffle); *which* samples exist does not: ``tar_keys`` lists every shard's samples by reading
+the tar files with the standard library, and every audit checks that the partitions' epochs are
+disjoint and together hold each of those samples exactly once, so overlapping partitions (or a
+partition that drops a sample) fail whatever the run consumed.
+"""
 
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
+import posixpath
+import tarfile
+from collections import Counter, defaultdict
+
+import fsspec
 
 from vlbert.config import DataConfig, MaskingConfig
 from vlbert.data.shards import ShardStream, SkipCounter, expand_urls
@@ -22,6 +33,41 @@ def caption_reference(cfg: DataConfig, partition: int, num_partitions: int, epoc
         stream.mark_delivered()
         out[rec.epoch].append(f"{urls[rec.shard]}#{rec.key}")
     return out
+
+
+def tar_keys(url: str) -> list[str]:
+    """The samples of one tar shard, in file order, read with ``tarfile``: a sample is a run of
+    consecutive regular members whose names agree up to the basename's first dot (WebDataset)."""
+    keys: list[str] = []
+    with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            folder, base = posixpath.split(member.name)
+            key = posixpath.join(folder, base.split(".", 1)[0]) if folder else base.split(".", 1)[0]
+            if not keys or keys[-1] != key:
+                keys.append(key)
+    return keys
+
+
+def every_caption(cfg: DataConfig) -> list[str]:
+    """``url#key`` of every caption sample of the data, from the tar files themselves."""
+    return [f"{url}#{key}" for url in expand_urls(cfg.captions.urls) for key in tar_keys(url)]
+
+
+def assert_partitions_cover_every_caption_once(cfg: DataConfig, num_partitions: int, epochs: int = 2) -> None:
+    """In each of the first ``epochs`` epochs, the partitions' caption orders are disjoint and
+    together hold every caption of the tar files exactly once."""
+    everything = every_caption(cfg)
+    assert len(set(everything)) == len(everything), "a key repeated within the tar files themselves"
+    refs = [caption_reference(cfg, p, num_partitions, epochs) for p in range(num_partitions)]
+    for epoch in range(epochs):
+        seen = Counter(k for ref in refs for k in ref[epoch])
+        twice = sorted(k for k, n in seen.items() if n > 1)
+        assert not twice, f"epoch {epoch}: {len(twice)} captions in more than one partition (or twice), e.g. {twice[:3]}"
+        assert set(seen) == set(everything), (
+            f"epoch {epoch}: {len(set(everything) - set(seen))} captions in no partition, "
+            f"{len(set(seen) - set(everything))} not in the tar files")
 
 
 def text_reference(cfg: DataConfig, tokenizer, partition: int, num_partitions: int, n: int) -> dict[str, list[str]]:
@@ -53,11 +99,14 @@ def consumed_by_partition(batches) -> tuple[dict[int, list[str]], dict[int, dict
 def assert_exactly_once(cfg: DataConfig, tokenizer, num_partitions: int, batches, full_epoch: bool) -> dict:
     """Every partition's captions and every (partition, source)'s text segments, as consumed, are
     the start of its reference order (nothing skipped, nothing repeated). ``full_epoch``: every
-    partition has also finished its first epoch, so the first-epoch captions of all partitions
-    together are every caption of the data, each once. Returns captions consumed per partition."""
+    partition has also finished its first epoch, so the first-epoch captions the run consumed,
+    over all partitions, are every caption of the tar files, each once. Whatever ``full_epoch``,
+    the partitions' reference epochs must split the tar files' captions exactly
+    (``assert_partitions_cover_every_caption_once``). Returns captions consumed per partition."""
     captions, text = consumed_by_partition(batches)
     assert set(captions) <= set(range(num_partitions)), sorted(captions)
-    counts = {}
+    assert_partitions_cover_every_caption_once(cfg, num_partitions)
+    counts, first = {}, []
     for p in range(num_partitions):
         got = captions.get(p, [])
         epoch_length = len(caption_reference(cfg, p, num_partitions, 1)[0])
@@ -70,9 +119,7 @@ def assert_exactly_once(cfg: DataConfig, tokenizer, num_partitions: int, batches
             assert keys == want, f"partition {p}, text source {source}: not its reference order"
         if full_epoch:
             assert len(got) >= len(ref[0]), f"partition {p} is still in its first epoch ({len(got)} < {len(ref[0])})"
+            first.extend(got[:epoch_length])
     if full_epoch:
-        first = [k for p in range(num_partitions) for k in caption_reference(cfg, p, num_partitions, 1)[0]]
-        everything = [f"{url}#{rec.key}" for url in expand_urls(cfg.captions.urls)
-                      for rec in ShardStream([url], 0, 1, cfg.seed, SkipCounter(), shuffle=False, loop=False)]
-        assert sorted(first) == sorted(everything) and len(set(first)) == len(first)
+        assert sorted(first) == sorted(every_caption(cfg)) and len(set(first)) == len(first)
     return counts

@@ -15,7 +15,7 @@ import fsspec
 import pytest
 
 from test_checkpoint import FakeEngine
-from vlbert.train.checkpoint import COMPLETE, META, CheckpointError, Checkpointer, step_name
+from vlbert.train.checkpoint import COMPLETE, FORMAT_VERSION, META, CheckpointError, Checkpointer, step_name
 from vlbert.train.manifest import ManifestError, local_target, safe_name
 
 pytestmark = [pytest.mark.timeout(120)]
@@ -77,6 +77,33 @@ def test_corrupt_meta_json_with_a_matching_hash_falls_back(root, caplog):
         info, meta = Checkpointer(root, rank=0, world_size=1).peek_latest()
     assert info.step == 1 and meta["samples_seen"] == 1
     assert f"step-000002: {META} is not valid JSON" in caplog.text
+
+
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 0, None])
+def test_another_format_version_is_a_clear_error_not_a_fallback(root, version):
+    """The newest checkpoint's meta.json names another format version (a later release's, an
+    earlier one's, or none), its manifest entry rewritten to match so the file is intact:
+    resuming raises CheckpointError naming the checkpoint, the version found and the one
+    expected; it neither loads it nor falls back silently to the step before (which would resume
+    a run from an older state than its newest).
+    Fails if the format check is deleted (step 2 is loaded), or if a mismatch only skips the
+    checkpoint (step 1 is loaded)."""
+    ck = two_checkpoints(root)
+    path = f"{ck.root}/step-000002/{META}"
+    meta = json.loads(ck.fs.cat_file(path))
+    assert meta["format"] == FORMAT_VERSION == 1
+    if version is None:
+        del meta["format"]
+    else:
+        meta["format"] = version
+    data = json.dumps(meta).encode()
+    ck.fs.pipe_file(path, data)
+    rewrite_manifest(ck, 2, lambda m: {**m, "files": {**m["files"], META: {
+        "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}}})
+    engine = FakeEngine(99)
+    with pytest.raises(CheckpointError, match=rf"step-000002: format {version!r}, expected {FORMAT_VERSION}$"):
+        Checkpointer(root, rank=0, world_size=1).load_latest(engine)
+    assert engine.value == 99  # nothing loaded
 
 
 @pytest.mark.parametrize("marker", [b'{"step": 999999}', b'{"step": 999999, "files": {}}', b"", b"[]"])

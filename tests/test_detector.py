@@ -311,7 +311,15 @@ def test_butd_preset_detector_shapes():
     assert feats.shape == (1, 1, 2048)
 
 
+# bf16 keeps 8 significant bits: unit roundoff 2^-8 (about 3.9e-3).
+BF16_ROUNDOFF = 2.0 ** -8
+
+
 def test_frozen_batchnorm_matches_batchnorm_and_runs_in_bf16():
+    """Same output as BatchNorm in eval mode; in bf16 the same function within bf16's rounding
+    (the input rounded to bf16 first, then one multiply-add: a few roundoffs of the output).
+    Fails if the bf16 path returns garbage of the right dtype (tried: ``torch.randn_like(x)``
+    when ``x`` is bf16)."""
     bn = torch.nn.BatchNorm2d(4).eval()
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-1, 1)
@@ -319,7 +327,10 @@ def test_frozen_batchnorm_matches_batchnorm_and_runs_in_bf16():
     frozen = FrozenBatchNorm2d(bn)
     x = torch.randn(2, 4, 5, 5)
     torch.testing.assert_close(frozen(x), bn(x))
-    assert frozen(x.bfloat16()).dtype == torch.bfloat16
+    low = frozen(x.bfloat16())
+    assert low.dtype == torch.bfloat16
+    want = bn(x.bfloat16().float())
+    torch.testing.assert_close(low.float(), want, rtol=4 * BF16_ROUNDOFF, atol=4 * BF16_ROUNDOFF * float(want.abs().max()))
     # Same state-dict names as BatchNorm (so MMDetection checkpoints load), counter ignored.
     fresh = FrozenBatchNorm2d(torch.nn.BatchNorm2d(4))
     fresh.load_state_dict(bn.state_dict())
@@ -327,6 +338,15 @@ def test_frozen_batchnorm_matches_batchnorm_and_runs_in_bf16():
 
 
 def test_bf16_weights_take_bf16_images():
+    """The detector cast to bf16 gives each real box the float32 detector's feature within
+    4 bf16 roundoffs (relative norm per box; measured about 1 roundoff on ResNet-18).
+    Fails if the bf16 path returns garbage of the right dtype (tried: the features replaced by
+    ``torch.randn_like`` when the weights are bf16)."""
     d = make().to(torch.bfloat16).eval()
-    feats = d(images(), BOXES, MASK)
+    with torch.no_grad():
+        feats = d(images(), BOXES, MASK)
+        want = make().eval()(images(), BOXES, MASK)
     assert feats.dtype == torch.bfloat16 and torch.isfinite(feats[MASK]).all()
+    err = (feats[MASK].float() - want[MASK]).norm(dim=-1) / want[MASK].norm(dim=-1)
+    assert torch.all(err <= 4 * BF16_ROUNDOFF), err
+    assert torch.all(feats[~MASK] == 0)

@@ -52,6 +52,10 @@ def _phase(cfg, tok, world, workers, captions, text, batches_per_rank, saved):
 
 
 def test_two_by_two_then_one_by_three_then_three_ranks_consume_every_sample_once(tmp_path, tokenizer):
+    """Partitions carried over three layouts: each consumed a gap-free prefix of its order, and the
+    partitions split the tar files' captions (read with ``tarfile``) exactly once per epoch.
+    Fails if partitions overlap (tried: ``slot_plan`` giving each slot its neighbour's first
+    shard too)."""
     cfg = make_data(str(tmp_path))  # 8 caption shards x 6: 4 partitions of 12 captions per epoch
     # 2 ranks x 2 workers, 3 captions + 2 text segments per micro-batch.
     a, states = _phase(cfg, tokenizer, 2, 2, 3, 2, 2, None)
@@ -69,6 +73,9 @@ def test_two_by_two_then_one_by_three_then_three_ranks_consume_every_sample_once
 
 
 def test_resume_on_the_same_layout_is_exact_and_fewer_workers_continue_each_partition(tmp_path, tokenizer):
+    """Resumes continue each partition exactly; the audit runs before any partition finishes an
+    epoch, yet still fails if partitions overlap (tried: ``slot_plan`` giving each slot its
+    neighbour's first shard too; the old audit, whose reference came from the same stream, passed)."""
     cfg = make_data(str(tmp_path), n_caption_shards=4)
     cfg.num_workers = 2
     whole = build_pretrain_stream(cfg, MaskingConfig(), tokenizer, 0, 1, 2, 2)

@@ -293,3 +293,67 @@ def test_detector_lr_mult_must_be_positive():
     assert load_config(demo, ["optim.detector_lr_mult=0.1"], check_files=False).optim.detector_lr_mult == 0.1
     with pytest.raises(ConfigError, match="optim.detector_lr_mult: must be positive"):
         load_config(demo, ["optim.detector_lr_mult=0"], check_files=False)
+
+
+# --------------------------------------------------------------------------- fp16 loss scaling
+
+
+@dataclass
+class GainBatch:
+    x: torch.Tensor
+    gain: torch.Tensor  # scalar: multiplies the loss, so a batch can make the scaled gradients overflow
+
+    def to(self, device, non_blocking=False):
+        return GainBatch(self.x.to(device), self.gain.to(device))
+
+
+class Linear1(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 1)
+
+    def forward(self, batch: GainBatch) -> Out:
+        return Out(self.lin(batch.x.to(self.lin.weight.dtype)).float().sum() * batch.gain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="fp16 loss scaling runs on CUDA only (DeepSpeed fp16 needs a GPU; the config check refuses it here)")
+def test_fp16_overflow_skips_the_step_and_halves_the_scale():
+    """ds_configs/zero2_fp16.json on a one-layer model. The loss is ``sum(lin(x)) * gain``: with
+    gain 1e4 the gradient of the weight is gain x scale x sum(x), far past fp16's 65504, so every
+    such step overflows; with gain 1e-6 it is about 1. DeepSpeed's dynamic scaler
+    (deepspeed/runtime/fp16/loss_scaler.py, ``update_scale``) keeps the scale for the first
+    ``hysteresis - 1`` overflows, then halves it on each; an overflowing step leaves the weights
+    as they were and counts as skipped; a clean step updates them and keeps the scale (the
+    window of 1000 clean steps before it doubles is far away).
+    Fails if an overflowing step is applied (weights change), not counted in ``skipped_steps``,
+    or if ``Engine.loss_scale`` does not report the scaler's current scale."""
+    import json
+    from pathlib import Path
+
+    ds = json.loads((Path(__file__).resolve().parents[1] / "ds_configs/zero2_fp16.json").read_text())
+    fp16 = ds["fp16"]
+    assert fp16["loss_scale"] == 0  # dynamic
+    scale0, hysteresis = 2.0 ** fp16["initial_scale_power"], fp16["hysteresis"]
+    data = DataConfig(captions_per_step=4, text_per_step=4)
+    optim = OptimConfig(lr=1e-2, warmup_steps=0, total_steps=100, grad_accum=1, weight_decay=0.0, grad_clip=0.0)
+    torch.manual_seed(0)
+    engine = Engine(Linear1(), optim, resolve_deepspeed_config(ds, data, optim, world_size=1))
+    assert engine.precision == "fp16" and engine.loss_scale == scale0
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)).abs() + 0.5  # sum(x) > 0: no cancelling
+    weights = lambda: engine.full_state_dict()["lin.weight"].float()  # noqa: E731
+    before = weights()
+    expected = scale0
+    for k in range(1, hysteresis + 2):  # the last two halve the scale
+        engine.step(GainBatch(x, torch.tensor(1e4)))
+        if k >= hysteresis:
+            expected /= 2
+        assert engine.skipped_steps == k and engine.global_step == k
+        assert engine.loss_scale == expected, (k, engine.loss_scale)
+        assert torch.equal(weights(), before), f"overflowing step {k} changed the weights"
+    engine.step(GainBatch(x, torch.tensor(1e-6)))
+    assert engine.skipped_steps == hysteresis + 1 and engine.global_step == hysteresis + 2
+    assert engine.loss_scale == expected
+    after = weights()
+    assert torch.isfinite(after).all() and not torch.equal(after, before)
+    engine.close()

@@ -321,30 +321,69 @@ def test_mlm_head_loaded_from_checkpoint_when_present(tmp_path):
     assert model.mlm_head.predictions.decoder.weight is model.vlbert.embeddings.word_embeddings.weight
 
 
-def test_bfloat16_encoder_and_heads_forward_backward_are_finite():
-    """Encoder and heads in bf16, the detector in float32 (its features are cast on entry)."""
-    model = make_model()
-    model.vlbert.to(torch.bfloat16)
-    model.mlm_head.to(torch.bfloat16)
-    model.roi_head.to(torch.bfloat16)
+# bf16 keeps 8 significant bits: its unit roundoff is 2^-8 (about 3.9e-3). A tiny two-layer model's
+# losses, reduced in float32, stay within a few roundoffs of float32's; gradients, carried in bf16
+# through every layer, within some more.
+BF16_ROUNDOFF = 2.0 ** -8
+LOSS_RTOL = 4 * BF16_ROUNDOFF
+GRAD_RTOL = 16 * BF16_ROUNDOFF
+
+
+def _bf16_and_fp32_runs(cast):
+    """The same tiny model (dropout off, so both see the same function) in float32 and cast by
+    ``cast``, run in train mode on the same batch, losses backpropagated. Returns
+    ``(fp32_model, bf16_model, fp32_out, bf16_out)``."""
+    model_cfg, detector_cfg = tiny_cfgs()
+    model_cfg = dataclasses.replace(model_cfg, hidden_dropout=0.0, attention_dropout=0.0, visual_dropout=0.0)
+    torch.manual_seed(0)
+    ref = VLBertForPretraining(model_cfg, detector_cfg).train()
     with torch.no_grad():
-        model.vlbert.embeddings.visual_layer_norm.weight.fill_(1.0)
-    out = model(PretrainBatch(captions=caption_batch(), text=text_batch()))
-    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
-    out.loss.backward()
-    assert torch.isfinite(model.vlbert.encoder.layer[0].attention.self.query.weight.grad.float()).all()
-    res4 = model.detector.detector.backbone.layer3
+        ref.vlbert.embeddings.visual_layer_norm.weight.fill_(1.0)
+    low = copy.deepcopy(ref)
+    cast(low)
+    batch = PretrainBatch(captions=caption_batch(), text=text_batch())
+    out32, out16 = ref(batch), low(batch)
+    out32.loss.backward()
+    out16.loss.backward()
+    return ref, low, out32, out16
+
+
+def _assert_agrees_with_fp32(ref, low, out32, out16, grads):
+    assert out16.loss.dtype == torch.float32 and torch.isfinite(out16.loss)
+    for term in ("loss", "mlm_caption_loss", "roi_loss", "mlm_text_loss"):
+        want, got = float(getattr(out32, term)), float(getattr(out16, term))
+        assert abs(got - want) <= LOSS_RTOL * abs(want), (term, got, want)
+    params32, params16 = dict(ref.named_parameters()), dict(low.named_parameters())
+    for name in grads:
+        g32, g16 = params32[name].grad, params16[name].grad
+        assert g16.dtype == params16[name].dtype, name
+        assert float((g16.float() - g32).norm()) <= GRAD_RTOL * float(g32.norm()), name
+
+
+def test_bfloat16_encoder_and_heads_agree_with_float32():
+    """Encoder and heads in bf16, the detector in float32 (its features are cast on entry): every
+    loss within 4 bf16 roundoffs (relative) of the float32 model's, gradients within 16.
+    Fails if the bf16 path returns float32 garbage of the right dtype (tried: the MLM loss's
+    logits replaced by ``torch.randn_like(logits.float())`` when they arrive in bf16)."""
+    def cast(model):
+        for part in (model.vlbert, model.mlm_head, model.roi_head):
+            part.to(torch.bfloat16)
+
+    ref, low, out32, out16 = _bf16_and_fp32_runs(cast)
+    assert low.vlbert.encoder.layer[0].attention.self.query.weight.dtype == torch.bfloat16
+    _assert_agrees_with_fp32(ref, low, out32, out16, ["vlbert.encoder.layer.0.attention.self.query.weight",
+                                                      "roi_head.classifier.weight"])
+    res4 = low.detector.detector.backbone.layer3
     assert sum(p.grad.abs().sum() for p in res4.parameters() if p.grad is not None) > 0
 
 
-def test_bfloat16_whole_model_forward_backward_is_finite():
-    """As DeepSpeed bf16 runs it: every parameter in bf16, uint8 images, float32 boxes."""
-    model = make_model().to(torch.bfloat16).train()
-    with torch.no_grad():
-        model.vlbert.embeddings.visual_layer_norm.weight.fill_(1.0)
-    out = model(PretrainBatch(captions=caption_batch(), text=text_batch()))
-    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
-    out.loss.backward()
-    assert torch.isfinite(model.roi_head.classifier.weight.grad.float()).all()
-    res5 = model.detector.detector.roi_head.shared_head
-    assert any(p.grad is not None and p.grad.float().abs().sum() > 0 for p in res5.parameters())
+def test_bfloat16_whole_model_agrees_with_float32():
+    """As DeepSpeed bf16 runs it: every parameter in bf16, uint8 images, float32 boxes; losses and
+    gradients (encoder, RoI classifier, detector res5) against the float32 model as above.
+    Fails if the bf16 path returns float32 garbage of the right dtype (same break as above)."""
+    ref, low, out32, out16 = _bf16_and_fp32_runs(lambda model: model.to(torch.bfloat16))
+    res5 = [n for n, p in low.named_parameters()
+            if n.startswith("detector.detector.roi_head.shared_head.") and p.grad is not None and p.dim() == 4]
+    assert res5 and all(p.dtype == torch.bfloat16 for p in low.parameters())
+    _assert_agrees_with_fp32(ref, low, out32, out16, ["vlbert.encoder.layer.0.attention.self.query.weight",
+                                                      "roi_head.classifier.weight", res5[0]])

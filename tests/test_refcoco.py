@@ -115,7 +115,28 @@ def test_labels_from_iou_and_flips(refer, tokenizer, boxes):
     assert words[0] == "[CLS]" and words[-1] == "[SEP]"
 
 
+def _iou(a, b) -> float:
+    """IoU of two [x1, y1, x2, y2] boxes, written out corner by corner (not the code's ``box_iou``)."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = w * h if w > 0 and h > 0 else 0.0
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _accuracy(rows, expressions) -> float:
+    """Percent of ``expressions`` whose written box has IoU >= 0.5 with the ground truth; an
+    expression without a written row counts as wrong."""
+    boxes = {r["sent_id"]: r["box"] for r in rows}
+    hits = sum(1 for e in expressions if e.sent_id in boxes and _iou(boxes[e.sent_id], e.gt_box.tolist()) >= 0.5)
+    return 100.0 * hits / len(expressions)
+
+
 def test_short_refcoco_finetune_runs_and_evaluates(demo_data, refer, tmp_path):
+    """Each split's reported accuracy equals the one recomputed here from the boxes the run wrote
+    (``<split>_predictions.json``) and the REFER ground truth, exactly, for val and testA alike.
+    Fails if the hit counter in ``RefCOCOTask.score`` is stuck at 0 (tried: every hit multiplied
+    by 0.0), or if a split's written boxes and its reported accuracy disagree."""
     from vlbert.tasks.finetune import finetune
 
     rc = {"tokenizer": str(demo_data / "tokenizer"), "refs": str(refer / "refs(unc).p"),
@@ -130,14 +151,37 @@ def test_short_refcoco_finetune_runs_and_evaluates(demo_data, refer, tmp_path):
     assert result.step == 3 and set(result.eval_metrics) == {"val/refcoco_acc", "testA/refcoco_acc",
                                                              "val/missing_images", "testA/missing_images"}
     assert result.eval_metrics["val/missing_images"] == result.eval_metrics["testA/missing_images"] == 0
-    assert all(0.0 <= v <= 100.0 for k, v in result.eval_metrics.items() if k.endswith("acc"))
-    rows = json.loads((tmp_path / "out" / "val_predictions.json").read_text())
-    sets = load_refcoco(str(refer / "refs.json"), str(refer / "instances.json"), ["val"])
-    assert sorted(r["sent_id"] for r in rows) == sorted(e.sent_id for e in sets["val"])
-    # The reported accuracy is recomputed from the written boxes.
-    gt = {e.sent_id: e.gt_box for e in sets["val"]}
-    hits = [box_iou(np.array([r["box"]]), gt[r["sent_id"]])[0] >= 0.5 for r in rows]
-    assert result.eval_metrics["val/refcoco_acc"] == pytest.approx(100 * sum(hits) / len(hits))
+    sets = load_refcoco(str(refer / "refs.json"), str(refer / "instances.json"), ["val", "testA"])
+    for split in ("val", "testA"):
+        rows = json.loads((tmp_path / "out" / f"{split}_predictions.json").read_text())
+        assert sorted(r["sent_id"] for r in rows) == sorted(e.sent_id for e in sets[split]), split
+        assert all(len(r["box"]) == 4 for r in rows), split
+        assert result.eval_metrics[f"{split}/refcoco_acc"] == _accuracy(rows, sets[split]), split
+
+
+def test_score_counts_hits_misses_and_missing_expressions(demo_data, refer, tmp_path):
+    """``RefCOCOTask.score`` on hand-made predictions for the val split: one box exactly the
+    ground truth (IoU 1), one twice as wide from the same corner (IoU exactly 0.5: a hit at the
+    >= 0.5 threshold), one shifted by half its width (IoU 1/3), the rest without a prediction
+    (wrong, counted as missing). Expected: 2 hits over all expressions.
+    Fails if the counter is stuck at 0, if ``>= 0.5`` becomes ``> 0.5``, if missing expressions
+    leave the denominator, or if ``missing_images`` is not their count."""
+    from vlbert.tasks.refcoco.task import RefEvalSet
+
+    task = _task(demo_data, refer, tmp_path)
+    task.cfg.eval.max_missing_fraction = 1.0  # the unpredicted expressions are the point here
+    (val,) = task.eval_sets()
+    exprs = val.expressions
+    assert len(exprs) >= 4
+    gts = [e.gt_box.astype(float).tolist() for e in exprs[:3]]
+    x1, y1, x2, y2 = gts[1]
+    x1b, y1b, x2b, y2b = gts[2]
+    preds = {exprs[0].sent_id: gts[0], exprs[1].sent_id: [x1, y1, x1 + 2 * (x2 - x1), y2],
+             exprs[2].sent_id: [x1b + (x2b - x1b) / 2, y1b, x2b + (x2b - x1b) / 2, y2b]}
+    assert [_iou(preds[e.sent_id], g) for e, g in zip(exprs, gts)] == pytest.approx([1.0, 0.5, 1 / 3])
+    got = task.score(RefEvalSet("val", val.dataset, exprs), preds)
+    assert got == {"val/refcoco_acc": pytest.approx(100.0 * 2 / len(exprs)),
+                   "val/missing_images": float(len(exprs) - 3)}
 
 
 def test_head_starts_from_the_masked_roi_transform(demo_data, tmp_path):

@@ -352,10 +352,40 @@ def test_cli_config_errors_exit_2(capsys):
     assert "epochs" in capsys.readouterr().err
 
 
+# Run under torchrun in place of tools/finetune.py: records each rank's own answers (the dict it
+# hands to all_gather_object inside VQATask.predict) before the gather merges them.
+_RECORDING_LAUNCHER = """
+import json, os, runpy, sys
+from vlbert.tasks.vqa import task as vqa_task
+from vlbert.train import dist
+
+gather, predict = dist.all_gather_object, vqa_task.VQATask.predict
+
+def recording_predict(self, forward, eval_set, rank, world):
+    def record(mine):
+        path = os.path.join(os.environ["RANK_RECORDS"], f"{eval_set.name}.rank{os.environ['RANK']}.json")
+        with open(path, "w") as f:
+            json.dump({"rank": rank, "world": world, "question_ids": sorted(mine)}, f)
+        return gather(mine)
+    dist.all_gather_object = record
+    try:
+        return predict(self, forward, eval_set, rank, world)
+    finally:
+        dist.all_gather_object = gather
+
+vqa_task.VQATask.predict = recording_predict
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.mark.integration
 def test_two_ranks_under_torchrun(demo_data, vqa, tmp_path):
-    """tools/finetune.py under torchrun (2 CPU ranks, gloo, ZeRO-2): the ranks split the training
-    batches and the evaluation questions; rank 0 writes every question's answer."""
+    """tools/finetune.py under torchrun (2 CPU ranks, gloo, ZeRO-2): the ranks split the evaluation
+    questions (each rank answers its own share, the shares are disjoint, 4 + 4 of the 8, and
+    together hold every question exactly once); rank 0 writes every question's answer.
+    Fails if ``eval_batches`` ignores the rank (tried: ``mine = list(range(num_examples))``: each
+    rank answers every question, the union still covers them all, the shares overlap)."""
     import socket
     import subprocess
 
@@ -365,15 +395,27 @@ def test_two_ranks_under_torchrun(demo_data, vqa, tmp_path):
     cfg = tiny(demo_data, vqa, tmp_path / "out", "optim.total_steps=2")
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict()))
+    launcher = tmp_path / "recording_launcher.py"
+    launcher.write_text(_RECORDING_LAUNCHER)
+    records = tmp_path / "records"
+    records.mkdir()
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), RANK_RECORDS=str(records))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(port), str(REPO / "tools/finetune.py"), "--config", str(config)],
+                           "--master_port", str(port), str(launcher), str(REPO / "tools/finetune.py"),
+                           "--config", str(config)],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    questions = json.loads((vqa / "train_questions.json").read_text())["questions"]
+    questions = [q["question_id"] for q in json.loads((vqa / "train_questions.json").read_text())["questions"]]
+    assert len(questions) == len(set(questions)) == 8
+    shares = [json.loads((records / f"val.rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(s["rank"], s["world"]) for s in shares] == [(0, 2), (1, 2)]
+    ids = [s["question_ids"] for s in shares]
+    assert [len(i) for i in ids] == [4, 4]  # rank r answers positions r, r + 2, ...
+    assert not set(ids[0]) & set(ids[1])
+    assert sorted(ids[0] + ids[1]) == sorted(questions)
     rows = json.loads((tmp_path / "out" / "val_predictions.json").read_text())
-    assert sorted(r["question_id"] for r in rows) == sorted(q["question_id"] for q in questions)
+    assert sorted(r["question_id"] for r in rows) == sorted(questions)
     metrics = json.loads((tmp_path / "out" / "eval_metrics.json").read_text())
     assert json.loads(proc.stdout)["val/vqa_acc"] == pytest.approx(metrics["val/vqa_acc"])

@@ -1,12 +1,14 @@
 """The official VQA accuracy against hand-computed cases, one rule at a time."""
 
+import hashlib
 import json
 
 import pytest
 
 from vlbert.tasks.vqa.answers import (AnswerVocab, answer_targets, build_answer_vocab, read_submission,
                                       swap_left_right, write_submission)
-from vlbert.tasks.vqa.metric import (evaluate_vqa, normalize_answer, process_digits_articles,
+from vlbert.tasks.vqa.metric import (ARTICLES, CONTRACTIONS, NUMBER_WORDS, PUNCTUATION, VQAAccuracy,
+                                     clean_whitespace, evaluate_vqa, normalize_answer, process_digits_articles,
                                      process_punctuation, soft_score, vqa_score)
 
 DISAGREE = ["other"]  # appended to human answers so that they are not all the same
@@ -21,6 +23,38 @@ def test_punctuation_becomes_space_unless_next_to_a_space():
     assert process_punctuation("red, white") == "red white"  # ", " present: the comma is deleted
     assert process_punctuation("(left)") == " left "
     assert process_punctuation("what?!") == "what  "
+
+
+def test_a_mark_after_a_space_is_deleted():
+    """Fails if only "mark then space" is looked for (the official rule also deletes a mark with a
+    space before it): "hot -dog" would become "hot  dog"."""
+    assert process_punctuation("hot -dog") == "hot dog"
+    assert process_punctuation("hot- dog") == "hot dog"
+
+
+def test_newlines_and_tabs_inside_an_answer_become_spaces():
+    """Fails if either replacement is dropped (strip alone only removes them at the ends)."""
+    assert clean_whitespace(" two\nred\tdogs\n") == "two red dogs"
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def test_tables_are_the_official_ones():
+    """The contraction table, number words, articles and punctuation marks against the official
+    evaluation's (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py at a013f00:
+    ``contractions``, ``manualMap``, ``articles``, ``punct``): their sizes, and sha256 digests of
+    ``json.dumps(table, sort_keys=True)`` computed from that file's literals (articles sorted;
+    punctuation in the file's order, which the rule depends on). Fails if any entry, key or value
+    changes, goes or is added (a word of the 120 contractions misspelt scores answers wrongly)."""
+    assert len(CONTRACTIONS) == 120
+    assert _digest(CONTRACTIONS) == "52771f672b95913f862aae058e42219f9e1e4d7af64475a5cdf394301acf67a9"
+    assert len(NUMBER_WORDS) == 12
+    assert _digest(NUMBER_WORDS) == "524585ba19275a54801633a9f163e061695c76ac5cd9f19c2c335f94ba8d68bb"
+    assert _digest(sorted(ARTICLES)) == "ad494141e74bb19bbb8c07d34ebfcc9ad3cfa7db7dd45f2e856a63448fe41a8f"
+    assert len(PUNCTUATION) == 21
+    assert _digest(list(PUNCTUATION)) == "3b9f2ee76c69e88435f0c6025b28651351f579aa1c9eefc94c702552a2ee7a89"
 
 
 def test_a_digit_comma_digit_anywhere_deletes_every_mark():
@@ -103,8 +137,33 @@ def test_evaluate_overall_and_per_type():
     assert acc.per_question_type == pytest.approx({"is the": 100.0, "how many": 80.0})
     assert acc.per_question == pytest.approx({1: 100.0, 2: 60.0, 3: 100.0})
     assert acc.metrics()["vqa_acc/number"] == pytest.approx(80.0)
-    with pytest.raises(KeyError, match="question 3"):
+    assert acc.num_questions == 3
+    with pytest.raises(KeyError, match="^'no prediction for question 3'$"):
         evaluate_vqa({1: "yes", 2: "2"}, anns)
+
+
+def test_annotations_without_types_are_grouped_under_the_empty_name():
+    """An annotation lacking ``answer_type``/``question_type`` (a hand-made split) counts under
+    ``""``. Fails if the default name changes or a missing type raises."""
+    acc = evaluate_vqa({1: "yes"}, [{"question_id": 1, "answers": [{"answer": "yes"}] * 10}])
+    assert acc.per_answer_type == {"": 100.0} and acc.per_question_type == {"": 100.0}
+
+
+def test_an_accuracy_with_only_its_overall_has_empty_breakdowns():
+    """Fails if a breakdown defaults to None (``metrics()`` would raise) or the count to nonzero."""
+    acc = VQAAccuracy(overall=42.0)
+    assert (acc.per_answer_type, acc.per_question_type, acc.per_question, acc.num_questions) == ({}, {}, {}, 0)
+    assert acc.metrics() == {"vqa_acc": 42.0}
+
+
+def test_errors_say_what_is_wrong():
+    """Fails if a message loses its words (each is matched whole)."""
+    with pytest.raises(ValueError, match="^a VQA question needs at least one human answer$"):
+        vqa_score("yes", [])
+    with pytest.raises(ValueError, match=r"^count 11 not in 0\.\.10$"):
+        soft_score(11)
+    with pytest.raises(ValueError, match="^no annotated questions to evaluate$"):
+        evaluate_vqa({}, [])
 
 
 # ----------------------------------------------------------------- vocabulary and targets

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Mutation testing (not in CI): mutmut mutates one module at a time, in place, runs the fast
+# tests that cover it against each mutant and restores the file. A surviving mutant is a change
+# of the code that no test notices. Scores and survivors: docs/development.md, "Mutation testing".
+#
+#   bash scripts/mutation.sh                                           # vlbert/tasks/vqa/metric.py
+#   bash scripts/mutation.sh vlbert/data/masking.py tests/test_masking.py
+#
+# Afterwards `"$MUTMUT_VENV/bin/mutmut" results` lists the survivors and `... show <id>` shows one.
+# mutmut lives in its own virtual environment ($MUTMUT_VENV, default .venv-mutmut), never in the
+# project's; the tests run with the project's interpreter ($VLBERT_PY, default .venv/bin/python).
+# Knobs: MUTMUT_VERSION (default 2.5.1: plain in-place mutation with a runner command).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+MODULE="${1:-vlbert/tasks/vqa/metric.py}"
+TESTS="${2:-tests/test_vqa_metric.py}"
+MUTMUT_VENV="${MUTMUT_VENV:-$ROOT/.venv-mutmut}"
+MUTMUT_VERSION="${MUTMUT_VERSION:-2.5.1}"
+VLBERT_PY="${VLBERT_PY:-$ROOT/.venv/bin/python}"
+
+for f in "$MODULE" "$TESTS"; do
+  [ -f "$f" ] || { echo "mutation.sh: $f: no such file" >&2; exit 2; }
+done
+[ -x "$VLBERT_PY" ] || { echo "mutation.sh: $VLBERT_PY: no interpreter (run scripts/test.sh once, or set VLBERT_PY)" >&2; exit 2; }
+# mutmut edits the module in place: refuse to start on uncommitted edits, keep a copy, and put it
+# back however the run ends. While it runs, the module on disk is a mutant: run nothing else from
+# this checkout and commit nothing (`git commit -a` would commit a mutant).
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1 && ! git diff --quiet HEAD -- "$MODULE"; then
+  echo "mutation.sh: $MODULE has uncommitted changes; commit or stash them first" >&2; exit 2
+fi
+ORIGINAL="$(mktemp)"
+cp "$MODULE" "$ORIGINAL"
+restore() {
+  [ -f "$ORIGINAL" ] || return 0
+  if ! cmp -s "$ORIGINAL" "$MODULE"; then
+    echo "mutation.sh: $MODULE left mutated; restoring it" >&2
+    cp "$ORIGINAL" "$MODULE"
+  fi
+  rm -f "$ORIGINAL"
+}
+trap restore EXIT
+if [ ! -x "$MUTMUT_VENV/bin/mutmut" ]; then
+  "$VLBERT_PY" -m venv "$MUTMUT_VENV"
+  "$MUTMUT_VENV/bin/python" -m pip install --quiet "mutmut==$MUTMUT_VERSION"
+fi
+
+# A fresh cache per module, so that `mutmut results` speaks of this run only.
+rm -f .mutmut-cache
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# No bytecode cache: two mutants of the same size written within a second would otherwise share a
+# stale .pyc (its check is mtime in seconds and size), and the tests would run the wrong code.
+export PYTHONDONTWRITEBYTECODE=1 PYTHONPYCACHEPREFIX="$(mktemp -d)"
+# -x: a mutant is killed at the first failing test; -p no:cacheprovider: no test reordering between mutants.
+status=0
+"$MUTMUT_VENV/bin/mutmut" run --paths-to-mutate "$MODULE" --tests-dir tests --no-progress \
+  --runner "$VLBERT_PY -m pytest -x -q -p no:cacheprovider -p no:randomly $TESTS" || status=$?
+restore
+# mutmut's exit status is a bit field (2 survivors, 4 timeouts, 8 suspicious); 1 is its own failure.
+"$MUTMUT_VENV/bin/mutmut" results || true
+[ $((status & 1)) -eq 0 ] || exit 1
