@@ -5,7 +5,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
 from vlbert.config import DetectorConfig, ModelConfig

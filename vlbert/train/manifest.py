@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import posixpath
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Optional
 
