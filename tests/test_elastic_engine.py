@@ -113,6 +113,8 @@ def _phase(rank: int, world: int, port: int, root: str, save: bool, errors) -> N
                 assert torch.isfinite(loss), name
             engine.close()
         torch.distributed.barrier()
+        # Torn down here, not at interpreter exit, where gloo's threads can abort the process.
+        torch.distributed.destroy_process_group()
     except BaseException:
         errors.put(f"rank {rank}/{world}: {traceback.format_exc()}")
         raise
