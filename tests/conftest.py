@@ -15,3 +15,13 @@ def demo_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
     make_demo_data(root, train_shards=2, per_shard=16, val=8, size=64, book_files=1, docs_per_file=20, wiki_docs=20)
     return root
+
+
+@pytest.fixture(scope="session")
+def vqa(tmp_path_factory) -> Path:
+    """A tiny VQA set on demo scenes (8 train, 8 val questions), read-only for tests."""
+    from vlbert.demo.make_vqa import make_demo_vqa
+
+    root = tmp_path_factory.mktemp("vqa")
+    make_demo_vqa(root, train_questions=8, val_questions=8, seed=0)
+    return root

@@ -25,15 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def vqa(tmp_path_factory) -> Path:
-    from vlbert.demo.make_vqa import make_demo_vqa
-
-    root = tmp_path_factory.mktemp("vqa")
-    make_demo_vqa(root, train_questions=8, val_questions=8, seed=0)
-    return root
-
-
-@pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, demo_data):
     """A pretraining run's export (the trainer's export_weights) of a tiny butd_r101_vg model."""
     from vlbert.model.pretraining import VLBertForPretraining

@@ -32,15 +32,6 @@ pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore::Futu
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def vqa(tmp_path_factory) -> Path:
-    from vlbert.demo.make_vqa import make_demo_vqa
-
-    root = tmp_path_factory.mktemp("vqa")
-    make_demo_vqa(root, train_questions=8, val_questions=8, seed=0)
-    return root
-
-
 def tiny(demo_data: Path, vqa: Path, out: Path, *overrides: str):
     """configs/vqa_tiny.yaml pointed at the test files; val = the training questions (overfitting)."""
     split = {"questions": str(vqa / "train_questions.json"), "annotations": str(vqa / "train_annotations.json"),

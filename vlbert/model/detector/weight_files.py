@@ -252,27 +252,21 @@ def _materialise(obj):
         seen.add(id(container_))
         if isinstance(container_, dict):
             items = list(container_.items())
-            for k, v in items:
-                nodes += 1
+            for k, _ in items:
                 if not isinstance(k, (str, int, float, bool, bytes, type(None))):
                     raise _Refused(f"refused a dict key of type {type(k).__name__}")
-                if isinstance(v, (dict, list)):
-                    work.append((v, depth + 1))
-                elif isinstance(v, tuple):
-                    container_[k] = list(v)
-                    work.append((container_[k], depth + 1))
-                else:
-                    container_[k] = leaf(v)
         elif isinstance(container_, list):
-            for i, v in enumerate(container_):
-                nodes += 1
-                if isinstance(v, (dict, list)):
-                    work.append((v, depth + 1))
-                elif isinstance(v, tuple):
-                    container_[i] = list(v)
-                    work.append((container_[i], depth + 1))
-                else:
-                    container_[i] = leaf(v)
+            items = list(enumerate(container_))
+        else:
+            items = []
+        for k, v in items:  # tuples become lists, so that their items can be replaced in place
+            nodes += 1
+            if isinstance(v, tuple):
+                v = container_[k] = list(v)
+            if isinstance(v, (dict, list)):
+                work.append((v, depth + 1))
+            else:
+                container_[k] = leaf(v)
         if nodes > _MAX_NODES:
             raise _Refused(f"refused a pickle with more than {_MAX_NODES} entries")
     return root[0]
