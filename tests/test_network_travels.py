@@ -18,7 +18,7 @@ import yaml
 from vlbert.config import load_config
 from vlbert.config_reader import ConfigError
 from vlbert.tasks.config import load_finetune_config
-from vlbert.tasks.network import NETWORK_FIELDS, resolve_network
+from vlbert.network import NETWORK_FIELDS, resolve_network
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.filterwarnings("ignore::FutureWarning")]
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 def pretrained(tmp_path_factory, demo_data):
     """A pretraining run's export (the trainer's export_weights) of a tiny butd_r101_vg model."""
     from vlbert.model.pretraining import VLBertForPretraining
-    from vlbert.tasks.network import network_info
+    from vlbert.network import network_info
     from vlbert.train.loop import export_weights
 
     cfg = load_config(REPO / "configs/tiny.yaml", ["detector.preset=butd_r101_vg",

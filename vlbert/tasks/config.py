@@ -188,7 +188,7 @@ def load_finetune_config(path: str | os.PathLike | None, overrides: list[str] = 
                          check_files: bool = True) -> FinetuneConfig:
     """Read a YAML fine-tuning config, apply ``key=value`` overrides (and ``detector.preset``),
     validate. The keys the config wrote in ``model`` and ``detector`` are kept (``_written_keys``):
-    the network of the weights fills the others (``vlbert.tasks.network.resolve_network``)."""
+    the network of the weights fills the others (``vlbert.network.resolve_network``)."""
     raw, source = read_raw_config(path, overrides)
     where = source + (" + overrides" if overrides else "")
     _apply_detector_preset(raw, where)

@@ -2,7 +2,7 @@
 
 The weights are a fine-tuning run's ``model.safetensors``; the task's
 vocabulary (``answers.txt``) and the network (``model.json``: encoder and detector
-sections, ``vlbert.tasks.network``) are read from beside them, so the model built is the
+sections, ``vlbert.network``) are read from beside them, so the model built is the
 one trained and the indices mean what they meant in training.
 """
 
@@ -20,7 +20,7 @@ from safetensors.torch import load as load_safetensors
 from vlbert.data.vocabulary import check_vocabulary
 from vlbert.tasks.config import FinetuneConfig
 from vlbert.tasks.finetune import build_task, run_evaluation
-from vlbert.tasks.network import resolve_network
+from vlbert.network import resolve_network
 from vlbert.tasks.pretrained import read_pretrained_info
 from vlbert.train.engine import init_distributed
 

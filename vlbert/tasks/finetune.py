@@ -29,7 +29,7 @@ from vlbert.config import flatten
 from vlbert.data.prefetch import Prefetcher, wait_for_item
 from vlbert.data.vocabulary import check_vocabulary, checkpoint_tokenizer, vocabulary_fingerprint
 from vlbert.tasks.config import FinetuneConfig, batch_as_data_config
-from vlbert.tasks.network import network_info, resolve_network
+from vlbert.network import network_info, resolve_network
 from vlbert.tasks.pretrained import read_pretrained_info
 from vlbert.tasks.sampling import EpochBatchSampler
 from vlbert.train import dist

@@ -35,7 +35,7 @@ from vlbert.train.progress import Progress
 from vlbert.train.metrics import Meter, batch_counts, interval_metrics, peak_flops, total_skips
 from vlbert.data.partitions import read_rates
 from vlbert.data.vocabulary import check_vocabulary, checkpoint_tokenizer, vocabulary_fingerprint
-from vlbert.tasks.network import network_info
+from vlbert.network import network_info
 from vlbert.train.layout import describe as describe_layout, plan_layout
 from vlbert.train.lease import FolderLeases, run_folders
 from vlbert.train.state import TrainState
@@ -71,7 +71,7 @@ def seed_everything(seed: int) -> None:
 def export_weights(engine: Engine, out_dir: Path, rank: int, info: dict) -> None:
     """Write the trained model as ``<out_dir>/model.safetensors`` (plain tensors: loads without
     unpickling) and ``<out_dir>/model.json`` (``info``: step, MLflow run id and the network's
-    ``model`` and ``detector`` sections, ``vlbert.tasks.network``). Collective under ZeRO-3."""
+    ``model`` and ``detector`` sections, ``vlbert.network``). Collective under ZeRO-3."""
     from safetensors.torch import save_file
 
     state = engine.full_state_dict()  # every rank takes part in the gather
