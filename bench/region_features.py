@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
         make_demo_data(root / "data", train_shards=1, per_shard=opts.images, val=4, size=64, book_files=1,
                        docs_per_file=20, wiki_docs=20)
         extract(["--config", opts.config, "--set", "detector.checkpoint=", "--input",
-                 str(root / "data/captions/train-00000.tar"), "--output", str(root / "feats"), "--features",
+                 str(root / "data/captions/train-00000.tar"), "--out", str(root / "feats"), "--features",
                  "--device", "cpu", "--batch-size", "16"])
         common = [f"data.tokenizer={root / 'data/tokenizer'}", f"data.captions.urls=[{root / 'feats/train-00000.tar'}]",
                   "data.validation.urls=[]", "detector.checkpoint=", "data.num_workers=0",
