@@ -6,6 +6,14 @@ answer in the context). Evaluation on ``val``: Q->A, and QA->R given the right a
 on ``test`` (``vlbert-evaluate --split test``): Q->A and QA->R given each of the four
 answers, written as the leaderboard CSV (``metric.LEADERBOARD_COLUMNS``) beside the
 predictions JSON.
+
+Questions whose image is missing (absent from the shards, or unreadable with its metadata) are
+counted as VQA and RefCOCO+ count them (``vlbert.tasks.missing``): they stay in the denominator of
+Q->A, QA->R and Q->AR and score 0, ``<split>/missing_images`` reports them, and more than
+``eval.max_missing_fraction`` of a split is an error (checked before predicting for the images
+absent from the shards, and again when scoring). The predictions hold every question of the split,
+an empty ``VCRPrediction`` (nulls in the JSON) for one not predicted; the leaderboard CSV gives it
+uniform probabilities (``metric.complete_for_leaderboard``).
 """
 
 from __future__ import annotations
@@ -18,9 +26,10 @@ import fsspec
 import torch
 
 from vlbert.tasks.config import FinetuneConfig, VCRSplitConfig
+from vlbert.tasks.missing import check_missing, missing_metrics
 from vlbert.tasks.sampling import eval_batches
 from vlbert.tasks.vcr.data import NUM_CHOICES, Q2A, QA2R, Item, MemberIndex, VCRDataset, load_vcr_jsonl
-from vlbert.tasks.vcr.metric import VCRPrediction, vcr_accuracies, write_leaderboard_csv
+from vlbert.tasks.vcr.metric import VCRPrediction, complete_for_leaderboard, vcr_accuracies, write_leaderboard_csv
 from vlbert.tasks.vcr.model import VLBertForVCR
 from vlbert.tasks.vcr.tokens import COCO_CATEGORIES
 from vlbert.train import dist
@@ -29,8 +38,14 @@ log = logging.getLogger(__name__)
 
 
 class VCREvalSet:
-    def __init__(self, name: str, dataset: VCRDataset, labels: dict[str, tuple[int, int]]):
-        self.name, self.dataset, self.labels = name, dataset, labels  # labels: {} for test
+    """A split to predict: ``dataset`` holds the questions whose image is in the shards, ``annot_ids``
+    every question read from the jsonl (the denominator), ``labels`` annot_id -> (answer_label,
+    rationale_label) of every question ({} for test)."""
+
+    def __init__(self, name: str, dataset: VCRDataset, labels: dict[str, tuple[int, int]],
+                 annot_ids: list[str] = ()):
+        self.name, self.dataset, self.labels = name, dataset, labels
+        self.annot_ids = list(annot_ids) or [ex.annot_id for ex in dataset.examples]
 
 
 class VCRTask:
@@ -72,10 +87,12 @@ class VCRTask:
             return out
 
         dataset = self._dataset(split, labelled, items, train=False)
-        kept = {it.example for it in dataset.items}
-        labels = {dataset.examples[i].annot_id: (dataset.examples[i].answer_label, dataset.examples[i].rationale_label)
-                  for i in sorted(kept)} if labelled else {}
-        return VCREvalSet(name, dataset, labels)
+        examples = dataset.examples
+        # Fail before predicting when the shards lack too many of the split's images.
+        check_missing(name, dataset.missing_images, len(examples), self.cfg.eval.max_missing_fraction, "questions")
+        # Every question, those without an image included: the denominator of the accuracies.
+        labels = {ex.annot_id: (ex.answer_label, ex.rationale_label) for ex in examples} if labelled else {}
+        return VCREvalSet(name, dataset, labels, [ex.annot_id for ex in examples])
 
     def eval_sets(self, split: Optional[str] = None) -> list[VCREvalSet]:
         if split is not None:
@@ -95,7 +112,9 @@ class VCRTask:
 
     @torch.no_grad()
     def predict(self, forward: Callable, eval_set: VCREvalSet, rank: int, world: int) -> dict[str, VCRPrediction]:
-        """annot_id -> probabilities, gathered on all ranks. ``forward(batch)`` runs the model."""
+        """annot_id -> probabilities of every question of the split (in file order), gathered on all
+        ranks; an empty ``VCRPrediction`` where nothing could be predicted (image absent or
+        unreadable). ``forward(batch)`` runs the model."""
         dataset, mine = eval_set.dataset, {}
         for items in eval_batches(len(dataset), self.v.eval_batch_size, rank, world):
             batch, skipped = dataset.get_batch(items)
@@ -107,11 +126,11 @@ class VCRTask:
             probs = forward(batch).logits.float().softmax(-1).cpu().tolist()
             for k, p in zip(batch.items.tolist(), probs):
                 mine[k] = p
-        out: dict[str, VCRPrediction] = {}
+        out = {annot_id: VCRPrediction() for annot_id in eval_set.annot_ids}
         for part in dist.all_gather_object(mine):
             for k, p in part.items():
                 item = dataset.items[k]
-                pred = out.setdefault(dataset.examples[item.example].annot_id, VCRPrediction())
+                pred = out[dataset.examples[item.example].annot_id]
                 if item.subtask == Q2A:
                     pred.answer = p
                 else:
@@ -119,18 +138,25 @@ class VCRTask:
         return out
 
     def score(self, eval_set: VCREvalSet, predictions: dict[str, VCRPrediction]) -> dict[str, float]:
-        return vcr_accuracies(predictions, eval_set.labels, self.subtasks, eval_set.name)
+        """Q->A, QA->R and Q->AR (percent; val) over every question of the split, and
+        ``<split>/missing_images``: the questions without any prediction, which count as wrong
+        (``vlbert.tasks.missing``; ValueError past ``eval.max_missing_fraction``)."""
+        missing = sum(a not in predictions or predictions[a].empty for a in eval_set.annot_ids)
+        metrics = missing_metrics(eval_set.name, missing, len(eval_set.annot_ids), self.cfg.eval.max_missing_fraction,
+                                  "questions")
+        return {**vcr_accuracies(predictions, eval_set.labels, self.subtasks, eval_set.name), **metrics}
 
     def write_predictions(self, url: str, predictions: dict[str, VCRPrediction]) -> None:
-        """The probabilities as JSON; with every answer and every conditioned rationale scored (the
-        test split, both subtasks), also the leaderboard CSV (``..._predictions.json`` ->
-        ``..._leaderboard.csv``)."""
+        """The probabilities as JSON (nulls for a question not predicted); when the answers and the
+        rationales given each answer were scored (the test split, both subtasks), also the
+        leaderboard CSV (``..._predictions.json`` -> ``..._leaderboard.csv``), a row for every
+        question, uniform probabilities where it has none (``metric.complete_for_leaderboard``)."""
         with fsspec.open(url, "w") as f:
             json.dump({k: p.to_json() for k, p in sorted(predictions.items())}, f)
-        complete = predictions and all(p.answer is not None and len(p.rationale) == NUM_CHOICES
-                                       for p in predictions.values())
-        if complete:
+        if any(p.leaderboard_ready for p in predictions.values()):
             csv_url = url[: -len("_predictions.json")] + "_leaderboard.csv" if url.endswith("_predictions.json") \
                 else url + ".leaderboard.csv"
-            write_leaderboard_csv(csv_url, predictions)
-            log.info("leaderboard CSV: %s (%d questions)", csv_url, len(predictions))
+            rows, filled = complete_for_leaderboard(predictions)
+            write_leaderboard_csv(csv_url, rows)
+            log.info("leaderboard CSV: %s (%d questions, %d of them without a prediction: uniform probabilities)",
+                     csv_url, len(rows), filled)
