@@ -105,7 +105,7 @@ def test_tiny_finetune_reports_three_metrics_and_writes_the_leaderboard(demo_dat
     cfg.model.pretrained = str(pretrained)
     result = finetune(cfg)
     assert not result.preempted and result.step == 8
-    assert set(result.eval_metrics) == {"val/q2a_acc", "val/qa2r_acc", "val/q2ar_acc"}
+    assert set(result.eval_metrics) == {"val/q2a_acc", "val/qa2r_acc", "val/q2ar_acc", "val/missing_images"}
     preds = json.loads((out / "val_predictions.json").read_text())
     labels = {r["annot_id"]: (r["answer_label"], r["rationale_label"])
               for r in map(json.loads, (vcr / "val.jsonl").read_text().splitlines())}
@@ -113,7 +113,7 @@ def test_tiny_finetune_reports_three_metrics_and_writes_the_leaderboard(demo_dat
     qa = [int(np.argmax(preds[k]["answer"])) == a for k, (a, _) in labels.items()]
     qr = [int(np.argmax(preds[k]["rationale"][str(a)])) == r for k, (a, r) in labels.items()]
     expected = {"val/q2a_acc": 100 * np.mean(qa), "val/qa2r_acc": 100 * np.mean(qr),
-                "val/q2ar_acc": 100 * np.mean([x and y for x, y in zip(qa, qr)])}
+                "val/q2ar_acc": 100 * np.mean([x and y for x, y in zip(qa, qr)]), "val/missing_images": 0.0}
     assert result.eval_metrics == pytest.approx(expected)
     assert json.loads((out / "model.json").read_text())["task"] == "vcr"
 

@@ -152,3 +152,19 @@ def test_leaderboard_has_a_uniform_row_for_a_question_without_image(demo_data, v
             else:
                 pick = answers[r["annot_id"]] if g == "answer" else rationales[r["annot_id"]]
                 assert got == pytest.approx([1.0 if j == pick else 0.0 for j in range(4)], abs=1e-6), (i, g)
+
+
+def test_leaderboard_completion_keeps_what_was_predicted():
+    """A question with its answer and one conditioned rationale keeps those and gets 1/4 in the
+    three groups it lacks; a complete one is unchanged; the count of filled questions is 1. Fails
+    if a predicted group were overwritten (broken by always using UNIFORM for the rationales) or
+    the count included complete questions."""
+    from vlbert.tasks.vcr.metric import VCRPrediction, complete_for_leaderboard
+
+    full = VCRPrediction([0.4, 0.3, 0.2, 0.1], {i: [0.1 * (i + 1)] * 4 for i in range(4)})
+    part = VCRPrediction([0.1, 0.2, 0.3, 0.4], {1: [0.7, 0.1, 0.1, 0.1]})
+    done, filled = complete_for_leaderboard({"a": full, "b": part})
+    assert filled == 1 and list(done) == ["a", "b"]
+    assert done["a"].answer == full.answer and done["a"].rationale == full.rationale
+    assert done["b"].answer == [0.1, 0.2, 0.3, 0.4]
+    assert done["b"].rationale == {0: [0.25] * 4, 1: [0.7, 0.1, 0.1, 0.1], 2: [0.25] * 4, 3: [0.25] * 4}

@@ -1,7 +1,8 @@
 """Items whose image is missing, counted as the official evaluations count them: wrong.
 
-The official VQA evaluation (GT-Vision-Lab/VQA, vqaEval.py) and the RefCOCO+ accuracy score
-every question or expression of a split; one with no prediction cannot be right. Ours cannot
+The official VQA evaluation (GT-Vision-Lab/VQA, vqaEval.py), the RefCOCO+ accuracy and VCR's
+Q->A, QA->R and Q->AR score every question or expression of a split; one with no prediction
+cannot be right. Ours cannot
 predict an item whose image is absent from the shards or cannot be decoded: it stays in the
 denominator and scores 0, its count is reported as ``<split>/missing_images``, and a split
 missing more than ``eval.max_missing_fraction`` of its items is an error (a wrong shard list
