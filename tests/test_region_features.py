@@ -312,3 +312,81 @@ def test_vqa_finetunes_on_imported_features(demo_data, tmp_path):
     result = finetune(cfg)
     assert not result.preempted and result.step == 3
     assert "val/vqa_acc" in result.eval_metrics, result.eval_metrics
+
+
+# --------------------------------------------------------------------------- features -> pixels
+
+
+def _features_export(tmp_path: Path, feature_dim: int) -> Path:
+    """A pretraining export (model.safetensors + model.json) of vqa_tiny.yaml's encoder trained on
+    ``feature_dim``-wide stored features, with random weights."""
+    from safetensors.torch import save_file
+
+    from vlbert.model.pretraining import VLBertForPretraining
+    from vlbert.network import network_info
+    from vlbert.tasks.config import load_finetune_config
+
+    cfg = load_finetune_config(REPO / "configs/vqa_tiny.yaml", ["detector.source=features",
+                                                                f"detector.feature_dim={feature_dim}"],
+                               check_files=False)
+    torch.manual_seed(3)
+    model = VLBertForPretraining(cfg.model, cfg.detector)
+    with torch.no_grad():
+        model.regions.mask_embedding.normal_()
+    out = tmp_path / f"export{feature_dim}"
+    out.mkdir()
+    save_file({k: v.clone().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "model.json").write_text(json.dumps({"step": 1, **network_info(cfg.model, cfg.detector)}))
+    return out / "model.safetensors"
+
+
+def _detector_file(tmp_path: Path) -> tuple[Path, dict]:
+    from vlbert.model.detector import RegionFeatureExtractor
+    from vlbert.tasks.config import load_finetune_config
+
+    cfg = load_finetune_config(REPO / "configs/vqa_tiny.yaml", [], check_files=False)
+    torch.manual_seed(4)
+    det = RegionFeatureExtractor(cfg.detector)
+    state = {k: v.clone() for k, v in det.detector.state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / "detector.pth")
+    return tmp_path / "detector.pth", state
+
+
+def _vqa_model_from(export: Path, *overrides: str):
+    from vlbert.tasks.config import load_finetune_config
+    from vlbert.tasks.vqa.model import VLBertForVQA
+
+    cfg = load_finetune_config(REPO / "configs/vqa_tiny.yaml", [f"model.pretrained={export}", *overrides],
+                               check_files=False)
+    return VLBertForVQA.from_config(cfg.model, cfg.detector, 5)
+
+
+def test_a_features_trained_export_fine_tunes_on_pixels_with_the_detector_that_made_the_features(tmp_path):
+    """A model pretrained on stored features fine-tunes end to end on pixels: the encoder comes
+    from the export, the detector (absent from the export) from detector.checkpoint. Fails if the
+    features export is refused on pixels, if the detector keeps its random weights, or if the
+    encoder's weights are not the export's."""
+    from safetensors.torch import load_file
+
+    export = _features_export(tmp_path, 512)  # ResNet-18's res5 width, vqa_tiny.yaml's detector
+    detector_file, detector_state = _detector_file(tmp_path)
+    model = _vqa_model_from(export, f"detector.checkpoint={detector_file}", "model.whole_image=mean")
+    exported = load_file(str(export))
+    encoder = model.backbone.vlbert.state_dict()
+    assert {f"vlbert.{k}" for k in encoder} == {k for k in exported if k.startswith("vlbert.")}
+    for k, v in encoder.items():
+        torch.testing.assert_close(v, exported[f"vlbert.{k}"], rtol=0, atol=0)
+    loaded = model.backbone.detector.detector.state_dict()
+    for k, v in detector_state.items():
+        torch.testing.assert_close(loaded[k], v, rtol=0, atol=0)
+    assert model.backbone.regions is None
+
+
+def test_a_features_trained_export_on_pixels_needs_the_detector_file_and_its_width(tmp_path):
+    """Fails if a features export is fine-tuned on pixels with a random detector (no
+    detector.checkpoint) or with features of another width than the detector's, silently."""
+    with pytest.raises(ValueError, match="pretrained on stored region features.*detector.checkpoint"):
+        _vqa_model_from(_features_export(tmp_path, 512))
+    detector_file, _ = _detector_file(tmp_path)
+    with pytest.raises(ValueError, match=f"{DIM}-wide region features.*512-wide"):
+        _vqa_model_from(_features_export(tmp_path, DIM), f"detector.checkpoint={detector_file}")

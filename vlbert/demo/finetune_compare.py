@@ -53,7 +53,7 @@ def summarise(scores: dict[str, list[dict[str, float]]], headline: str) -> dict:
 def compare_main(task: DemoTask, prog: str, doc: str, argv: Optional[list[str]] = None) -> dict:
     p = command_parser(prog, doc)
     p.add_argument("--config", default=task.config)
-    p.add_argument("--pretrained", default="runs/demo_pixels/model.safetensors")
+    p.add_argument("--pretrained", default="runs/demo/model.safetensors")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default=task.out)
     add_overrides(p, "optim.lr=1e-4")

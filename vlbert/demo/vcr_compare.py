@@ -1,7 +1,7 @@
 """The VCR fine-tuning demo: does visual-linguistic pretraining help? VCR on the demo scenes.
 
     vlbert-make-demo-vcr --out demo_vcr
-    vlbert-compare-vcr-demo --pretrained runs/demo_pixels/model.safetensors [--seeds 0 1 2] [--set KEY=VALUE ...]
+    vlbert-compare-vcr-demo --pretrained runs/demo/model.safetensors [--seeds 0 1 2] [--set KEY=VALUE ...]
 
 Fine-tunes ``configs/vcr_demo.yaml`` once per seed from the demo pretraining run and once per
 seed from the same network without that pretraining (``vlbert.demo.finetune_compare``); prints

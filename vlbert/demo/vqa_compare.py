@@ -1,7 +1,7 @@
 """The fine-tuning demo: does visual-linguistic pretraining help? VQA on the demo scenes.
 
     vlbert-make-demo-vqa --out demo_vqa
-    vlbert-compare-vqa-demo --pretrained runs/demo_pixels/model.safetensors [--seeds 0 1 2] [--set KEY=VALUE ...]
+    vlbert-compare-vqa-demo --pretrained runs/demo/model.safetensors [--seeds 0 1 2] [--set KEY=VALUE ...]
 
 Fine-tunes ``configs/vqa_demo.yaml`` once per seed from the demo pretraining run and once
 per seed from the same network without that pretraining (``vlbert.demo.finetune_compare``);

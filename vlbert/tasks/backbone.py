@@ -128,7 +128,10 @@ class TaskModel(nn.Module):
         when the checkpoint has one) and the detector's (``detector.checkpoint``)."""
         if model_cfg.pretrained:
             model = cls(model_cfg, detector_cfg, *args, bert_config=bert_architecture(model_cfg))
-            model.load_pretrained(read_pretrained(model_cfg.pretrained).state)
+            state = read_pretrained(model_cfg.pretrained).state
+            if model.backbone.detector is not None and trained_on_features(state):
+                state = _with_detector_checkpoint(model, state, detector_cfg, model_cfg.pretrained)
+            model.load_pretrained(state)
             return model
         bert_config, state = load_bert_checkpoint(model_cfg.bert) if model_cfg.bert else (None, {})
         model = cls(model_cfg, detector_cfg, *args, bert_config=bert_config)
@@ -156,6 +159,35 @@ class TaskModel(nn.Module):
         if transform:
             for module in self.head_transforms().values():
                 module.load_state_dict(transform)
+
+
+def trained_on_features(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a pretraining export was trained on stored region features: it holds the learned
+    mask embedding (``regions.*``) and no detector."""
+    return any(k.startswith("regions.") for k in state) and not any(k.startswith("detector.") for k in state)
+
+
+def _with_detector_checkpoint(model: "TaskModel", state: dict[str, torch.Tensor], detector_cfg: DetectorConfig,
+                              source: str) -> dict[str, torch.Tensor]:
+    """A features-trained export fine-tuned on pixels: the stored features were the frozen
+    detector's pooled RoI outputs, so the encoder sees the same inputs when that detector runs
+    on the pixels. Its weights are not in the export: they come from ``detector.checkpoint``
+    (the file the features were made with). Returns ``state`` with the detector's weights in
+    place of the mask embedding (which only masked-RoI pretraining uses)."""
+    if not detector_cfg.checkpoint:
+        raise ValueError(
+            f"{source} was pretrained on stored region features, so it carries no detector: to fine-tune on "
+            f"pixels set detector.checkpoint to the detector that made those features, or fine-tune on "
+            f"features (detector.source: features)")
+    width = state["regions.mask_embedding"].shape[-1]
+    if width != model.backbone.detector.out_channels:
+        raise ValueError(
+            f"{source} was pretrained on {width}-wide region features but the detector of this config gives "
+            f"{model.backbone.detector.out_channels}-wide ones (detector.depth {detector_cfg.depth}): the features "
+            f"must come from this detector")
+    model.backbone.detector.load_checkpoint(detector_cfg.checkpoint)
+    detector = {f"detector.{k}": v for k, v in model.backbone.detector.state_dict().items()}
+    return {**{k: v for k, v in state.items() if not k.startswith("regions.")}, **detector}
 
 
 def load_pretrained_state(model: nn.Module, state: dict[str, torch.Tensor],

@@ -32,7 +32,7 @@ from transformers.models.bert.modeling_bert import BertPooler
 from vlbert.config import DetectorConfig
 from vlbert.model.embeddings import VisualInputs
 from vlbert.model.vlbert import init_bert_weights
-from vlbert.tasks.backbone import Backbone, TaskModel, load_pretrained_state
+from vlbert.tasks.backbone import Backbone, TaskModel, load_pretrained_state, mean_whole_image
 from vlbert.tasks.config import FinetuneModelConfig
 from vlbert.tasks.vcr.data import VCRBatch
 
@@ -113,6 +113,8 @@ class VLBertForVCR(TaskModel):
         b, c, t = batch.input_ids.shape
         appearance = self.backbone.detector(batch.images, batch.boxes, batch.box_mask,
                                             region_masks=batch.region_masks)  # [B, R, A]: one CNN pass per image
+        if self.backbone.whole_image == "mean":
+            appearance = mean_whole_image(appearance, batch.box_mask)
 
         def per_choice(x: torch.Tensor) -> torch.Tensor:  # [B, ...] -> [B * 4, ...]
             return x.repeat_interleave(c, dim=0)
