@@ -4,7 +4,9 @@
 - a pretraining run: ``load_pretrained_state`` takes the run's exported state
   dict (``model.safetensors`` of ``VLBertForPretraining``: ``detector.*``,
   ``vlbert.*``, ``mlm_head.*``, ``roi_head.*``) and loads the detector and the
-  encoder; task heads take the MLM head's transform from it;
+  encoder; task heads take the MLM head's transform from it. A run trained on stored
+  region features carries no detector: on pixels, the detector comes from
+  ``detector.checkpoint`` (the one that made the features);
 - plain BERT (``model.bert``): the encoder's text weights and, when the
   checkpoint has them, the MLM transform; the detector from its own checkpoint.
 """
