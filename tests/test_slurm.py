@@ -310,7 +310,9 @@ def test_preempted_finetuning_job_matches_an_uninterrupted_one(slurm, demo_data,
     folder = tmp_path_factory.mktemp("finetune")
     vqa = tmp_path_factory.mktemp("finetune-vqa")
     make_demo_vqa(vqa, train_questions=16, val_questions=8, seed=0)
-    steps = 60  # a step takes a fraction of a second: room for the signal to arrive mid-run
+    # The signal is sent once the step-3 checkpoint is complete and reaches the trainers within a
+    # step (they stopped at step 4 of 60 on a loaded 2-core machine): 20 steps leave room for it.
+    steps = 20
 
     def split(name: str) -> str:
         return json.dumps({"questions": str(vqa / f"{name}_questions.json"),
