@@ -28,6 +28,7 @@ import pytest
 import torch
 import yaml
 
+from mlflow_store import new_sqlite_store
 from vlbert.config import load_config
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -69,6 +70,9 @@ def tiny_config(data: Path, out: Path, **overrides) -> dict:
         for p in parents:
             node = node[p]
         node[last] = value
+    store = out.parent / "mlflow.db"
+    if cfg["tracking"].get("enabled", True) and cfg["tracking"]["tracking_uri"] == f"sqlite:///{store}":
+        new_sqlite_store(store)  # its schema made already (MLflow takes seconds to make it)
     return cfg
 
 
