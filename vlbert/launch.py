@@ -7,13 +7,11 @@ output folder's lease, or any other failure."""
 from __future__ import annotations
 
 import argparse
-import atexit
-import gc
 import os
 import sys
 from typing import Any, Callable, Optional
 
-from vlbert.cli.common import add_overrides, command_parser, overrides
+from vlbert.cli.common import add_overrides, command_parser, overrides, skip_garbage_collection_at_exit
 
 
 def parse_run_args(prog: str, doc: str, config_help: str, override_example: str,
@@ -30,26 +28,6 @@ def parse_run_args(prog: str, doc: str, config_help: str, override_example: str,
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     return args
-
-
-_EXIT_GC_SKIPPED = False
-
-
-def skip_garbage_collection_at_exit() -> None:
-    """Spare the process the interpreter's last full garbage collections.
-
-    A run's heap (torch, DeepSpeed, transformers, MLflow: millions of objects) makes the
-    collections Python runs while shutting down take seconds (4-6 s of a 2-core machine's
-    CPU per process, measured), after training has ended: a job's allocation, a requeue
-    and every rank wait for them. ``gc.freeze()`` at exit takes every object out of their
-    reach. Nothing is lost: the other exit handlers (logging's flush, multiprocessing's
-    clean-up, temporary folders) still run, objects are still freed by reference counting
-    as the modules are cleared, and Python never promised finalizers of objects alive at
-    exit. Registered once per process."""
-    global _EXIT_GC_SKIPPED
-    if not _EXIT_GC_SKIPPED:
-        _EXIT_GC_SKIPPED = True
-        atexit.register(gc.freeze)
 
 
 def run_command(argv: Optional[list[str]], prog: str, doc: str, config_help: str, override_example: str,
