@@ -150,7 +150,7 @@ def _train_then_sigkill(cfg_path: str, kill_after: int, threads: int) -> None:
 
 
 @pytest.mark.integration
-def test_sigkill_and_resume_matches_an_uninterrupted_run(data, tmp_path):
+def test_sigkill_and_resume_matches_an_uninterrupted_run(data, tmp_path, one_torch_thread):
     from vlbert.train.loop import train
 
     keys_on = {"runtime.log_sample_keys": True}
@@ -200,7 +200,7 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(data, tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.mlflow_server
-def test_killed_while_the_tracking_server_is_down_then_resumed_after_it_is_back(data, tmp_path):
+def test_killed_while_the_tracking_server_is_down_then_resumed_after_it_is_back(data, tmp_path, one_torch_thread):
     """The MLflow run does not exist when the step-3 checkpoint is written (server down) nor when
     the trainer dies at step 5; the resumed trainer creates it and it holds every step once."""
     from mlflow_server import MlflowServer
