@@ -497,4 +497,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    from vlbert.cli.common import skip_garbage_collection_at_exit
+
+    skip_garbage_collection_at_exit()
     main()

@@ -25,3 +25,19 @@ def vqa(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vqa")
     make_demo_vqa(root, train_questions=8, val_questions=8, seed=0)
     return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread in this process for the test, as the trainer subprocesses of the
+    tests run (OMP_NUM_THREADS=1). For training in this process beside DataLoader worker processes:
+    on 2 cores, the pool's spinning threads and the workers slow each other down, 3x in 12 tiny steps
+    with 2 workers on a busy machine (74 s with 2 threads, 24 s with 1)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

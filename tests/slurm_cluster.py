@@ -258,13 +258,20 @@ class SlurmCluster:
         (Reason=BeginTime) so that the nodes forget its old, revoked credential; the
         credential times have one-second resolution, so wait two seconds first. The controller
         may show the hold (or not yet) a moment after the requeue, so the release is repeated
-        while the job still waits for its begin time."""
+        while the job still waits for its begin time 3 s after it. A job that has left PENDING
+        before then was released: it is not waited for."""
         for _ in range(5):
             time.sleep(2.0)
             self.cmd("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-            time.sleep(3.0)
-            info = self.job(job_id)
-            if info.get("JobState") != "PENDING" or info.get("Reason") != "BeginTime":
+            end = time.monotonic() + 3.0
+            while True:
+                time.sleep(0.25)
+                info = self.job(job_id)
+                if info.get("JobState") != "PENDING":
+                    return
+                if time.monotonic() >= end:
+                    break
+            if info.get("Reason") != "BeginTime":
                 return
         raise SlurmError(f"job {job_id} still held for its begin time after 5 releases:\n{self.daemon_logs()}")
 

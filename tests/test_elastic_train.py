@@ -76,7 +76,7 @@ def _stop_after(step_to_stop: int):
 
 
 @pytest.mark.integration
-def test_two_by_two_then_one_by_three_then_three_ranks_continue_one_run(data, tmp_path):
+def test_two_by_two_then_one_by_three_then_three_ranks_continue_one_run(data, tmp_path, one_torch_thread):
     from transformers import AutoTokenizer
 
     from vlbert.train.loop import train

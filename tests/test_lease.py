@@ -140,6 +140,26 @@ def test_run_folders_and_folder_leases(tmp_path):
 # --------------------------------------------------------------------------- two trainers
 
 
+# The second trainer: ``vlbert-train`` (its ``main``, exit status and stderr as the console script's)
+# started beside the first, so that its imports overlap the first one's start-up; it runs once
+# the first holds the folder (``sys.argv[1]``, the lease file). It imports only what the command
+# itself imports before that.
+SECOND = """
+import sys, time
+from pathlib import Path
+import vlbert.train.loop
+from vlbert.cli.train import main
+lease, argv = Path(sys.argv[1]), sys.argv[2:]
+deadline = time.monotonic() + 120
+while not lease.exists():
+    if time.monotonic() > deadline:
+        sys.exit("no lease within 120 s")
+    time.sleep(0.05)
+print(f"started {time.monotonic():.3f}", flush=True)
+sys.exit(main(argv))
+"""
+
+
 @pytest.mark.timeout(300)
 def test_two_trainers_on_one_folder(demo_data, tmp_path):
     """The first trainer holds the folder; the second, started on it, exits 1 within seconds of
@@ -155,26 +175,27 @@ def test_two_trainers_on_one_folder(demo_data, tmp_path):
                                          "runtime.val_every": 0, "tracking.enabled": False})
     config = write_config(cfg, tmp_path / "c.yaml")
     env = {k: v for k, v in clean_env().items() if not k.startswith("SLURM_")}
-    args = [sys.executable, "-m", "vlbert.cli.train", "--config", str(config)]
+    argv = ["--config", str(config)]
     with open(tmp_path / "first.log", "wb") as log:
-        first = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+        first = subprocess.Popen([sys.executable, "-m", "vlbert.cli.train", *argv], env=env, stdout=log,
+                                 stderr=subprocess.STDOUT)
+    second = None
     try:
-        deadline = time.monotonic() + 120
-        while not (out / LEASE).exists():
-            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.1)
-        t0 = time.monotonic()
-        second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
-        seconds = time.monotonic() - t0
+        second = subprocess.Popen([sys.executable, "-c", SECOND, str(out / LEASE), *argv], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout, stderr = second.communicate(timeout=240)
+        ended = time.monotonic()
         assert first.poll() is None, "the first trainer ended before the second was refused: make it longer"
-        assert second.returncode == 1
-        assert f"is held by {socket.gethostname()}:{first.pid}" in second.stderr
-        assert "step 1/" not in second.stderr and seconds < 60, (seconds, second.stderr[-2000:])  # imports, then out
+        assert second.returncode == 1, (second.returncode, stderr[-3000:], (tmp_path / "first.log").read_text()[-3000:])
+        seconds = ended - float(stdout.split("started ")[1].split()[0])
+        assert f"is held by {socket.gethostname()}:{first.pid}" in stderr
+        assert "step 1/" not in stderr and seconds < 60, (seconds, stderr[-2000:])
         assert first.wait(timeout=240) == 0, (tmp_path / "first.log").read_text()[-3000:]
     finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
     ck = Checkpointer(str(out / "checkpoints"), rank=0, world_size=1)
     assert [c.step for c in ck.complete()] == [8, 12]  # keep_last 2 of 4, 8, 12
     for info in ck.complete():

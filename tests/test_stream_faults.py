@@ -91,17 +91,22 @@ def test_an_epoch_of_only_bad_shards_moves_on(demo_data, tmp_path):
 
 
 @pytest.mark.integration
-def test_training_survives_bad_shards_with_two_workers(demo_data, tmp_path):
-    """The repro of the issue: it died before step 30."""
+def test_training_survives_bad_shards_with_two_workers(demo_data, tmp_path, one_torch_thread):
+    """The repro of the issue (2 good shards of 16 samples + 2 bad, 2 workers, seed 0): it died
+    before step 30. Slot 0 gets exactly the bad shards in its second epoch, which it reaches after
+    its 8 micro-batches of 2 captions in the first (steps alternate between the two workers), so
+    24 steps go well past that epoch. Fails if a slot's epoch of only bad shards ends the stream."""
     from vlbert.train.loop import train
 
+    steps = 24
+    assert set(slot_plan(4, 2, 0, 0, 1).shards) == {2, 3}  # the unlucky epoch is the second
     good = [str(demo_data / f"captions/train-0000{i}.tar") for i in range(2)]
     cfg = tiny_train_config(demo_data, tmp_path / "out", good + bad_shards(tmp_path),
-                            **{"data.num_workers": 2, "optim.total_steps": 40, "runtime.checkpoint_every": 40})
+                            **{"data.num_workers": 2, "optim.total_steps": steps, "runtime.checkpoint_every": steps})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     result = train(load_config(path))
-    assert result.step == 40 and not result.preempted
+    assert result.step == steps and not result.preempted
 
 
 # --------------------------------------------------------------------------- every sample rejected

@@ -28,6 +28,7 @@ import pytest
 import torch
 import yaml
 
+from mlflow_store import new_sqlite_store
 from vlbert.config import load_config
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -69,6 +70,9 @@ def tiny_config(data: Path, out: Path, **overrides) -> dict:
         for p in parents:
             node = node[p]
         node[last] = value
+    store = out.parent / "mlflow.db"
+    if cfg["tracking"].get("enabled", True) and cfg["tracking"]["tracking_uri"] == f"sqlite:///{store}":
+        new_sqlite_store(store)  # its schema made already (MLflow takes seconds to make it)
     return cfg
 
 
@@ -146,7 +150,7 @@ def _train_then_sigkill(cfg_path: str, kill_after: int, threads: int) -> None:
 
 
 @pytest.mark.integration
-def test_sigkill_and_resume_matches_an_uninterrupted_run(data, tmp_path):
+def test_sigkill_and_resume_matches_an_uninterrupted_run(data, tmp_path, one_torch_thread):
     from vlbert.train.loop import train
 
     keys_on = {"runtime.log_sample_keys": True}
@@ -196,7 +200,7 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(data, tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.mlflow_server
-def test_killed_while_the_tracking_server_is_down_then_resumed_after_it_is_back(data, tmp_path):
+def test_killed_while_the_tracking_server_is_down_then_resumed_after_it_is_back(data, tmp_path, one_torch_thread):
     """The MLflow run does not exist when the step-3 checkpoint is written (server down) nor when
     the trainer dies at step 5; the resumed trainer creates it and it holds every step once."""
     from mlflow_server import MlflowServer

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any, Callable, Optional
 
-from vlbert.cli.common import add_overrides, command_parser, overrides
+from vlbert.cli.common import add_overrides, command_parser, overrides, skip_garbage_collection_at_exit
 
 
 def parse_run_args(prog: str, doc: str, config_help: str, override_example: str,
@@ -42,6 +42,7 @@ def run_command(argv: Optional[list[str]], prog: str, doc: str, config_help: str
     from vlbert.train.lease import LeaseHeld
 
     args = parse_run_args(prog, doc, config_help, override_example, argv)
+    skip_garbage_collection_at_exit()
     try:
         result = run(load(args.config, args.overrides))
     except ConfigError as e:

@@ -35,7 +35,7 @@ import urllib.error
 import urllib.request
 from typing import Optional
 
-from vlbert.cli.common import command_parser
+from vlbert.cli.common import command_parser, skip_garbage_collection_at_exit
 from vlbert.tracking.compare import (
     FETCH_KEYS,
     PRETRAIN_TAG,
@@ -187,6 +187,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Console entry point (``vlbert-compare``): exit status 0, or 1 with a one-line error."""
     from vlbert.tracking.common import TrackingError  # mlflow itself is imported only when used
 
+    skip_garbage_collection_at_exit()
     args = parse_args(argv)
     try:
         return run(args)

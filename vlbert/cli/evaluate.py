@@ -21,12 +21,13 @@ import os
 import sys
 from typing import Optional
 
-from vlbert.cli.common import add_overrides, command_parser, overrides
+from vlbert.cli.common import add_overrides, command_parser, overrides, skip_garbage_collection_at_exit
 from vlbert.config import ConfigError
 from vlbert.tasks.config import load_finetune_config
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    skip_garbage_collection_at_exit()
     p = command_parser("vlbert-evaluate", __doc__)
     p.add_argument("--config", required=True, help="the fine-tuning config (its val split is evaluated)")
     p.add_argument("--weights", required=True, help="model.safetensors of a fine-tuning run (answers.txt beside it)")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from vlbert.cli.common import command_parser
+from vlbert.cli.common import command_parser, skip_garbage_collection_at_exit
 from vlbert.tracking.sender import Sender, StoreUnavailable
 from vlbert.tracking.spool import DB_NAME, Spool, SpoolBusy, SpoolLock
 
@@ -60,6 +60,7 @@ def replay(spool_dir: str, tracking_uri: Optional[str] = None, timeout_s: float 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    skip_garbage_collection_at_exit()
     p = command_parser("vlbert-replay-tracking", __doc__)
     p.add_argument("spool_dir", help="the run's spool folder (default <output_dir>/mlflow_spool)")
     p.add_argument("--tracking-uri", default="", help="send every run here instead of the store it was logged for")
