@@ -5,6 +5,10 @@
 #
 #   bash scripts/mutation.sh                                           # vlbert/tasks/vqa/metric.py
 #   bash scripts/mutation.sh vlbert/data/masking.py tests/test_masking.py
+#   bash scripts/mutation.sh vlbert/tasks/vcr/metric.py "tests/test_vcr_data.py -k 'metrics or leaderboard'"
+#
+# The second argument is pytest's arguments, as one string: one or more test files (or
+# file::test ids), optionally with -k / -m; every file it names must exist.
 #
 # Afterwards `"$MUTMUT_VENV/bin/mutmut" results` lists the survivors and `... show <id>` shows one.
 # mutmut lives in its own virtual environment ($MUTMUT_VENV, default .venv-mutmut), never in the
@@ -19,9 +23,16 @@ MUTMUT_VENV="${MUTMUT_VENV:-$ROOT/.venv-mutmut}"
 MUTMUT_VERSION="${MUTMUT_VERSION:-2.5.1}"
 VLBERT_PY="${VLBERT_PY:-$ROOT/.venv/bin/python}"
 
-for f in "$MODULE" "$TESTS"; do
-  [ -f "$f" ] || { echo "mutation.sh: $f: no such file" >&2; exit 2; }
+[ -f "$MODULE" ] || { echo "mutation.sh: $MODULE: no such file" >&2; exit 2; }
+read -r -a TEST_ARGS <<<"$TESTS"
+files=0
+for a in "${TEST_ARGS[@]}"; do
+  case "$a" in
+    *.py|*.py::*) [ -f "${a%%::*}" ] || { echo "mutation.sh: ${a%%::*}: no such file" >&2; exit 2; }
+                  files=$((files + 1)) ;;
+  esac
 done
+[ "$files" -gt 0 ] || { echo "mutation.sh: no test file in '$TESTS'" >&2; exit 2; }
 [ -x "$VLBERT_PY" ] || { echo "mutation.sh: $VLBERT_PY: no interpreter (run scripts/test.sh once, or set VLBERT_PY)" >&2; exit 2; }
 # mutmut edits the module in place: refuse to start on uncommitted edits, keep a copy, and put it
 # back however the run ends. While it runs, the module on disk is a mutant: run nothing else from
