@@ -5,7 +5,7 @@
 #
 #   bash scripts/mutation.sh                                           # vlbert/tasks/vqa/metric.py
 #   bash scripts/mutation.sh vlbert/data/masking.py tests/test_masking.py
-#   bash scripts/mutation.sh vlbert/tasks/vcr/metric.py "tests/test_vcr_data.py -k 'metrics or leaderboard'"
+#   bash scripts/mutation.sh vlbert/data/masking.py "tests/test_masking.py -k 'not span'"
 #
 # The second argument is pytest's arguments, as one string: one or more test files (or
 # file::test ids), optionally with -k / -m; every file it names must exist.
@@ -48,7 +48,7 @@ restore() {
     echo "mutation.sh: $MODULE left mutated; restoring it" >&2
     cp "$ORIGINAL" "$MODULE"
   fi
-  rm -f "$ORIGINAL"
+  rm -f "$ORIGINAL" "$MODULE.bak"  # mutmut's own copy, left behind when it is stopped
 }
 trap restore EXIT
 if [ ! -x "$MUTMUT_VENV/bin/mutmut" ]; then
