@@ -24,7 +24,9 @@ MUTMUT_VERSION="${MUTMUT_VERSION:-2.5.1}"
 VLBERT_PY="${VLBERT_PY:-$ROOT/.venv/bin/python}"
 
 [ -f "$MODULE" ] || { echo "mutation.sh: $MODULE: no such file" >&2; exit 2; }
-read -r -a TEST_ARGS <<<"$TESTS"
+[ -x "$VLBERT_PY" ] || { echo "mutation.sh: $VLBERT_PY: no interpreter (run scripts/test.sh once, or set VLBERT_PY)" >&2; exit 2; }
+# Split the tests argument as a shell would (and as mutmut splits its runner command).
+mapfile -t TEST_ARGS < <("$VLBERT_PY" -c 'import shlex, sys; print("\n".join(shlex.split(sys.argv[1])))' "$TESTS")
 files=0
 for a in "${TEST_ARGS[@]}"; do
   case "$a" in
@@ -33,7 +35,6 @@ for a in "${TEST_ARGS[@]}"; do
   esac
 done
 [ "$files" -gt 0 ] || { echo "mutation.sh: no test file in '$TESTS'" >&2; exit 2; }
-[ -x "$VLBERT_PY" ] || { echo "mutation.sh: $VLBERT_PY: no interpreter (run scripts/test.sh once, or set VLBERT_PY)" >&2; exit 2; }
 # mutmut edits the module in place: refuse to start on uncommitted edits, keep a copy, and put it
 # back however the run ends. While it runs, the module on disk is a mutant: run nothing else from
 # this checkout and commit nothing (`git commit -a` would commit a mutant).
@@ -41,8 +42,10 @@ if git rev-parse --is-inside-work-tree >/dev/null 2>&1 && ! git diff --quiet HEA
   echo "mutation.sh: $MODULE has uncommitted changes; commit or stash them first" >&2; exit 2
 fi
 ORIGINAL="$(mktemp)"
+RUNNER="$(mktemp)"
 cp "$MODULE" "$ORIGINAL"
 restore() {
+  rm -f "$RUNNER"
   [ -f "$ORIGINAL" ] || return 0
   if ! cmp -s "$ORIGINAL" "$MODULE"; then
     echo "mutation.sh: $MODULE left mutated; restoring it" >&2
@@ -63,9 +66,17 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # stale .pyc (its check is mtime in seconds and size), and the tests would run the wrong code.
 export PYTHONDONTWRITEBYTECODE=1 PYTHONPYCACHEPREFIX="$(mktemp -d)"
 # -x: a mutant is killed at the first failing test; -p no:cacheprovider: no test reordering between mutants.
+# mutmut 2.5.1 takes every exit status but 1 for "the tests pass": a mutant that breaks the
+# module's import (pytest exits 2, a collection error) or leaves no test to run (5) would count
+# as a survivor. The runner turns every failure into 1.
+{
+  printf '#!/usr/bin/env bash\n'
+  printf '%q ' "$VLBERT_PY" -m pytest -x -q -p no:cacheprovider -p no:randomly "${TEST_ARGS[@]}"
+  printf '|| exit 1\n'
+} >"$RUNNER"
 status=0
 "$MUTMUT_VENV/bin/mutmut" run --paths-to-mutate "$MODULE" --tests-dir tests --no-progress \
-  --runner "$VLBERT_PY -m pytest -x -q -p no:cacheprovider -p no:randomly $TESTS" || status=$?
+  --runner "bash $RUNNER" || status=$?
 restore
 # mutmut's exit status is a bit field (2 survivors, 4 timeouts, 8 suspicious); 1 is its own failure.
 "$MUTMUT_VENV/bin/mutmut" results || true
