@@ -18,8 +18,9 @@ import torch
 from vlbert.tasks.config import FinetuneConfig
 from vlbert.tasks.images import ImageIndex
 from vlbert.tasks.missing import check_missing, missing_metrics
-from vlbert.tasks.refcoco.data import RefDataset, box_iou, load_refcoco
+from vlbert.tasks.refcoco.data import RefDataset, load_refcoco
 from vlbert.tasks.refcoco.detections import read_detections
+from vlbert.tasks.refcoco.metric import refcoco_accuracy
 from vlbert.tasks.refcoco.model import VLBertForRefCOCO
 from vlbert.tasks.sampling import eval_batches
 from vlbert.train import dist
@@ -109,9 +110,7 @@ class RefCOCOTask:
         missing = sum(e.sent_id not in predictions for e in expressions)
         metrics = missing_metrics(eval_set.name, missing, len(expressions), self.cfg.eval.max_missing_fraction,
                                   "expressions")
-        hits = [float(e.sent_id in predictions and box_iou(predictions[e.sent_id], e.gt_box)[0] >= 0.5)
-                for e in expressions]
-        return {f"{eval_set.name}/refcoco_acc": 100.0 * sum(hits) / len(hits), **metrics}
+        return {f"{eval_set.name}/refcoco_acc": refcoco_accuracy(expressions, predictions), **metrics}
 
     def write_predictions(self, url: str, predictions: dict[int, list[float]]) -> None:
         with fsspec.open(url, "w") as f:
