@@ -51,3 +51,62 @@ def test_leaderboard_csv_columns_and_values(tmp_path):
         write_leaderboard_csv(str(tmp_path / "x.csv"), {"test-8": VCRPrediction([0.25] * 4, {0: [0.25] * 4})})
 
 
+
+
+def test_prediction_defaults_count_as_no_prediction():
+    """A question's prediction starts empty (the evaluation fills in what the model scored): no
+    answer probabilities (None, which the leaderboard check and the accuracies read as missing)
+    and a dict of its own for the rationales. A default prediction scores wrong on both subtasks.
+    Fails if the default answer were anything but None (e.g. "") or the rationale default were
+    None or shared between predictions."""
+    a, b = VCRPrediction(), VCRPrediction()
+    assert a.answer is None and a.rationale == {} and a.rationale is not b.rationale
+    a.rationale[0] = [1.0, 0.0, 0.0, 0.0]
+    assert b.rationale == {}
+    m = vcr_accuracies({"q1": VCRPrediction(), "q2": VCRPrediction([0.9, 0.1, 0, 0], {0: [0, 1, 0, 0]})},
+                       {"q1": (0, 0), "q2": (0, 1)})
+    assert m == pytest.approx({"val/q2a_acc": 50.0, "val/qa2r_acc": 50.0, "val/q2ar_acc": 50.0})
+
+
+def test_prediction_json_has_string_keys_in_answer_order():
+    """The predictions file (json has string keys only): ``{"answer": [...], "rationale": {"0":
+    [...], ...}}`` with the conditioning answers in ascending order whatever order they were filled
+    in. Fails if a key were renamed or the rationales were left in insertion order."""
+    p = VCRPrediction([0.1, 0.2, 0.3, 0.4], {2: [0.5, 0.5, 0, 0], 0: [0, 0, 1, 0]})
+    got = p.to_json()
+    assert got == {"answer": [0.1, 0.2, 0.3, 0.4], "rationale": {"0": [0, 0, 1, 0], "2": [0.5, 0.5, 0, 0]}}
+    assert list(got["rationale"]) == ["0", "2"]
+    assert json.loads(json.dumps(got)) == got
+    assert VCRPrediction().to_json() == {"answer": None, "rationale": {}}
+
+
+def test_subtasks_prefix_and_no_labels():
+    """One subtask reports its accuracy only (no Q->AR without both), under the given prefix; no
+    labels, no metrics. Fails if a subtask's name or test were flipped, or the empty case raised."""
+    labels = {"q1": (1, 2), "q2": (0, 0)}
+    p = {"q1": VCRPrediction([0, 1, 0, 0], {1: [0, 0, 0, 1]}), "q2": VCRPrediction([0, 1, 0, 0], {0: [1, 0, 0, 0]})}
+    # Q->A: q1 right, q2 wrong; QA->R: q1 wrong (3 != 2), q2 right; Q->AR: none.
+    assert vcr_accuracies(p, labels, ("qa2r",), prefix="test") == pytest.approx({"test/qa2r_acc": 50.0})
+    assert vcr_accuracies(p, labels, ("q2a",), prefix="test") == pytest.approx({"test/q2a_acc": 50.0})
+    assert vcr_accuracies(p, labels, (), prefix="test") == {}
+    assert vcr_accuracies(p, labels) == pytest.approx({"val/q2a_acc": 50.0, "val/qa2r_acc": 50.0,
+                                                       "val/q2ar_acc": 0.0})
+    assert vcr_accuracies(p, {}) == {}
+
+
+def test_leaderboard_rows_and_what_a_question_misses():
+    """A row is annot_id, the 4 answer probabilities, then the rationales given answers 0..3 (21
+    values). A question without answer probabilities, or without the rationales given some answer,
+    is an error that names the question and what it lacks. Fails if the row were built in another
+    order, or if the message lost its words or named the wrong thing missing."""
+    rationale = {i: [10 * i + j for j in range(4)] for i in range(4)}
+    assert leaderboard_rows({"t1": VCRPrediction([1, 2, 3, 4], rationale)}) == [
+        ["t1", 1, 2, 3, 4, 0, 1, 2, 3, 10, 11, 12, 13, 20, 21, 22, 23, 30, 31, 32, 33]]
+    assert len(LEADERBOARD_COLUMNS) == 21
+    start = "t2: the leaderboard needs the answer probabilities and the rationale probabilities given every answer"
+    with pytest.raises(ValueError) as e:
+        leaderboard_rows({"t2": VCRPrediction(None, rationale)})
+    assert str(e.value) == start + " (missing answers)"
+    with pytest.raises(ValueError) as e:
+        leaderboard_rows({"t2": VCRPrediction([1, 2, 3, 4], {0: rationale[0], 2: rationale[2]})})
+    assert str(e.value) == start + " (missing [1, 3])"
