@@ -70,6 +70,19 @@ def _expr(sent_id, box=(0, 0, 10, 10)):
     return SimpleNamespace(sent_id=sent_id, gt_box=np.array(box, np.float64))
 
 
+def test_box_iou_is_exact_for_tiny_boxes():
+    """IoU is a ratio: a box of 1e-7 x 1e-7 pixels against itself has IoU 1 and against its left
+    half 1/2, and no warning is raised for an empty union. Fails if the union were floored at a
+    constant (1e-12 would give 0.01 and 0.005) or the division ran where the union is empty."""
+    import warnings
+
+    tiny = np.array([0, 0, 1e-7, 1e-7])
+    assert box_iou([tiny, [0, 0, 0.5e-7, 1e-7]], tiny) == pytest.approx([1.0, 0.5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert box_iou([[3, 3, 3, 3]], np.array([3, 3, 3, 3.0])).tolist() == [0.0]
+
+
 def test_accuracy_counts_hits_at_iou_half_and_missing_as_wrong():
     """Ground truth [0, 0, 10, 10] throughout: the same box (IoU 1, hit), twice as wide from the same
     corner (IoU exactly 1/2, a hit at the >= 0.5 threshold), shifted by half its width (IoU 1/3,

@@ -26,7 +26,8 @@ def box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
     inter = ix * iy
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     union = area + (box[2] - box[0]) * (box[3] - box[1]) - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    # Divide only where the union is not empty (no floor on it: tiny boxes keep their exact IoU).
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def refcoco_accuracy(expressions: Iterable, predictions: Mapping[int, Sequence[float]]) -> float:
