@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 from transformers import BertConfig
-from transformers.models.bert.modeling_bert import BertEmbeddings
 
 from vlbert.model.embeddings import (
     KIND_END,
@@ -125,10 +124,18 @@ def test_element_embeddings_are_token_visual_segment_position():
     torch.testing.assert_close(out[1, 6], ln(emb.end_token + vis[1, 0] + typ[2] + pos[6]))
 
 
+def _bert_embeddings():
+    """Hugging Face's BertEmbeddings at the tiny size with 3 token types (imported here, not at
+    the top: the module is slow to import and most tests do not need it)."""
+    from transformers.models.bert.modeling_bert import BertEmbeddings
+
+    return BertEmbeddings(tiny_bert_config(type_vocab_size=3)).eval()
+
+
 def test_text_only_layout_and_zero_init_equals_bert_embeddings():
     emb = make_embeddings()
     assert torch.all(emb.visual_layer_norm.weight == 0)
-    ref = BertEmbeddings(tiny_bert_config(type_vocab_size=3)).eval()
+    ref = _bert_embeddings()
     ref.load_state_dict(emb.state_dict(), strict=False)
     input_ids = torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.bool)
@@ -145,7 +152,7 @@ def test_text_only_layout_and_zero_init_equals_bert_embeddings():
 
 def test_caption_text_tokens_equal_bert_embeddings_at_zero_init():
     emb = make_embeddings()
-    ref = BertEmbeddings(tiny_bert_config(type_vocab_size=3)).eval()
+    ref = _bert_embeddings()
     ref.load_state_dict(emb.state_dict(), strict=False)
     input_ids, attention_mask, visual = two_samples()
     out, layout = emb(input_ids, attention_mask, visual)
