@@ -5,7 +5,7 @@
 #
 #   bash scripts/mutation.sh                                           # vlbert/tasks/vqa/metric.py
 #   bash scripts/mutation.sh vlbert/data/masking.py tests/test_masking.py
-#   bash scripts/mutation.sh vlbert/data/masking.py "tests/test_masking.py -k 'not span'"
+#   bash scripts/mutation.sh vlbert/model/embeddings.py "tests/test_embeddings.py -k 'not bert'"
 #
 # The second argument is pytest's arguments, as one string: one or more test files (or
 # file::test ids), optionally with -k / -m; every file it names must exist.
@@ -13,7 +13,8 @@
 # Afterwards `"$MUTMUT_VENV/bin/mutmut" results` lists the survivors and `... show <id>` shows one.
 # mutmut lives in its own virtual environment ($MUTMUT_VENV, default .venv-mutmut), never in the
 # project's; the tests run with the project's interpreter ($VLBERT_PY, default .venv/bin/python).
-# Knobs: MUTMUT_VERSION (default 2.5.1: plain in-place mutation with a runner command).
+# Knobs: MUTMUT_VERSION (default 2.5.1: plain in-place mutation with a runner command),
+# MUTMUT_RERUN=1 (test again only the survivors of the last run of the same module).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -59,8 +60,10 @@ if [ ! -x "$MUTMUT_VENV/bin/mutmut" ]; then
   "$MUTMUT_VENV/bin/python" -m pip install --quiet "mutmut==$MUTMUT_VERSION"
 fi
 
-# A fresh cache per module, so that `mutmut results` speaks of this run only.
-rm -f .mutmut-cache
+# A fresh cache per module, so that `mutmut results` speaks of this run only. MUTMUT_RERUN=1 keeps
+# the last run's cache (run it on the same module, after adding tests): mutmut then tests again
+# only the mutants that were not killed, since a killed mutant stays killed when tests are added.
+[ "${MUTMUT_RERUN:-0}" = 1 ] || rm -f .mutmut-cache
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # No bytecode cache: two mutants of the same size written within a second would otherwise share a
 # stale .pyc (its check is mtime in seconds and size), and the tests would run the wrong code.
