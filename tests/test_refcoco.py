@@ -180,6 +180,18 @@ def test_score_counts_hits_misses_and_missing_expressions(demo_data, refer, tmp_
                    "val/missing_images": float(len(exprs) - 3)}
 
 
+def test_an_evaluation_split_without_expressions_is_refused_at_the_start(demo_data, refer, tmp_path):
+    """The refs file has train, val and testA only: asking to evaluate testB is an error when the
+    task is built, naming the setting and the split, not a failure when testB is scored after
+    training. Fails if the check were removed (the task would build; scoring would then find no
+    expression)."""
+    with pytest.raises(ValueError, match=r"^refcoco\.val_splits: .*refs\.json has no referring expression in "
+                                         r"split\(s\) testB$"):
+        _task(demo_data, refer, tmp_path, val_splits=["val", "testB"])
+    assert [s.name for s in _task(demo_data, refer, tmp_path, val_splits=["val", "testA"]).eval_sets()] == \
+        ["val", "testA"]
+
+
 def test_head_starts_from_the_masked_roi_transform(demo_data, tmp_path):
     """The reference (jackroos/VL-BERT cfgs/refcoco/base_detected_regions_4x16G.yaml) maps
     ``vlbert.mvrc_head.transform`` onto its head: our masked-RoI head is ``roi_head``, not the

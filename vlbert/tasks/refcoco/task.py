@@ -44,6 +44,12 @@ class RefCOCOTask:
         self.cfg, self.c, self.tokenizer = cfg, cfg.refcoco, tokenizer
         splits = [self.c.train_split, *self.c.val_splits]
         self.expressions = load_refcoco(self.c.refs, self.c.instances, splits)
+        # A split name the refs file does not have (a typo, another split scheme) would otherwise
+        # be found only when it is scored, after training: it has no accuracy.
+        empty = [s for s in self.c.val_splits if not self.expressions[s]]
+        if empty:
+            raise ValueError(f"refcoco.val_splits: {self.c.refs} has no referring expression in split(s) "
+                             f"{', '.join(empty)}")
         self.images = ImageIndex(self.c.images)
         self.detections = None
         if self.c.detections and self.c.boxes == "detected":
