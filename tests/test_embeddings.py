@@ -289,3 +289,35 @@ def test_error_messages_name_the_shapes():
     with pytest.raises(ValueError) as e:
         emb(input_ids, attention_mask, visual)
     assert str(e.value) == "visual inputs disagree: appearance (2, 3, 12), boxes (2, 2, 4), box_mask (2, 3), batch 2"
+
+
+def test_visual_part_runs_in_the_weights_dtype():
+    """Detector features arrive in float32 while the model may run in another precision: the
+    appearance and geometry are cast to the projection's dtype. A float64 model given float32
+    features computes in float64, equal to the features cast by hand. Fails if the cast were
+    dropped (float32 input to float64 weights is an error)."""
+    emb = _visible(make_embeddings()).double()
+    input_ids, attention_mask, visual = two_samples()
+    assert visual.appearance.dtype == torch.float32
+    got = emb.visual_features(visual)
+    geometry = geometry_embedding(visual.boxes, visual.image_sizes, F).double()
+    want = emb.visual_layer_norm(torch.relu(emb.visual_projection(torch.cat([visual.appearance.double(), geometry],
+                                                                            -1))))
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want)
+    out, _ = emb(input_ids, attention_mask, visual)
+    assert out.dtype == torch.float64
+
+
+def test_every_tensor_is_built_on_the_inputs_device():
+    """Run on PyTorch's meta device (shapes only), standing in for a GPU: the segment, position
+    and kind tensors the forward builds must be made on the inputs' device, or ``torch.cat`` mixes
+    devices. Fails if any of them were made on the default (CPU) device."""
+    emb = make_embeddings().to("meta")
+    input_ids, attention_mask, visual = two_samples()
+    meta = VisualInputs(*(getattr(visual, f).to("meta") for f in ("appearance", "boxes", "image_sizes", "box_mask",
+                                                                 "roi_masked")))
+    out, layout = emb(input_ids.to("meta"), attention_mask.to("meta"), meta)
+    assert out.device.type == "meta" and out.shape == (2, 9, H)
+    assert all(t.device.type == "meta" for t in (layout.attention_mask, layout.text_index, layout.roi_index,
+                                                 layout.position_ids, layout.token_type_ids, layout.kind))
