@@ -128,3 +128,125 @@ def test_choose_rois_rates_and_box0():
     assert m.shape == c.shape == (0,)
     m, c = choose_rois(5, MaskingConfig(roi_prob=1.0, roi_mask_frac=1.0), rng)
     assert c.tolist() == m.tolist() == [False, True, True, True, True]
+
+
+# --------------------------------------------------------------------------- contracts found by mutation testing
+
+
+def test_word_index_of_a_sequence_that_starts_mid_word():
+    """A continuation piece at position 0 (a truncated sequence) starts a word of its own, and so
+    does every piece without whole-word grouping. Fails if position 0 were taken to follow a
+    regular token (it would get no word, -1)."""
+    starts = np.array([False, False, True, False])
+    special = np.zeros(4, bool)
+    assert word_index(starts, special).tolist() == [0, 0, 1, 1]
+    assert word_index(starts, special, whole_word=False).tolist() == [0, 1, 2, 3]
+
+
+def test_random_ids_cover_exactly_the_ids_not_excluded():
+    """Vocabulary of 8; [PAD] 0 and [MASK] 4 are always excluded, as are the ids at special
+    positions (here 7, at [CLS]) and ``exclude_ids`` (2; 8 and -1 lie outside the vocabulary and are
+    ignored): every random replacement is one of 1, 3, 5, 6, each about equally often. Fails if an
+    id next to an excluded one were skipped or drawn in its place, if [PAD] or [MASK] could be
+    drawn, or if an out-of-range exclusion shrank the draw."""
+    cfg = MaskingConfig(mlm_prob=1.0, mlm_mask_frac=0.0, mlm_random_frac=1.0)
+    rng = np.random.default_rng(5)
+    ids = np.array([7, 1, 1, 1, 1, 1, 1, 1, 1], np.int64)
+    starts = np.array([False] + [True] * 8)
+    special = np.array([True] + [False] * 8)
+    drawn = []
+    for _ in range(300):
+        masked, labels = mask_tokens(ids, starts, special, 8, MASK, cfg, rng, exclude_ids=(2, 8, -1))
+        assert (labels[1:] == 1).all() and labels[0] == IGNORE_INDEX
+        drawn += masked[1:].tolist()
+    counts = {i: drawn.count(i) for i in set(drawn)}
+    assert set(counts) == {1, 3, 5, 6}, counts
+    assert all(abs(c / len(drawn) - 0.25) < 0.03 for c in counts.values()), counts  # 2400 draws
+
+
+def test_nothing_left_to_draw_is_a_clear_error():
+    """Every id of a vocabulary of 5 excluded (0, [MASK] 4, specials 1 2 3): the random replacement
+    has nothing to draw from. With one id left (vocabulary 6) it is always that id. Fails if the
+    check moved by one or its message changed."""
+    cfg = MaskingConfig(mlm_prob=1.0, mlm_mask_frac=0.0, mlm_random_frac=1.0)
+    ids = np.array([2, 9, 3], np.int64)
+    starts, special = np.array([False, True, False]), np.array([True, False, True])
+    with pytest.raises(ValueError) as e:
+        mask_tokens(ids, starts, special, 5, MASK, cfg, np.random.default_rng(0), exclude_ids=(1,))
+    assert str(e.value) == "no id left to draw from: vocab_size 5, 5 excluded"
+    masked, _ = mask_tokens(ids, starts, special, 6, MASK, cfg, np.random.default_rng(0), exclude_ids=(1,))
+    assert masked.tolist() == [2, 5, 3]
+
+
+def test_default_guarantee_is_one_word_and_min_words_chooses_that_many():
+    """Three words at p = 0.15: by default the Bernoulli draw is topped up to one word, so exactly
+    one word is chosen P(none) + P(one) = 0.85^3 + 3 x 0.15 x 0.85^2 = 0.939 of the time; with
+    ``min_words=3`` all three always are (drawn without replacement); a one-word caption always has
+    its word chosen. Fails if the default were two words, if the top-up could pick a word twice or
+    chose every word, or if a one-word sequence were treated as having nothing to choose."""
+    cfg = MaskingConfig()
+    rng = np.random.default_rng(6)
+    ids = np.array([2, 50, 60, 70, 3], np.int64)
+    starts = np.array([False, True, True, True, False])
+    special = np.array([True, False, False, False, True])
+    one = 0
+    for _ in range(400):
+        _, labels = mask_tokens(ids, starts, special, VOCAB, MASK, cfg, rng)
+        one += int((labels != IGNORE_INDEX).sum() == 1)
+        _, labels3 = mask_tokens(ids, starts, special, VOCAB, MASK, cfg, rng, min_words=3)
+        assert labels3.tolist() == [IGNORE_INDEX, 50, 60, 70, IGNORE_INDEX]
+    want = 0.85 ** 3 + 3 * 0.15 * 0.85 ** 2
+    assert abs(one / 400 - want) < 0.04, one / 400  # std ~0.012
+    # A one-word caption always has its word chosen (all of its pieces).
+    for _ in range(20):
+        _, labels = mask_tokens(np.array([2, 50, 51, 3]), np.array([False, True, False, False]),
+                                np.array([True, False, False, True]), VOCAB, MASK, cfg, rng)
+        assert labels.tolist() == [IGNORE_INDEX, 50, 51, IGNORE_INDEX]
+
+
+def test_nothing_to_choose_draws_nothing():
+    """An empty or all-special sequence, or masking switched off, comes back unchanged and leaves the
+    generator where it was (a sample's masking must not shift the next one's). Fails if an empty
+    sequence were given a word to choose."""
+    cfg = MaskingConfig()
+    for ids, starts, special, c in [
+        (np.zeros(0, np.int64), np.zeros(0, bool), np.zeros(0, bool), cfg),
+        (np.array([2, 3]), np.zeros(2, bool), np.ones(2, bool), cfg),
+        (np.array([2, 50, 3]), np.array([False, True, False]), np.array([True, False, True]),
+         MaskingConfig(mlm_prob=0.0)),
+    ]:
+        rng = np.random.default_rng(9)
+        masked, labels = mask_tokens(ids, starts, special, VOCAB, MASK, c, rng)
+        assert masked.tolist() == list(ids) and labels.tolist() == [IGNORE_INDEX] * len(ids)
+        assert rng.random() == np.random.default_rng(9).random()
+
+
+def test_shape_error_names_the_three_shapes():
+    """The message of a length mismatch. Fails if it lost its words."""
+    ids, starts, special = np.array([2, 9, 3]), np.array([False, True]), np.array([True, False, True])
+    with pytest.raises(ValueError) as e:
+        mask_tokens(ids, starts, special, VOCAB, MASK, MaskingConfig(), np.random.default_rng(0))
+    assert str(e.value) == "ids, word_starts and special must be 1-D of one length, got (3,), (2,), (3,)"
+    with pytest.raises(ValueError) as e:
+        mask_tokens(ids[None], starts, special, VOCAB, MASK, MaskingConfig(), np.random.default_rng(0))
+    assert str(e.value).endswith("got (1, 3), (2,), (3,)")
+
+
+def test_negative_box_count_is_an_error():
+    """Fails if -1 boxes were accepted (or 0 refused), or the message changed."""
+    with pytest.raises(ValueError) as e:
+        choose_rois(-1, MaskingConfig(), np.random.default_rng(0))
+    assert str(e.value) == "n_boxes must be >= 0, got -1"
+
+
+def test_ignore_index_is_the_one_the_losses_skip():
+    """Labels that are not targets hold -100: torch's cross-entropy default ``ignore_index`` and
+    ``vlbert.batch.IGNORE_INDEX`` (imported here: it needs torch). Fails if the value drifted."""
+    import torch.nn.functional as F
+
+    from vlbert.batch import IGNORE_INDEX as BATCH_IGNORE
+
+    assert IGNORE_INDEX == BATCH_IGNORE == -100
+    import inspect
+
+    assert inspect.signature(F.cross_entropy).parameters["ignore_index"].default == IGNORE_INDEX

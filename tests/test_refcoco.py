@@ -16,7 +16,8 @@ import torch
 from vlbert.config import CaptionDataConfig
 from vlbert.tasks.config import load_finetune_config
 from vlbert.tasks.images import ImageIndex
-from vlbert.tasks.refcoco.data import RefDataset, box_iou, load_refcoco, read_refs
+from vlbert.tasks.refcoco.data import RefDataset, load_refcoco, read_refs
+from vlbert.tasks.refcoco.metric import box_iou
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore::FutureWarning")]
 REPO = Path(__file__).resolve().parents[1]
@@ -91,11 +92,6 @@ def test_splits_and_boxes(refer):
     ann = next(a for a in json.loads((refer / "instances.json").read_text())["annotations"] if a["id"] == e.ref_id)
     x, y, w, h = ann["bbox"]
     assert e.gt_box.tolist() == [x, y, x + w, y + h]
-
-
-def test_box_iou():
-    boxes = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]])
-    assert box_iou(boxes, np.array([0, 0, 10, 10])) == pytest.approx([1.0, 50 / 150, 0.0])
 
 
 @pytest.mark.parametrize("boxes", ["detected", "gt"])
@@ -182,6 +178,18 @@ def test_score_counts_hits_misses_and_missing_expressions(demo_data, refer, tmp_
     got = task.score(RefEvalSet("val", val.dataset, exprs), preds)
     assert got == {"val/refcoco_acc": pytest.approx(100.0 * 2 / len(exprs)),
                    "val/missing_images": float(len(exprs) - 3)}
+
+
+def test_an_evaluation_split_without_expressions_is_refused_at_the_start(demo_data, refer, tmp_path):
+    """The refs file has train, val and testA only: asking to evaluate testB is an error when the
+    task is built, naming the setting and the split, not a failure when testB is scored after
+    training. Fails if the check were removed (the task would build; scoring would then find no
+    expression)."""
+    with pytest.raises(ValueError, match=r"^refcoco\.val_splits: .*refs\.json has no referring expression in "
+                                         r"split\(s\) testB$"):
+        _task(demo_data, refer, tmp_path, val_splits=["val", "testB"])
+    assert [s.name for s in _task(demo_data, refer, tmp_path, val_splits=["val", "testA"]).eval_sets()] == \
+        ["val", "testA"]
 
 
 def test_head_starts_from_the_masked_roi_transform(demo_data, tmp_path):

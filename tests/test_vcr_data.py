@@ -1,10 +1,10 @@
-"""VCR data, metric and loss pieces, each against a hand computation or a second implementation:
+"""VCR data and loss pieces, each against a hand computation or a second implementation:
 object-reference tokens (names, categories, tags), polygon masks, truncation, the 4-choice
-loss, Q->A / QA->R / Q->AR, the leaderboard CSV, bad input, and the masked RoI features."""
+loss, bad input, and the masked RoI features. The metrics and the leaderboard CSV:
+tests/test_vcr_metric.py."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -16,7 +16,6 @@ import torch
 from vlbert.data.captions import BadSample
 from vlbert.tasks.vcr.data import (Item, MemberIndex, VCRDataset, load_regions, load_vcr_jsonl, rasterize_polygons,
                                    truncate_q2a, truncate_qa2r)
-from vlbert.tasks.vcr.metric import VCRPrediction, vcr_accuracies, write_leaderboard_csv
 from vlbert.tasks.vcr.model import choice_loss
 from vlbert.tasks.vcr.tokens import TaggedText, encode_sentence, object_words
 
@@ -126,7 +125,7 @@ def test_flip_mirrors_boxes_and_masks():
     assert masks[1][0, 0] == 1 and masks[1][13, 13] == 0  # the right angle is at the top left: bottom right empty
 
 
-# --------------------------------------------------------------------------- loss and metrics
+# --------------------------------------------------------------------------- loss
 
 
 def test_choice_loss_is_mean_bce_over_the_four_logits():
@@ -137,41 +136,6 @@ def test_choice_loss_is_mean_bce_over_the_four_logits():
     terms = [math.log1p(math.exp(1.0)), math.log1p(math.exp(-2.0)), math.log1p(math.exp(0.5)),
              math.log1p(math.exp(-3.0)), math.log(2), math.log(2), math.log(2), math.log(2)]
     assert choice_loss(logits, labels).item() == pytest.approx(sum(terms) / 8, rel=1e-6)
-
-
-def test_three_metrics_on_hand_computed_cases():
-    """q1 both right, q2 answer only, q3 rationale only, q4 no prediction: Q->A 50, QA->R 50,
-    Q->AR 25. Fails if QA->R read the rationale given the predicted (not the right) answer, or
-    if Q->AR were the product of the two accuracies (also 25 here, hence q5)."""
-    labels = {"q1": (0, 1), "q2": (2, 3), "q3": (1, 0), "q4": (0, 0), "q5": (3, 3)}
-    p = {
-        "q1": VCRPrediction([0.7, 0.1, 0.1, 0.1], {0: [0.1, 0.6, 0.2, 0.1]}),
-        "q2": VCRPrediction([0.1, 0.1, 0.7, 0.1], {2: [0.9, 0.0, 0.1, 0.0]}),
-        # predicted answer 0, but the rationale given the right answer (1) is right
-        "q3": VCRPrediction([0.4, 0.3, 0.2, 0.1], {1: [0.5, 0.2, 0.2, 0.1], 0: [0.0, 1.0, 0.0, 0.0]}),
-        "q5": VCRPrediction([0.1, 0.1, 0.1, 0.7], {3: [0.1, 0.1, 0.1, 0.7]}),
-    }
-    m = vcr_accuracies(p, labels)
-    assert m == pytest.approx({"val/q2a_acc": 60.0, "val/qa2r_acc": 60.0, "val/q2ar_acc": 40.0})
-    assert vcr_accuracies(p, labels, ("q2a",)) == pytest.approx({"val/q2a_acc": 60.0})
-
-
-def test_leaderboard_csv_columns_and_values(tmp_path):
-    """The column list of rowanz/r2c models/eval_for_leaderboard.py, built the way it builds it
-    (group names x 0..3) after annot_id. Fails if the groups were ordered by choice first or the
-    rationale values were written transposed."""
-    groups = ["answer"] + [f"rationale_conditioned_on_a{i}" for i in range(4)]
-    expected = ["annot_id"] + [f"{g}_{i}" for g in groups for i in range(4)]
-    rationale = {i: [i + 0.1 * j for j in range(4)] for i in range(4)}
-    write_leaderboard_csv(str(tmp_path / "lb.csv"), {"test-7": VCRPrediction([0.1, 0.2, 0.3, 0.4], rationale)})
-    rows = list(csv.reader(open(tmp_path / "lb.csv")))
-    assert rows[0] == expected
-    row = dict(zip(rows[0], rows[1]))
-    assert row["annot_id"] == "test-7" and float(row["answer_2"]) == pytest.approx(0.3)
-    assert float(row["rationale_conditioned_on_a2_1"]) == pytest.approx(2.1)
-    assert float(row["rationale_conditioned_on_a1_3"]) == pytest.approx(1.3)
-    with pytest.raises(ValueError, match="test-8"):
-        write_leaderboard_csv(str(tmp_path / "x.csv"), {"test-8": VCRPrediction([0.25] * 4, {0: [0.25] * 4})})
 
 
 # --------------------------------------------------------------------------- bad input

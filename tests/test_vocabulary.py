@@ -9,14 +9,76 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoTokenizer
 
 from vlbert.config import ConfigError
 from vlbert.data.vocabulary import check_vocabulary, checkpoint_tokenizer, vocabulary_fingerprint
 
 
+class _Vocab:
+    """A stand-in tokenizer: only what the checks read (``get_vocab``, ``len``)."""
+
+    def __init__(self, vocab: dict[str, int]):
+        self.vocab = dict(vocab)
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.vocab)
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+
+def test_fingerprint_is_the_sha256_of_the_id_ordered_pairs():
+    """The fingerprint written into model.json: sha256 of the JSON list of [token, id] pairs in id
+    order, non-ASCII tokens as UTF-8 (hashed here from the hand-written JSON text). Fails if the
+    order, the pair layout or the escaping of "é" changed (an export's recorded fingerprint would
+    no longer match), or if two tokens on one id were left in the map's order."""
+    import hashlib
+
+    tok = _Vocab({"b": 1, "é": 2, "a": 0})
+    text = '[["a", 0], ["b", 1], ["é", 2]]'
+    assert vocabulary_fingerprint(tok) == hashlib.sha256(text.encode("utf-8")).hexdigest()
+    # Two tokens on one id (an alias) are ordered by the token, whatever the map's order.
+    alias = hashlib.sha256('[["x", 0], ["y", 0]]'.encode()).hexdigest()
+    assert vocabulary_fingerprint(_Vocab({"y": 0, "x": 0})) == alias
+    assert vocabulary_fingerprint(_Vocab({"x": 0, "y": 0})) == alias
+
+
+def test_every_message_in_full():
+    """The three errors word for word: too many ids; other ids than the checkpoint (the first
+    three differing tokens in the checkpoint's id order, then the sizes); a tokenizer with extra
+    tokens only (no token shown); another fingerprint. Fails if a word, the number of tokens shown
+    or their order changed."""
+    base = {f"w{i}": i for i in range(6)}
+    with pytest.raises(ConfigError) as e:
+        check_vocabulary(_Vocab(base), 5, "data.tokenizer")
+    assert str(e.value) == ("data.tokenizer: the tokenizer has 6 tokens but the model only 5 word embeddings: ids "
+                            "past the end would index nothing (a tokenizer of another model?)")
+    shifted = {f"w{i}": (i + 1) % 6 for i in range(6)}  # all 6 tokens on other ids
+    with pytest.raises(ConfigError) as e:
+        check_vocabulary(_Vocab(shifted), 6, "model.bert", reference=_Vocab(base))
+    assert str(e.value) == ("model.bert: the tokenizer maps tokens to other ids than the model's checkpoint (6 of 6 "
+                            "differ: 'w0': 0 vs 1, 'w1': 1 vs 2, 'w2': 2 vs 3; 6 vs 6 tokens): the model would read "
+                            "wrong words")
+    with pytest.raises(ConfigError) as e:
+        check_vocabulary(_Vocab({**base, "extra": 6}), 7, "model.bert", reference=_Vocab(base))
+    assert str(e.value) == ("model.bert: the tokenizer maps tokens to other ids than the model's checkpoint (0 of 6 "
+                            "differ; 7 vs 6 tokens): the model would read wrong words")
+    with pytest.raises(ConfigError) as e:
+        check_vocabulary(_Vocab(base), 6, "data.tokenizer", expected_fingerprint="0" * 64)
+    assert str(e.value) == ("data.tokenizer: the tokenizer is not the one the pretrained model was trained with "
+                            "(its vocabulary fingerprint differs from model.json's tokenizer_vocab_sha256)")
+    check_vocabulary(_Vocab(base), 6, "data.tokenizer", reference=_Vocab(base),
+                     expected_fingerprint=vocabulary_fingerprint(_Vocab(dict(reversed(list(base.items()))))))
+
+
+# --------------------------------------------------------------------------- real tokenizers
+# (transformers is imported where needed, so that the stand-in tests above run without it)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(demo_data):
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(demo_data / "tokenizer"))
 
 
@@ -31,6 +93,8 @@ def with_vocab(tokenizer, tmp_path, tokens: list[str], name: str):
     (folder / "tokenizer.json").write_text(json.dumps(spec))
     for extra in ("vocab.txt",):
         (folder / extra).unlink(missing_ok=True)
+    from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(folder))
 
 

@@ -31,6 +31,7 @@ import torch
 from vlbert.config import CaptionDataConfig
 from vlbert.batch import _to
 from vlbert.tasks.images import ImageIndex, decode_image_sample
+from vlbert.tasks.refcoco.metric import box_iou
 from vlbert.tasks.sampling import ItemBatchDataset, flips
 from vlbert.tasks.vqa.answers import swap_left_right
 from vlbert.tasks.vqa.data import collate_images, read_json
@@ -56,17 +57,6 @@ def read_refs(url: str) -> list[dict]:
 def xywh_to_xyxy(box) -> np.ndarray:
     x, y, w, h = (float(v) for v in box)
     return np.array([x, y, x + w, y + h], np.float64)
-
-
-def box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """IoU of each of ``boxes`` [n, 4] with ``box`` [4] (x1, y1, x2, y2, continuous pixels)."""
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    ix = np.clip(np.minimum(boxes[:, 2], box[2]) - np.maximum(boxes[:, 0], box[0]), 0, None)
-    iy = np.clip(np.minimum(boxes[:, 3], box[3]) - np.maximum(boxes[:, 1], box[1]), 0, None)
-    inter = ix * iy
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    union = area + (box[2] - box[0]) * (box[3] - box[1]) - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from vlbert.config import DetectorConfig
 from vlbert.tasks.backbone import Backbone, ImageInputs, TaskModel
 from vlbert.tasks.config import FinetuneModelConfig
 from vlbert.tasks.refcoco.data import RefBatch
+from vlbert.tasks.refcoco.metric import HIT_IOU
 
 ROI_TRANSFORM = "roi_head.transform."  # the pretrained masked-RoI head's transform (VLBertForPretraining)
 
@@ -87,5 +88,5 @@ class VLBertForRefCOCO(TaskModel):
         scores = logits.masked_fill(~valid, float("-inf"))
         top = scores.argmax(-1)
         top_boxes = batch.boxes[torch.arange(len(batch), device=top.device), top]
-        acc = (pairwise_iou(top_boxes.float(), batch.gt_boxes.float()) >= 0.5).float().mean()
+        acc = (pairwise_iou(top_boxes.float(), batch.gt_boxes.float()) >= HIT_IOU).float().mean()
         return RefOutput(loss=loss, acc=acc, scores=scores, top_boxes=top_boxes)

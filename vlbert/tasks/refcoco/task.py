@@ -18,8 +18,9 @@ import torch
 from vlbert.tasks.config import FinetuneConfig
 from vlbert.tasks.images import ImageIndex
 from vlbert.tasks.missing import check_missing, missing_metrics
-from vlbert.tasks.refcoco.data import RefDataset, box_iou, load_refcoco
+from vlbert.tasks.refcoco.data import RefDataset, load_refcoco
 from vlbert.tasks.refcoco.detections import read_detections
+from vlbert.tasks.refcoco.metric import refcoco_accuracy
 from vlbert.tasks.refcoco.model import VLBertForRefCOCO
 from vlbert.tasks.sampling import eval_batches
 from vlbert.train import dist
@@ -43,6 +44,12 @@ class RefCOCOTask:
         self.cfg, self.c, self.tokenizer = cfg, cfg.refcoco, tokenizer
         splits = [self.c.train_split, *self.c.val_splits]
         self.expressions = load_refcoco(self.c.refs, self.c.instances, splits)
+        # A split name the refs file does not have (a typo, another split scheme) would otherwise
+        # be found only when it is scored, after training: it has no accuracy.
+        empty = [s for s in self.c.val_splits if not self.expressions[s]]
+        if empty:
+            raise ValueError(f"refcoco.val_splits: {self.c.refs} has no referring expression in split(s) "
+                             f"{', '.join(empty)}")
         self.images = ImageIndex(self.c.images)
         self.detections = None
         if self.c.detections and self.c.boxes == "detected":
@@ -109,9 +116,7 @@ class RefCOCOTask:
         missing = sum(e.sent_id not in predictions for e in expressions)
         metrics = missing_metrics(eval_set.name, missing, len(expressions), self.cfg.eval.max_missing_fraction,
                                   "expressions")
-        hits = [float(e.sent_id in predictions and box_iou(predictions[e.sent_id], e.gt_box)[0] >= 0.5)
-                for e in expressions]
-        return {f"{eval_set.name}/refcoco_acc": 100.0 * sum(hits) / len(hits), **metrics}
+        return {f"{eval_set.name}/refcoco_acc": refcoco_accuracy(expressions, predictions), **metrics}
 
     def write_predictions(self, url: str, predictions: dict[int, list[float]]) -> None:
         with fsspec.open(url, "w") as f:
