@@ -92,7 +92,7 @@ def test_an_epoch_of_only_bad_shards_moves_on(demo_data, tmp_path):
 
 @pytest.mark.integration
 def test_training_survives_bad_shards_with_two_workers(demo_data, tmp_path, one_torch_thread):
-    """The repro of the issue (2 good shards of 16 samples + 2 bad, 2 workers, seed 0): it died
+    """A case that once stopped training (2 good shards of 16 samples + 2 bad, 2 workers, seed 0): it died
     before step 30. Slot 0 gets exactly the bad shards in its second epoch, which it reaches after
     its 8 micro-batches of 2 captions in the first (steps alternate between the two workers), so
     24 steps go well past that epoch. Fails if a slot's epoch of only bad shards ends the stream."""
