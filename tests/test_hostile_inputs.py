@@ -24,7 +24,9 @@ from PIL import Image
 from vlbert.config import CaptionDataConfig, MaskingConfig, TextDataConfig
 from vlbert.data.captions import BadSample, _decode_image, decode_caption_sample
 from vlbert.data.formats import ReadLimits, ShardError, iter_tar, write_tar
-from vlbert.data.tar_headers import MAX_EXT_HEADER_BYTES, MAX_NAME_BYTES, TarMember, _pax_records, file_size, iter_tar_members
+from vlbert.data.tar_headers import (
+    MAX_EXT_HEADER_BYTES, MAX_NAME_BYTES, TarMember, _pax_records, file_size, iter_tar_members,
+)
 from vlbert.data.mixture import caption_limits, text_limits
 from vlbert.data.shards import ShardStream, SkipCounter
 
@@ -699,7 +701,8 @@ def test_header_errors_say_what_and_where():
     cases = [
         (a + header(b"b.txt", 4, checksum_off=1) + pad(b"abcd"), "corrupt_shard: bad tar header at 1024: bad checksum"),
         (a + header(b"b.txt", 4)[:100], "truncated_shard: short header at 1024"),
-        (a + header(b"d/", typeflag=b"5", size_field=base256(-512)) + END, "corrupt_shard: tar header at 1024: negative size -512"),
+        (a + header(b"d/", typeflag=b"5", size_field=base256(-512)) + END,
+         "corrupt_shard: tar header at 1024: negative size -512"),
         (a + header(b"b.txt", 5), "truncated_shard: tar member at 1024 declares 5 bytes, 0 left in the file"),
         (a + pax_member(pax_record(b"size", b"0x10")) + a, "corrupt_shard: pax header at 1024: size '0x10'"),
     ]
