@@ -24,6 +24,9 @@ from PIL import Image
 from vlbert.config import CaptionDataConfig, MaskingConfig, TextDataConfig
 from vlbert.data.captions import BadSample, _decode_image, decode_caption_sample
 from vlbert.data.formats import ReadLimits, ShardError, iter_tar, write_tar
+from vlbert.data.tar_headers import (
+    MAX_EXT_HEADER_BYTES, MAX_NAME_BYTES, TarMember, _pax_records, file_size, iter_tar_members,
+)
 from vlbert.data.mixture import caption_limits, text_limits
 from vlbert.data.shards import ShardStream, SkipCounter
 
@@ -444,3 +447,269 @@ def test_caps_are_config_fields_with_checked_values():
     ok = load_config(base, ["data.text.max_line_bytes=1000", "data.captions.max_member_bytes=5"], check_files=False)
     assert text_limits(ok.data.text) == ReadLimits(max_line_bytes=1000)
     assert caption_limits(ok.data.captions) == ReadLimits(max_member_bytes=5)
+
+
+# --------------------------------------------------------------------------- tar headers, field by field
+
+def pax_record(key: bytes, value: bytes, width: int = 0) -> bytes:
+    """One pax record per POSIX ("%d %s=%s\\n", the length counting its own digits), the length
+    written in ``width`` digits with leading zeros when ``width`` is given."""
+    body = b" " + key + b"=" + value + b"\n"
+    if width:
+        return b"%0*d" % (width, width + len(body)) + body
+    n = len(body) + 1
+    while len(str(n)) + len(body) != n:
+        n += 1
+    return b"%d" % n + body
+
+
+def walk(data: bytes, f=None):
+    """iter_tar_members over ``data`` as (start, name, type, data offset, size, end, complete)."""
+    return [(m.start, m.name, m.type, m.data, m.size, m.end, m.complete)
+            for m in iter_tar_members(f if f is not None else io.BytesIO(data))]
+
+
+def walk_error(data: bytes) -> ShardError:
+    with pytest.raises(ShardError) as e:
+        walk(data)
+    return e.value
+
+
+def by_tarfile(data: bytes):
+    """The same tuples from Python's tarfile, the second implementation."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return [(m.offset, m.name, m.type, m.offset_data, m.size,
+                 m.offset_data + -(-m.size // 512) * 512, True) for m in tar]
+
+
+def pax_member(records: bytes) -> bytes:
+    return member(b"././@PaxHeader", records, b"x")
+
+
+@pytest.mark.timeout(30)
+def test_walk_agrees_with_tarfile_on_gnu_and_pax_tars():
+    """Long names (GNU ``L`` and pax ``path``), a pax ``size`` record, a directory, an empty
+    member, several extended headers before one member: every field of every member is what
+    tarfile reads, ``start`` at the first extended header, and a pax size or name applies to
+    the next member only. Fails if ``ext_start`` is not kept across a second extended header
+    (``ext_start = hdr_pos``), if ``long_name``/``pax_size`` are not reset after a member, if a
+    pax ``size`` is ignored or applied to an extended header, or if a GNU long name keeps bytes
+    after its NUL."""
+    long = b"d/" + b"n" * 200 + b".txt"
+    data = (member(b"././@LongLink", long + b"\0junk", b"L") + member(b"short", b"abc")
+            + pax_member(pax_record(b"path", b"p" * 120 + b".bin") + pax_record(b"size", b"700"))
+            + header(b"p.bin", 0) + pad(b"z" * 700)
+            + member(b"plain.txt", b"12345")
+            + member(b"././@LongLink", b"q" * 130 + b"\0", b"L")
+            + pax_member(pax_record(b"size", b"3") + pax_record(b"mtime", b"1.5"))
+            + header(b"q", 0) + pad(b"xyz")
+            + header(b"dir/", typeflag=b"5") + member(b"empty", b"") + END)
+    got = walk(data)
+    want = by_tarfile(data)
+    assert [g[:1] + g[2:] for g in got] == [w[:1] + w[2:] for w in want]
+    assert [g[1] for g in got] == [long.decode(), "p" * 120 + ".bin", "plain.txt", "q" * 130, "dir", "empty"]
+    assert [w[1] for w in want] == [g[1] for g in got]
+    assert got[0][0] == 0 and got[3][0] == got[2][5]  # both extended headers counted in start
+
+
+@pytest.mark.timeout(30)
+def test_walk_of_tarfile_written_tars(tmp_path):
+    """Tars written by tarfile itself in GNU, pax and ustar format (names past 100 bytes,
+    a directory, a symlink, a pax-only header field): same members, same offsets. Fails like
+    ``test_walk_agrees_with_tarfile_on_gnu_and_pax_tars``."""
+    long_name = {tarfile.GNU_FORMAT: "sub/" + "s" * 120, tarfile.PAX_FORMAT: "sub/" + "é" * 60,
+                 tarfile.USTAR_FORMAT: "p" * 80 + "/" + "n" * 90}  # ustar: split into prefix and name
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            for name, kind, data in [("x" * 99, b"0", b"a" * 513), (long_name[fmt], b"0", b"b"),
+                                     ("sub", b"5", b""), ("link", b"2", b"")]:
+                ti = tarfile.TarInfo(name)
+                ti.type, ti.size = kind, len(data)
+                if kind == b"2":
+                    ti.linkname = "x" * 99
+                tar.addfile(ti, io.BytesIO(data) if data else None)
+        data = buf.getvalue()
+        got, want = walk(data), by_tarfile(data)
+        assert [g[:1] + g[2:] for g in got] == [w[:1] + w[2:] for w in want], fmt
+        assert [g[1] for g in got] == [w[1] for w in want], fmt
+
+
+@pytest.mark.timeout(30)
+def test_pax_records_parse_per_posix():
+    """Records are split by their lengths, not by newlines: a value may hold '=' and '\\n';
+    the minimal record "5 k=\\n" (empty value) is valid; NUL padding after the last record
+    ends the parse; values keep undecodable bytes (surrogateescape), keys replace them.
+    Expected dicts written out by hand. Fails if the minimum length check becomes
+    ``length <= len(digits) + 4`` (rejects "5 k=\\n"), if the parse stops at a newline, if it
+    does not stop at NUL padding, or if the decode error handlers change."""
+    recs = b"5 k=\n" + b"13 a=b=c\nd=e\n" + b"8 v=\xff\xfeZ\n" + b"7 \xffk=1\n" + b"\0" * 7
+    assert _pax_records(recs, 0) == {"k": "", "a": "b=c\nd=e", "v": "\udcff\udcfeZ", "\ufffdk": "1"}
+    assert _pax_records(b"", 0) == {} and _pax_records(b"\0" * 512, 0) == {}
+    # tarfile parses the same records to the same key/values (the decodable ones)
+    data = pax_member(b"5 k=\n" + b"13 a=b=c\nd=e\n") + member(b"m", b"") + END
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        assert tar.getmembers()[0].pax_headers == {"k": "", "a": "b=c\nd=e"}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("records, message", [
+    (b"5 k=\n6 =v\n\n", "record without 'key='"),  # empty key
+    (b"5 kv\n", "record without 'key='"),  # no '='
+    (b"4 k\n\n", "bad record length 4"),  # shorter than "N k=\n"
+    (b"7 k=v\n", "bad record length 7"),  # past the end of the header
+    (b"5 k=v\n", "bad record length 5"),  # not ending in a newline
+    (b"x5 k=v\n", "record length b'x5' is not a number"),
+    (b" 5 k=v\n", "record length b' 5 k=v\\n' is not a number"),  # starts with the space: 20 bytes shown
+    (b"5", "record length b'5' is not a number"),  # no space at all
+    (b"1" * 21 + b" k=v\n", "record length b'" + "1" * 20 + "' is not a number"),  # no space in 21 bytes
+])
+def test_malformed_pax_records_are_corrupt_with_where(records, message):
+    """Each malformed record is ``corrupt_shard`` with a one-line message that says what and
+    where (the pax header's offset, 1024 here; a length that is not a number shown as its first
+    20 bytes at most). Fails if one of the checks in ``_pax_records``
+    is dropped or loosened (e.g. ``not eq or not key`` to ``and``, ``end > n`` to ``>=``), if the
+    bytes shown change (``space >= i``, ``data[i:i - _MAX_LENGTH_DIGITS]``), or
+    if ``ShardError`` loses its message."""
+    e = walk_error(member(b"a.txt", b"hi") + pax_member(records) + member(b"b.txt", b"") + END)
+    assert e.reason == "corrupt_shard" and str(e).startswith("corrupt_shard: pax header at 1024: ")
+    assert message in str(e) and "\n" not in str(e)
+
+
+def test_shard_error_text():
+    """``str(ShardError)`` is the reason alone, or "reason: message". Fails if the message
+    default is not empty or the join changes."""
+    assert str(ShardError("empty_shard")) == "empty_shard" and ShardError("empty_shard").reason == "empty_shard"
+    assert str(ShardError("corrupt_shard", "at 5")) == "corrupt_shard: at 5"
+
+
+@pytest.mark.timeout(30)
+def test_caps_are_exact_boundaries():
+    """An extended header of exactly ``MAX_EXT_HEADER_BYTES`` (1 MiB) and a name of exactly
+    ``MAX_NAME_BYTES`` (4096) bytes, pax path or GNU long name, are read; one byte more is
+    ``corrupt_shard``. A record length or pax size of 20 digits (leading zeros) is read, of 21
+    digits refused. A name's bytes are counted after surrogateescape (an undecodable byte is one
+    byte). Fails if a cap constant changes (e.g. ``1 << 21``, ``4097``, 21 digits) or
+    a ``>`` becomes ``>=``, or if ``_check_name`` encodes with another error handler."""
+    assert MAX_EXT_HEADER_BYTES == 1 << 20 and MAX_NAME_BYTES == 4096
+    def one(ext: bytes) -> bytes:
+        return ext + member(b"m.txt", b"data") + END
+    head = b"1048576 comment="
+    full = head + b"c" * ((1 << 20) - len(head) - 1) + b"\n"
+    assert len(full) == 1 << 20 and walk(one(pax_member(full)))[0][1:5] == ("m.txt", b"0", 1024 + (1 << 20), 4)
+    big = b"1048577 comment=" + b"c" * ((1 << 20) - len(head)) + b"\n"
+    e = walk_error(one(pax_member(big)))
+    assert str(e) == f"corrupt_shard: extended tar header of {(1 << 20) + 1} bytes at 0"
+    name = "é" * 2047 + "ab"  # 4096 bytes of utf-8
+    assert walk(one(pax_member(pax_record(b"path", name.encode()))))[0][1] == name
+    assert walk(one(member(b"././@LongLink", b"n" * 4096 + b"\0", b"L")))[0][1] == "n" * 4096
+    # undecodable bytes count one byte each (surrogateescape), as tarfile's reader keeps them
+    assert walk(one(member(b"././@LongLink", b"\xff" * 4096 + b"\0", b"L")))[0][1] == "\udcff" * 4096
+    for ext in (pax_member(pax_record(b"path", name.encode() + b"c")), member(b"././@LongLink", b"n" * 4097, b"L"),
+                member(b"././@LongLink", b"\xff" * 4097, b"L")):
+        assert str(walk_error(one(ext))) == "corrupt_shard: member name of over 4096 bytes at 0"
+    assert walk(one(pax_member(pax_record(b"size", b"4".zfill(20)))))[0][4] == 4
+    assert walk(one(pax_member(pax_record(b"size", b"4", width=20)))) == [(0, "m.txt", b"0", 1536, 4, 2048, True)]
+    assert "size '000000000000000000004'" in str(walk_error(one(pax_member(pax_record(b"size", b"4".zfill(21))))))
+    assert "is not a number" in str(walk_error(one(pax_member(pax_record(b"size", b"4", width=21)))))
+    assert "size '-4'" in str(walk_error(one(pax_member(pax_record(b"size", b"-4")))))
+
+
+class _Sized:
+    """A file that tells its size only by a ``size`` attribute (as fsspec's files do)."""
+
+    def __init__(self, data: bytes, size):
+        self._f, self.size = io.BytesIO(data), size
+
+    def read(self, n=-1):
+        return self._f.read(n)
+
+    def seek(self, pos, whence=0):
+        return self._f.seek(pos, whence)
+
+
+def test_file_size_sources(tmp_path):
+    """The size comes from a ``size`` attribute, else the OS, else a BytesIO's buffer, else
+    None (a stream that cannot tell); a non-int ``size`` is not trusted. Fails if one of the
+    sources is skipped or the fall-through returns something else."""
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 1234)
+    with open(path, "rb") as f:
+        assert file_size(f) == 1234
+    assert file_size(io.BytesIO(b"y" * 77)) == 77
+    assert file_size(_Sized(b"", 99)) == 99
+    assert file_size(_Sized(b"", None)) is None and file_size(_Sized(b"", "5")) is None
+
+
+@pytest.mark.timeout(30)
+def test_member_cut_short_is_seen_only_with_a_known_size():
+    """A member whose padded data run past the end of the file is yielded with
+    ``complete=False`` then ``truncated_shard``; when the file cannot tell its size the member
+    is complete and the walk ends at the end of the file. A cut inside an extended header is
+    ``truncated_shard`` before any member. Fails if ``complete`` is computed with ``<`` (a
+    member ending exactly at the end of the file), ignores an unknown size, or if
+    ``_read_exact``'s message changes."""
+    data = member(b"a.txt", b"hello") + member(b"b.txt", b"world!")
+    exact = walk(data)  # no end-of-archive blocks: ends exactly at the end of the file
+    assert exact == [(0, "a.txt", b"0", 512, 5, 1024, True), (1024, "b.txt", b"0", 1536, 6, 2048, True)]
+    cut = data[:1536 + 6]
+    with pytest.raises(ShardError) as e:
+        for m in iter_tar_members(io.BytesIO(cut)):
+            assert (m.name, m.complete) in {("a.txt", True), ("b.txt", False)}
+    assert str(e.value) == "truncated_shard: tar member at 1024 declares 6 bytes, 6 left in the file"
+    assert walk(b"", _Sized(cut, None))[-1] == (1024, "b.txt", b"0", 1536, 6, 2048, True)
+    ext = member(b"././@LongLink", b"n" * 600, b"L")
+    assert str(walk_error(ext[:700])) == "truncated_shard: tar member at 0 declares 600 bytes, 188 left in the file"
+    assert walk_error(ext[:700] + b"\0" * 500).reason == "truncated_shard"  # padding cut: 1200 < 1536
+    assert walk_error(data[:700]).reason == "truncated_shard"  # a short header
+    with pytest.raises(ShardError) as e:  # size unknown: the extended header's read comes up short
+        walk(b"", _Sized(ext[:700], None))
+    assert str(e.value) == "truncated_shard: wanted 600 bytes, got 188"
+
+
+@pytest.mark.parametrize("typeflag, regular", [
+    (b"0", True), (b"\0", True), (b"7", True), (b"S", False), (b"5", False), (b"2", False), (b"1", False),
+])
+def test_regular_members(typeflag, regular):
+    """Regular files are the types tarfile reads data of (``0``, NUL, ``7``), minus GNU sparse
+    files (``S``, whose data is a map). Fails if ``regular`` becomes ``or`` or ``==``, or is no
+    longer a property (a bound method is always true)."""
+    (m,) = list(iter_tar_members(io.BytesIO(header(b"m", 0, typeflag) + END)))
+    assert m.regular is regular
+    with tarfile.open(fileobj=io.BytesIO(header(b"m", 0, typeflag) + END)) as tar:
+        assert tar.getmembers()[0].isreg() == (regular or typeflag == b"S")
+
+
+def test_tar_member_is_a_frozen_record():
+    """A ``TarMember`` cannot be changed after the walk made it, and is complete unless told
+    otherwise. Fails if ``frozen=True`` or the ``complete`` default is dropped."""
+    import dataclasses
+
+    m = TarMember(0, "a.txt", b"0", 512, 3, 1024)
+    assert m.complete is True and m.regular is True
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.size = 10 ** 12  # type: ignore[misc]
+
+
+@pytest.mark.timeout(30)
+def test_header_errors_say_what_and_where():
+    """Each header error is one line naming the reason, the check and the header's offset; a
+    cut member tells the bytes it declares and those left (never fewer than 0, even when the
+    file's stated size is below what was read). Fails if one of these messages changes, or if
+    ``max(0, left)`` becomes ``max(1, left)`` or ``max(-1, left)``."""
+    a = member(b"a.txt", b"hello")
+    cases = [
+        (a + header(b"b.txt", 4, checksum_off=1) + pad(b"abcd"), "corrupt_shard: bad tar header at 1024: bad checksum"),
+        (a + header(b"b.txt", 4)[:100], "truncated_shard: short header at 1024"),
+        (a + header(b"d/", typeflag=b"5", size_field=base256(-512)) + END,
+         "corrupt_shard: tar header at 1024: negative size -512"),
+        (a + header(b"b.txt", 5), "truncated_shard: tar member at 1024 declares 5 bytes, 0 left in the file"),
+        (a + pax_member(pax_record(b"size", b"0x10")) + a, "corrupt_shard: pax header at 1024: size '0x10'"),
+    ]
+    for data, message in cases:
+        with pytest.raises(ShardError) as e:
+            walk(data)
+        assert str(e.value) == message
+    with pytest.raises(ShardError) as e:  # a stated size of 100 bytes for a file of 1024
+        walk(b"", _Sized(a, 100))
+    assert str(e.value) == "truncated_shard: tar member at 0 declares 5 bytes, 0 left in the file"
