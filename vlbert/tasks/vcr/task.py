@@ -42,10 +42,8 @@ class VCREvalSet:
     every question read from the jsonl (the denominator), ``labels`` annot_id -> (answer_label,
     rationale_label) of every question ({} for test)."""
 
-    def __init__(self, name: str, dataset: VCRDataset, labels: dict[str, tuple[int, int]],
-                 annot_ids: list[str] = ()):
-        self.name, self.dataset, self.labels = name, dataset, labels
-        self.annot_ids = list(annot_ids) or [ex.annot_id for ex in dataset.examples]
+    def __init__(self, name: str, dataset: VCRDataset, labels: dict[str, tuple[int, int]], annot_ids: list[str]):
+        self.name, self.dataset, self.labels, self.annot_ids = name, dataset, labels, annot_ids
 
 
 class VCRTask:
