@@ -9,18 +9,23 @@ REPO = Path(__file__).resolve().parents[1]
 PROCESS_GROUP_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-@pytest.fixture(autouse=True)
-def process_group_variables_stay_in_their_test():
-    """Put RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT back as they were after each test.
+# As the suite found them when it started (unset, unless the suite itself runs under a launcher).
+PROCESS_GROUP_ENVIRONMENT = {k: os.environ.get(k) for k in PROCESS_GROUP_VARIABLES}
 
-    A test that builds an engine in this process exports them (``init_distributed`` with no
-    launcher), and its process group keeps MASTER_PORT bound. A later test in the same process that
-    starts a trainer with a copy of this environment would otherwise make that trainer join a
-    one-rank group at a port already in use (EADDRINUSE), depending on which tests ran before it in
-    that process: with the suite spread over workers, on the order they happen to get."""
-    before = {k: os.environ.get(k) for k in PROCESS_GROUP_VARIABLES}
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group_variables_as_the_suite_started():
+    """After each test file, RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT as the suite found them.
+
+    A test file that builds engines in this process exports them (``init_distributed`` with no
+    launcher; DeepSpeed reads LOCAL_RANK at every engine it builds, so they stay for the file), and
+    its process group keeps MASTER_PORT bound. A test of a later file in the same process that starts
+    a trainer with a copy of this environment would otherwise make that trainer open a one-rank
+    group at a port already in use (EADDRINUSE), depending on which files ran before it in that
+    process: with the suite spread over workers, on the order they happen to get. The group of this
+    process stays initialised, so the next file's engine does not read the port again."""
     yield
-    for k, v in before.items():
+    for k, v in PROCESS_GROUP_ENVIRONMENT.items():
         if v is None:
             os.environ.pop(k, None)
         else:
