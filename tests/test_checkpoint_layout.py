@@ -126,13 +126,18 @@ def test_default_keeps_three_and_keep_last_one_is_allowed(root):
         Checkpointer(root, keep_last=0, rank=0, world_size=1)
 
 
-def test_root_keeps_its_own_name(tmp_path):
-    """A root whose name ends in X (or with a slash): only trailing slashes are taken off.
-    Fails if ``rstrip("/")`` strips other characters."""
+def test_names_ending_in_x_are_kept(tmp_path):
+    """A root whose name ends in X (given with a slash): only trailing slashes are taken off. A
+    folder ``step-000001X`` beside the checkpoints is not a checkpoint folder: neither listed nor
+    pruned. Fails if ``rstrip("/")`` strips other characters (``rstrip("XX/XX")`` in ``__init__``
+    or on the listed names: ``step-000001X`` would be read as step 1 and deleted as a leftover)."""
     ck = Checkpointer(str(tmp_path / "runX") + "/", rank=0, world_size=1)
     assert ck.root == str(tmp_path / "runX")
-    ck.save(FakeEngine(1), 1, {}, {})
-    assert sorted(os.listdir(tmp_path / "runX")) == ["latest", "step-000001"]
+    (tmp_path / "runX" / "step-000001X").mkdir(parents=True)
+    (tmp_path / "runX" / "step-000001X" / "notes.txt").write_text("not a checkpoint")
+    ck.save(FakeEngine(2), 2, {}, {})
+    assert sorted(os.listdir(tmp_path / "runX")) == ["latest", "step-000001X", "step-000002"]
+    assert [c.step for c in ck.complete()] == [2]
 
 
 def test_cut_off_saves_leave_leftovers_that_the_next_saves_remove(root):
