@@ -414,7 +414,7 @@ class Checkpointer:
 
         Written by another number of ranks: refused unless ``allow_reshard``; then the engine
         reshards it and every rank reads every saved rank's file (``Loaded.rank_states``)."""
-        saved_world = int(meta.get("world_size", -1))
+        saved_world = _saved_world_size(info, meta)
         resharded = saved_world != self.world_size
         if resharded and not allow_reshard:
             raise CheckpointError(
@@ -474,3 +474,12 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _saved_world_size(info: CheckpointInfo, meta: dict[str, Any]) -> int:
+    """The number of ranks that wrote checkpoint ``info``, from its ``meta.json``; CheckpointError
+    when it is missing or not a positive whole number (a resharded load would read no rank file)."""
+    n = meta.get("world_size")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise CheckpointError(f"{info.url}: {META} has no valid world_size ({n!r})")
+    return n
