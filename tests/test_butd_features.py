@@ -132,7 +132,9 @@ def test_the_box_cap_is_exact():
 def test_arrays_must_be_strict_base64_of_whole_float32_rows():
     """A character outside base64 (even one a lax decoder would drop), a partial float, no floats,
     a size not giving ``num_boxes`` rows, boxes not 4 wide: each its reason and message. Fails if
-    ``validate=True`` is dropped, any size check is loosened, or a message changes."""
+    ``validate=True`` is dropped, any size check is loosened (``rest or n_floats == 0`` as
+    ``rest and n_floats == 0``: 26 bytes over 2 boxes reach ``np.frombuffer``, a ValueError), or a
+    message changes."""
     e = bad(record(boxes="AAAA!AAA"))
     assert e.reason == "bad_base64" and str(e).startswith("bad_base64: boxes: ")
     assert bad(record(features="AAAA AAA=")).reason == "bad_base64"
@@ -146,6 +148,12 @@ def test_arrays_must_be_strict_base64_of_whole_float32_rows():
         "num_boxes_mismatch: boxes holds 16 bytes, not float32 2 x 4"
     assert str(bad(record(n=1, boxes=base64.b64encode(b"\0\0\0").decode()))) == \
         "num_boxes_mismatch: boxes holds 3 bytes, not float32 1 x 4"
+    # A partial float whose whole floats would still give the rows: 6 floats and 2 bytes over
+    # 2 boxes, and a single byte over 1 box (no float at all).
+    assert str(bad(record(n=2, features=base64.b64encode(bytes(26)).decode()))) == \
+        "num_boxes_mismatch: features holds 26 bytes, not float32 a multiple of 2"
+    assert str(bad(record(n=1, features="AA=="))) == \
+        "num_boxes_mismatch: features holds 1 bytes, not float32 a multiple of 1"
     assert str(bad(record(n=2), with_classes=True)) == "truncated_row: no classes"
     assert str(bad(record(n=2, classes=5), with_classes=True)) == "truncated_row: no classes"
 
