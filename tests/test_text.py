@@ -334,3 +334,15 @@ def test_a_batch_of_segments_pads_and_keeps_keys():
     with pytest.raises(ValueError) as e:
         collate_text([])
     assert str(e.value) == "collate_text needs at least one segment"
+
+
+def test_a_document_without_pieces_never_keys_a_segment(tokenizer):
+    """Documents of 4 pieces, none (a NUL), 4 pieces, in segments of 4: the second segment is keyed
+    by the third document, the one its pieces come from. Fails if a document without pieces is queued (``start < len(ids)`` as
+    ``<=``: the empty document would head the queue and key the segment, ``#1+0``)."""
+    url = "memory://texttest/nopieces.jsonl.gz"
+    _write_jsonl(url, ["one two three four", "\x00", "up down left right"])
+    seg = TextSegmenter(_stream(url), WordPieces(tokenizer), 6, MaskingConfig(), 0)
+    segs = list(seg)
+    assert [s.key for s in segs] == [f"text.demo:{url}#0+0", f"text.demo:{url}#2+0"]
+    assert seg.counter["no_tokens"] == 1
