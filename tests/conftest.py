@@ -69,8 +69,9 @@ def one_torch_thread():
 
 
 # The files that take longest, in that order, ahead of the rest (measured: docs/development.md).
-# scripts/test.sh spreads the suite over worker processes a file at a time, in collection order, and
-# the run ends when its last file does: the demo end to end alone is about a third of the suite, so
+# scripts/test.sh spreads the suite over worker processes a file at a time, in collection order
+# (--no-loadscope-reorder: by default pytest-xdist sends the files with most tests first), and the
+# run ends when its last file does: the demo end to end alone is about a third of the suite, so
 # it starts first, not after every other file.
 LONGEST_FIRST = ("test_demo_e2e.py", "test_slurm.py", "test_elastic_train.py", "test_train_e2e.py")
 
