@@ -79,11 +79,14 @@ def test_the_producer_is_a_named_daemon_thread():
     """The thread is named (``vlbert-data`` by default) and is a daemon, so that a producer stuck on
     a store never keeps the process alive. Fails if the default name or ``daemon=True`` changes."""
     release = threading.Event()
+    # Only the threads these two start: earlier tests in this process may have left producers of
+    # the default name behind (daemon threads still inside a stalled source).
+    before = set(threading.enumerate())
     default, named = Prefetcher(stalled_after(0, release)), Prefetcher(stalled_after(0, release), name="vqa-eval")
     try:
-        for name in ("vlbert-data", "vqa-eval"):
-            threads = producer_threads(name)
-            assert len(threads) == 1 and threads[0].daemon
+        started = set(threading.enumerate()) - before
+        assert sorted(t.name for t in started) == ["vlbert-data", "vqa-eval"]
+        assert all(t.daemon for t in started)
     finally:
         release.set()
         default.close(wait_s=5)
