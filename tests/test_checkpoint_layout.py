@@ -16,25 +16,14 @@ import time
 import uuid
 from dataclasses import FrozenInstanceError
 
-import fsspec
 import pytest
 
-from test_checkpoint import FakeEngine
+from test_checkpoint import FakeEngine, root  # noqa: F401 (root: the local/memory fixture)
 from vlbert.train.checkpoint import MAX_MARKER_BYTES, CheckpointError, CheckpointInfo, Checkpointer
 
 pytestmark = [pytest.mark.timeout(120)]
 
 LOGGER = "vlbert.train.checkpoint"
-
-
-@pytest.fixture(params=["local", "memory"])
-def root(request, tmp_path):
-    if request.param == "local":
-        yield str(tmp_path / "ckpt")
-        return
-    url = f"memory://layout-{uuid.uuid4().hex}"
-    yield url
-    fsspec.filesystem("memory").rm(url, recursive=True)
 
 
 def listing(ck: Checkpointer, path: str = "") -> list[str]:

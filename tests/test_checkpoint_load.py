@@ -1,8 +1,8 @@
 """Loading checkpoints (vlbert/train/checkpoint.py) in exact terms: what ``verify``, ``peek_latest``
 and ``load`` refuse when a checkpoint changed after it was chosen or carries a crafted
 ``meta.json``, a load across a change of world size, the download of an object store's ``ds/``
-files, what a rank other than 0 does, and every log line and error word for word. Helpers and
-the local/memory ``root`` fixture: tests/test_checkpoint_layout.py."""
+files, what a rank other than 0 does, and every log line and error word for word. Helpers:
+tests/test_checkpoint_layout.py; the local/memory ``root`` fixture: tests/test_checkpoint.py."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import uuid
 
 import pytest
 
-from test_checkpoint import FakeEngine
-from test_checkpoint_layout import LOGGER, messages, root  # noqa: F401 (root: the fixture)
+from test_checkpoint import FakeEngine, root  # noqa: F401 (root: the local/memory fixture)
+from test_checkpoint_layout import LOGGER, messages
 from vlbert.train.checkpoint import CheckpointError, Checkpointer
 from vlbert.train.manifest import ManifestError
 
