@@ -101,12 +101,13 @@ def test_tar_samples_keys_offsets_and_slots():
 
 
 def test_tar_member_cap_is_exact():
-    """Fails if a member of exactly ``max_member_bytes`` is refused (``>`` as ``>=``) or one
-    byte more is read."""
-    data, _ = _tar([("k.a", b"123"), ("k.b", b"1234")])
+    """Fails if a member of exactly ``max_member_bytes`` is refused (``>`` as ``>=``), one
+    byte more is read, or the sample's other members and the next sample are lost after it
+    (``continue`` as ``break``)."""
+    data, _ = _tar([("k.a", b"123"), ("k.b", b"1234"), ("k.c", b"12"), ("m.a", b"m")])
     ctr = Counter()
     got = list(iter_tar(io.BytesIO(data), 0, 0, 1, 0, ctr, ReadLimits(max_member_bytes=3)))
-    assert [g[2] for g in got] == [{"a": b"123"}]
+    assert [g[2] for g in got] == [{"a": b"123", "c": b"12"}, {"a": b"m"}]  # the walk goes on after it
     assert ctr.counts == {"member_too_large": 1}
 
 
@@ -322,6 +323,8 @@ class _Dribble(io.RawIOBase):
         return True
 
     def read(self, n=-1):
+        if n == 0:
+            return b""
         if not self.data:
             if self.error is not None:
                 raise self.error
@@ -338,7 +341,7 @@ def test_capped_reader_bounds_fills_and_seeks():
     buf = bytearray(4)
     assert r.readinto(buf) == 4 and bytes(buf) == b"0123"
     assert r.seek(2, io.SEEK_CUR) == 6 and r.tell() == 6
-    assert r.seek(8) == 8
+    assert r.seek(8) == 8 and r.seek(8) == 8 and r.seek(0, io.SEEK_CUR) == 8  # staying put is no backward seek
     with pytest.raises(io.UnsupportedOperation, match="forward only"):
         r.seek(7)
     with pytest.raises(io.UnsupportedOperation):
@@ -394,7 +397,7 @@ def test_open_archive_leaves_plain_files_alone():
     ("a.parquet", iter_parquet, False, None), ("a.pq", iter_parquet, False, None),
     ("a.jsonl", iter_jsonl, False, None), ("a.json", iter_jsonl, False, None),
     ("a.ndjson", iter_jsonl, False, None), ("a.jsonl.gz", iter_jsonl, True, "gzip"),
-    ("a.jsonl.zst", iter_jsonl, True, "zstd"), ("a.json.bz2", iter_jsonl, True, "bz2"),
+    ("a.jsonl.zst", iter_jsonl, True, "zstd"), ("a.jsonl.zstd", iter_jsonl, True, "zstd"), ("a.json.bz2", iter_jsonl, True, "bz2"),
     ("a.ndjson.xz", iter_jsonl, True, "xz"), ("a.jsonl.gz?x=1.tar", iter_jsonl, True, "gzip"),
 ])
 def test_reader_for_extensions(url, reader, by_line, compression):
@@ -429,7 +432,58 @@ def test_write_tar_gnu_members_in_order(tmp_path):
         assert tar.extractfile(ms[0]).read() == b"abc"
 
 
-def test_module_names_used_elsewhere():
-    """Fails if the text extensions or compressed suffixes change."""
-    assert formats._TEXT_EXTS == (".jsonl", ".json", ".ndjson")
-    assert formats._COMPRESSED == (".gz", ".zst", ".zstd", ".bz2", ".xz")
+def test_every_compressed_suffix_reads_its_lines():
+    """Fails if a compressed suffix is read without its codec: ``.jsonl.zstd`` was handed
+    fsspec's inferred compression, which knows only ``.zst``, and so was read as plain lines
+    (every line a ``bad_text``)."""
+    lines = _jl({"text": "one"}, {"text": "two"})
+    codecs_ = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress,
+               "zst": zstandard.ZstdCompressor().compress, "zstd": zstandard.ZstdCompressor().compress}
+    for suffix, compress in codecs_.items():
+        reader, comp = reader_for(f"s3://b/part-0.jsonl.{suffix}")
+        ctr = Counter()
+        got = [g[2] for g in reader(decompressed(io.BytesIO(compress(lines)), comp), 0, 0, 1, 0, ctr)]
+        assert (got, ctr.counts) == (["one", "two"], {}), suffix
+
+
+def test_tar_counts_sparse_members_only():
+    """Fails if a GNU sparse member is not counted as ``bad_tar_member`` or a symlink is
+    (both are passed over; neither ends the sample)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, kind in (("a.txt", tarfile.REGTYPE), ("a.bin", tarfile.GNUTYPE_SPARSE),
+                           ("a.lnk", tarfile.SYMTYPE), ("a.json", tarfile.REGTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.SYMTYPE:
+                info.linkname = "a.txt"
+            tar.addfile(info, io.BytesIO(b""))
+    ctr = Counter()
+    got = list(iter_tar(io.BytesIO(buf.getvalue()), 0, 0, 1, 0, ctr))
+    assert [(g[1], g[2]) for g in got] == [("a", {"txt": b"", "json": b""})]
+    assert ctr.counts == {"bad_tar_member": 1}
+
+
+def test_tar_of_only_end_blocks_has_no_members():
+    """Fails if a shard of bytes with no member is called "0 bytes" (``and`` as ``or``)."""
+    with pytest.raises(ShardError) as e:
+        list(iter_tar(io.BytesIO(bytes(1024)), 0, 0, 1, 0, Counter()))
+    assert str(e.value) == "empty_shard: no members"
+
+
+@pytest.mark.parametrize("binary, string", [(pa.binary(), pa.string()), (pa.large_binary(), pa.large_string())])
+def test_parquet_string_column_with_invalid_utf8_is_counted(binary, string):
+    """Fails if a ``string`` or ``large_string`` column is not read as bytes: another writer's
+    invalid UTF-8 (made here with a view, which does not validate) would end the shard with
+    pyarrow's error instead of one counted ``bad_text``."""
+    col = pa.array([b"ok", b"\xff", b"fine"], binary).view(string)
+    ctr = Counter()
+    assert [g[2] for g in iter_parquet(io.BytesIO(_parquet(col)), 0, 0, 1, 0, ctr)] == ["ok", "fine"]
+    assert ctr.counts == {"bad_text": 1}
+
+
+def test_open_archive_default_name():
+    """Fails if the default name in the message is not "archive"."""
+    with pytest.raises(ShardError) as e:
+        open_archive(io.BytesIO(gzip.compress(b"12345")), 4).read()
+    assert str(e.value) == "archive_too_large: archive decompresses to over 4 bytes"
