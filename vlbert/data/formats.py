@@ -362,7 +362,8 @@ def open_archive(f, max_bytes: int, name: str = "archive"):
 
 
 _TEXT_EXTS = (".jsonl", ".json", ".ndjson")
-_COMPRESSED = (".gz", ".zst", ".zstd", ".bz2", ".xz")
+# Suffix -> fsspec codec name (``fsspec.compression.compr``); fsspec's own inference knows no ``.zstd``.
+_COMPRESSED = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
 
 
 def reader_for(url: str) -> tuple[Reader, Optional[str]]:
@@ -373,13 +374,13 @@ def reader_for(url: str) -> tuple[Reader, Optional[str]]:
     if path.endswith((".parquet", ".pq")):
         return iter_parquet, None
     base, comp = path, None
-    for ext in _COMPRESSED:
+    for ext, codec in _COMPRESSED.items():
         if path.endswith(ext):
-            base, comp = path[: -len(ext)], "infer"
+            base, comp = path[: -len(ext)], codec
     if base.endswith(_TEXT_EXTS):
         if comp is None:
             return iter_jsonl, None
-        return functools.partial(iter_jsonl, by_line=True), fsspec.utils.infer_compression(path)
+        return functools.partial(iter_jsonl, by_line=True), comp
     raise ValueError(f"{url}: unknown shard type (expected .tar, .parquet or .jsonl[.gz|.zst])")
 
 
