@@ -14,6 +14,7 @@
 # mutmut lives in its own virtual environment ($MUTMUT_VENV, default .venv-mutmut), never in the
 # project's; the tests run with the project's interpreter ($VLBERT_PY, default .venv/bin/python).
 # Knobs: MUTMUT_VERSION (default 2.5.1: plain in-place mutation with a runner command),
+# MUTMUT_TEST_LIMIT (seconds a mutant's test run may take; default ten times the unmutated run),
 # MUTMUT_RERUN=1 (test again only the survivors of the last run of the same module).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -72,11 +73,22 @@ export PYTHONDONTWRITEBYTECODE=1 PYTHONPYCACHEPREFIX="$(mktemp -d)"
 # mutmut 2.5.1 takes every exit status but 1 for "the tests pass": a mutant that breaks the
 # module's import (pytest exits 2, a collection error) or leaves no test to run (5) would count
 # as a survivor. The runner turns every failure into 1.
+# A mutant can turn a loop into one that never ends, and mutmut's own time limit stops only the
+# runner's shell, not the pytest under it: so each run of the tests is under `timeout`,
+# MUTMUT_TEST_LIMIT seconds (default: ten times the unmutated run, at least 30), and a mutant
+# that runs past it counts as killed.
 {
   printf '#!/usr/bin/env bash\n'
+  printf 'timeout -k 10 "${MUTATION_TEST_LIMIT:-3600}" '
   printf '%q ' "$VLBERT_PY" -m pytest -x -q -p no:cacheprovider -p no:randomly "${TEST_ARGS[@]}"
   printf '|| exit 1\n'
 } >"$RUNNER"
+start=$(date +%s)
+bash "$RUNNER" >/dev/null 2>&1 || {
+  echo "mutation.sh: the tests fail on the unmutated module ($VLBERT_PY -m pytest $TESTS)" >&2; exit 1; }
+baseline=$(( $(date +%s) - start ))
+export MUTATION_TEST_LIMIT="${MUTMUT_TEST_LIMIT:-$(( baseline * 10 > 30 ? baseline * 10 : 30 ))}"
+echo "mutation.sh: the tests take ${baseline} s on the unmutated module; a mutant's run is stopped after ${MUTATION_TEST_LIMIT} s"
 status=0
 "$MUTMUT_VENV/bin/mutmut" run --paths-to-mutate "$MODULE" --tests-dir tests --no-progress \
   --runner "bash $RUNNER" || status=$?
