@@ -1,6 +1,7 @@
 """The pretraining stream (vlbert/data/mixture.py): batches, exact resumption with
 several workers and ranks, skip counting, validation."""
 
+import dataclasses
 import io
 import json
 import os
@@ -14,8 +15,11 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
+from vlbert.batch import PretrainBatch
 from vlbert.config import CaptionDataConfig, DataConfig, MaskingConfig, TextDataConfig, TextSourceConfig
-from vlbert.data.mixture import CaptionReader, build_pretrain_stream, build_validation_stream
+from vlbert.data.captions import collate_captions, decode_caption_sample
+from vlbert.data.mixture import CaptionReader, ValidationDataset, build_pretrain_stream, build_validation_stream
+from vlbert.data.partitions import LayoutError
 from vlbert.data.formats import write_tar
 from vlbert.data.shards import Cursor, ShardStream, SkipCounter, slot_plan
 
@@ -263,3 +267,245 @@ def test_one_shard_shared_by_four_slots_does_not_hang(tmp_path, tokenizer):
         stream.close()
     assert {i % 4 for i in seen[0]} == {0, 1} and {i % 4 for i in seen[1]} == {2, 3}
     assert seen[0] | seen[1] == set(range(10))
+
+
+# --------------------------------------------------------------------------- the stream's contract, by hand
+
+def _stream(cfg, tok, rank=0, world=1, captions=2, text=8, **kw):
+    return build_pretrain_stream(cfg, MaskingConfig(), tok, rank, world, captions_per_batch=captions,
+                                 text_per_batch=text, **kw)
+
+
+def _zero_cursor():
+    return {"epoch": 0, "pos": 0, "offset": 0, "index": 0}
+
+
+def _fresh(partition):
+    return {"partition": partition, "batches": 0, "captions": _zero_cursor(),
+            "text": {"books": {"cursor": _zero_cursor(), "offset": 0}, "wiki": {"cursor": _zero_cursor(), "offset": 0}},
+            "skips": {}}
+
+
+SHARDS = {"captions": 8, "text.books": 1, "text.wiki": 4}
+
+
+def test_sample_and_source_randomness_is_keyed_as_documented(tmp_path, tokenizer):
+    """One partition, one caption shard of 6 samples read in order over 3 batches. Each caption
+    sample is the sample decoded with the generator ``default_rng([seed, 1, epoch, shard, index])``
+    (written out here), and each batch's text sources are drawn from
+    ``default_rng([seed, 3, partition, batch number])`` with the weights 1 : 3 of books : wiki (names
+    sorted). Fails if the caption tag is 2 (tried), the mix tag 4, the seed mask is ``| 0xFFFFFFFF``,
+    the batch counter does not count (``= 1``) or starts at 1."""
+    cfg = make_data(str(tmp_path), n_caption_shards=1, n_wiki=1)
+    stream = _stream(cfg, tokenizer, captions=2, text=8)
+    batches = take(stream, 3)
+    url = str(tmp_path / "cc-000.tar")
+    expected = []
+    for i in range(6):
+        rng = np.random.default_rng([11, 1, 0, 0, i])  # seed 11, TAG_CAPTIONS, epoch 0, shard 0, index i
+        expected.append(decode_caption_sample(caption_sample(0, i), f"{url}#000{i:04d}", cfg.captions,
+                                              MaskingConfig(), tokenizer, rng, train=True))
+    got = PretrainBatch(captions=collate_captions(expected))
+    assert_batches_equal([PretrainBatch(captions=collate_captions(expected[2 * b:2 * b + 2])) for b in range(3)],
+                         [PretrainBatch(captions=b.captions) for b in batches])
+    assert sum(s.flipped for s in expected) not in (0, 6) and got.captions.keys[0].endswith("#0000000")
+    for n, b in enumerate(batches):
+        picks = np.random.default_rng([11, 3, 0, n]).choice(2, size=8, p=[0.25, 0.75])
+        assert [k.split(":", 1)[0] for k in b.text.keys] == [("text.books", "text.wiki")[i] for i in picks]
+        assert b.partition == 0
+    assert stream.state_dict()["partition_states"][0]["batches"] == 3
+
+
+def test_state_dict_in_full(tmp_path, tokenizer):
+    """The saved state of rank 1 of 2 (two partitions, one each), fresh and after two batches,
+    written out by hand; the caption cursor is the one an independent ``ShardStream`` over slot
+    1 of 2 holds after the same four samples. Fails if a key is renamed (tried: ``"XXpartitionXX"``),
+    the version is 3, ``num_workers`` is the config's 0 instead of the one logical worker, or a
+    fresh text state starts at offset 1."""
+    cfg = make_data(str(tmp_path))
+    stream = _stream(cfg, tokenizer, rank=1, world=2, captions=2, text=3)
+    fresh = {"version": 2, "rank": 1, "world_size": 2, "num_workers": 1, "partitions": 2, "seed": 11,
+             "shards": SHARDS, "workers": [{"partitions": [1], "next": 0}], "next_worker": 0,
+             "partition_states": [_fresh(1)]}
+    assert stream.state_dict() == fresh
+    take(stream, 2)
+    state = stream.state_dict()
+    stream.close()
+    reader = ShardStream(sorted(str(p) for p in tmp_path.glob("cc-*.tar")), 1, 2, 11, SkipCounter())
+    records = [r for _, r in zip(range(4), reader)]
+    part = state["partition_states"][0]
+    assert part["captions"] == records[-1].cursor.to_dict() and records[-1].cursor.index == 4
+    assert part["batches"] == 2 and part["skips"] == {} and part["partition"] == 1
+    assert sorted(part["text"]) == ["books", "wiki"] and part["text"] != _fresh(1)["text"]
+    assert {k: v for k, v in state.items() if k != "partition_states"} == {
+        k: v for k, v in fresh.items() if k != "partition_states"}
+
+
+def test_one_worker_alternates_its_partitions_and_resumes_on_either(tmp_path, tokenizer):
+    """In process (``num_workers`` 0) with 3 partitions on one rank, the one worker makes one batch
+    from each in turn: partitions 0, 1, 2, 0, ...; its ``next`` counts modulo 3. Resumed after 4
+    batches, the stream goes on with partition 1. Fails if the worker's index is not taken
+    modulo the number of its partitions, or is not restored on the same layout (tried:
+    ``if own`` as ``if not own``)."""
+    cfg = make_data(str(tmp_path))
+    stream = _stream(cfg, tokenizer, captions=1, text=1, num_partitions=3)
+    assert [b.partition for b in take(stream, 4)] == [0, 1, 2, 0]
+    state = json.loads(json.dumps(stream.state_dict()))
+    rest = take(stream, 3)
+    stream.close()
+    assert state["workers"] == [{"partitions": [0, 1, 2], "next": 1}] and state["next_worker"] == 0
+    assert [p["batches"] for p in state["partition_states"]] == [2, 1, 1]
+    again = _stream(cfg, tokenizer, captions=1, text=1)
+    again.load_state_dict(state)
+    assert again.num_partitions == 3  # taken from the state
+    resumed = take(again, 3)
+    again.close()
+    assert [b.partition for b in resumed] == [1, 2, 0]
+    assert_batches_equal(resumed, rest)
+
+
+def test_a_version_1_state_is_upgraded(tmp_path, tokenizer):
+    """A version 1 state (one partition per worker slot, ``slot`` in place of ``partition``),
+    written by hand for rank 1 of 2 with 2 workers: slots 2 and 3 become partitions 2 and 3 of
+    4, each keeping its cursor, batches and skips; on the same layout the next worker is kept.
+    Unknown versions are refused by name. Fails if the slot is read as ``rank * n - w``
+    (tried), ``partitions`` is ``world + n``, the ``slot`` key is kept, or ``next_worker`` is
+    dropped."""
+    cfg = make_data(str(tmp_path))
+    cfg.num_workers = 2
+    cur = {"epoch": 0, "pos": 1, "offset": 1536, "index": 2}
+    text = {"books": {"cursor": cur, "offset": 3}, "wiki": {"cursor": _zero_cursor(), "offset": 0}}
+    v1 = {"version": 1, "rank": 1, "world_size": 2, "num_workers": 2, "seed": 11, "shards": SHARDS,
+          "next_worker": 1,
+          "workers": [{"slot": 2, "batches": 5, "captions": cur, "text": text, "skips": {"corrupt_image": 1}},
+                      {"slot": 3, "batches": 4, "captions": _zero_cursor(), "text": text,
+                       "skips": {"corrupt_image": 2, "missing_shard": 1}}]}
+    stream = _stream(cfg, tokenizer, rank=1, world=2)
+    stream.load_state_dict(json.loads(json.dumps(v1)))
+    assert stream.state_dict() == {
+        "version": 2, "rank": 1, "world_size": 2, "num_workers": 2, "partitions": 4, "seed": 11, "shards": SHARDS,
+        "workers": [{"partitions": [2], "next": 0}, {"partitions": [3], "next": 0}], "next_worker": 1,
+        "partition_states": [
+            {"partition": 2, "batches": 5, "captions": cur, "text": text, "skips": {"corrupt_image": 1}},
+            {"partition": 3, "batches": 4, "captions": _zero_cursor(), "text": text,
+             "skips": {"corrupt_image": 2, "missing_shard": 1}}]}
+    assert stream.skip_counts() == {"corrupt_image": 3, "missing_shard": 1}
+    for version in (3, None, "2"):
+        with pytest.raises(ValueError) as e:
+            stream.load_state_dict(dict(v1, version=version))
+        assert str(e.value) == f"data state version {version!r}, expected 2 (or 1)"
+
+
+def test_another_layout_starts_each_worker_at_its_first_partition(tmp_path, tokenizer):
+    """States saved on 2 ranks x 2 workers (hand-set: worker 1 next, each worker in the middle of
+    nothing), resumed on 1 rank in process and on 2 ranks in process: the worker layout differs,
+    so the interleaving starts afresh (worker 0, its first partition) while each partition keeps
+    its own state. Fails if ``and`` is ``or`` in the same-layout test (tried: the rank alone, or
+    the rank and the world size, chosen the saved ``next_worker``)."""
+    cfg = make_data(str(tmp_path))
+    cfg.num_workers = 2
+    saved = [_stream(cfg, tokenizer, rank=r, world=2).state_dict() for r in range(2)]
+    for s in saved:
+        s["next_worker"] = 1
+        s["workers"][1]["next"] = 0
+        for p in s["partition_states"]:
+            p["batches"] = 10 + p["partition"]
+    cfg.num_workers = 0
+    one = _stream(cfg, tokenizer)
+    one.load_state_dicts(saved)
+    state = one.state_dict()
+    assert state["workers"] == [{"partitions": [0, 1, 2, 3], "next": 0}] and state["next_worker"] == 0
+    assert [p["batches"] for p in state["partition_states"]] == [10, 11, 12, 13]
+    same_world = _stream(cfg, tokenizer, rank=1, world=2)
+    same_world.load_state_dicts(saved)
+    state = same_world.state_dict()
+    assert state["workers"] == [{"partitions": [2, 3], "next": 0}] and state["next_worker"] == 0
+    assert [p["batches"] for p in state["partition_states"]] == [12, 13]
+
+
+def test_every_message_in_full(tmp_path, tokenizer):
+    """Each refusal of the stream, word for word. Fails if a message changes or a bound moves
+    (tried: ``0 <= rank < world_size`` as ``<=``, which lets rank 2 of 2 through)."""
+    cfg = make_data(str(tmp_path), n_caption_shards=2, n_wiki=1)
+
+    def refused(error, message, call):
+        with pytest.raises(error) as e:
+            call()
+        assert str(e.value) == message
+
+    for rank in (-1, 2):
+        refused(ValueError, f"rank {rank} out of range for world size 2", lambda: _stream(cfg, tokenizer, rank, 2))
+    for captions, text in ((-1, 2), (2, -1), (0, 0)):
+        refused(ValueError, "captions_per_batch + text_per_batch must be positive (each >= 0)",
+                lambda: _stream(cfg, tokenizer, captions=captions, text=text))
+    no_captions = DataConfig(text=cfg.text, seed=11)
+    refused(ValueError, "captions_per_batch > 0 needs data.captions.urls", lambda: _stream(no_captions, tokenizer))
+    assert _stream(no_captions, tokenizer, captions=0).state_dict()["shards"] == {"captions": 0, "text.books": 1,
+                                                                                  "text.wiki": 1}
+    no_text = DataConfig(captions=cfg.captions, seed=11)
+    refused(ValueError, "text_per_batch > 0 needs data.text.sources", lambda: _stream(no_text, tokenizer))
+    assert _stream(no_text, tokenizer, text=0).state_dict()["shards"] == {"captions": 2}
+
+    stream = _stream(cfg, tokenizer, rank=1, world=2)
+    refused(ValueError, "no data state to resume from", lambda: stream.load_state_dicts([]))
+    saved = [_stream(cfg, tokenizer, rank=r, world=2).state_dict() for r in range(2)]
+    other = dict(saved[0], shards={"captions": 3})
+    refused(LayoutError, "the data state was saved over {'captions': 3} shards, the config lists "
+                         "{'captions': 2, 'text.books': 1, 'text.wiki': 1}: the shard lists must not change to resume "
+                         "exactly", lambda: stream.load_state_dicts([other]))
+    four = _stream(cfg, tokenizer, num_partitions=4).state_dict()
+    refused(ValueError, "the saved data states disagree on the number of partitions: [2, 4]",
+            lambda: stream.load_state_dicts([saved[0], four]))
+    refused(ValueError, "partition 0 appears in two saved data states", lambda: stream.load_state_dicts(saved + saved[:1]))
+    refused(ValueError, "rank 1: the saved data states lack partition(s) [1] of this rank; pass every saved rank's "
+                        "state after a change of world size", lambda: stream.load_state_dicts(saved[:1]))
+    cfg.partitions = 3
+    refused(LayoutError, "data.partitions = 3, but the run was started with 2 partitions; the number of partitions "
+                         "is fixed at a run's start (set it to 0 or to 2)",
+            lambda: _stream(cfg, tokenizer, rank=1, world=2).load_state_dicts(saved))
+    cfg.partitions = 2  # the saved number: accepted
+    resumed = _stream(cfg, tokenizer, rank=1, world=2)
+    resumed.load_state_dicts(saved)
+    assert resumed.state_dict() == saved[1]
+
+    cfg.num_workers = 2  # two logical workers, but iterated in this process (one)
+    refused(RuntimeError, "1 data-loader workers but the state holds 2",
+            lambda: next(iter(_stream(cfg, tokenizer, num_partitions=2)._make_dataset())))
+    no_validation = DataConfig(captions=cfg.captions, seed=11)
+    refused(ValueError, "data.validation.urls is empty: no validation set",
+            lambda: build_validation_stream(no_validation, MaskingConfig(), tokenizer, 0, 1, 4))
+
+
+def test_validation_batches_slots_and_randomness(tmp_path, tokenizer):
+    """Validation in process (``num_workers`` 0) over shards 0-2 of 6 samples, batches of 4: rank
+    r of 2 reads the shards r, r + 2, ... in list order (no shuffle), each sample once, in
+    batches of 4 and a last one of the rest; every sample is the one decoded with
+    ``default_rng([seed, 4, 0, shard, index])`` and no flip. In process the stream is the
+    dataset itself; with workers, a DataLoader that leaves the global torch generator alone.
+    Fails if the tag is 5, the stream shuffles, the last short batch is dropped, or the slot
+    is ``rank * n - p`` (tried)."""
+    cfg = make_data(str(tmp_path), n_caption_shards=3)
+    vcfg = dataclasses.replace(cfg.validation, flip_prob=0.0)
+    for rank, shards in ((0, [0, 2]), (1, [1])):
+        stream = build_validation_stream(cfg, MaskingConfig(), tokenizer, rank, 2, batch_size=4)
+        assert isinstance(stream, ValidationDataset)
+        got = list(stream)
+        expected = []
+        for s in shards:
+            url = str(tmp_path / f"cc-{s:03d}.tar")
+            for i in range(6):
+                rng = np.random.default_rng([11, 4, 0, s, i])  # seed, TAG_VALIDATION, epoch, shard, index
+                expected.append(decode_caption_sample(caption_sample(s, i), f"{url}#{s:03d}{i:04d}", vcfg,
+                                                      MaskingConfig(), tokenizer, rng, train=False))
+        sizes = [4] * (len(expected) // 4) + ([len(expected) % 4] if len(expected) % 4 else [])
+        assert [len(b.captions) for b in got] == sizes
+        starts = np.cumsum([0] + sizes)
+        assert_batches_equal(got, [PretrainBatch(captions=collate_captions(expected[a:b]))
+                                   for a, b in zip(starts[:-1], starts[1:])])
+    cfg.num_workers = 2
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    loader = build_validation_stream(cfg, MaskingConfig(), tokenizer, 0, 1, batch_size=4)
+    assert isinstance(loader, torch.utils.data.DataLoader) and loader.num_workers == 2
+    iter(loader)
+    assert torch.equal(torch.get_rng_state(), before)
