@@ -4,7 +4,11 @@ several workers and ranks, skip counting, validation."""
 import dataclasses
 import io
 import json
+import logging
 import os
+import re
+import threading
+import time
 
 import fsspec
 import numpy as np
@@ -18,10 +22,14 @@ from transformers import AutoTokenizer
 from vlbert.batch import PretrainBatch
 from vlbert.config import CaptionDataConfig, DataConfig, MaskingConfig, TextDataConfig, TextSourceConfig
 from vlbert.data.captions import collate_captions, decode_caption_sample
-from vlbert.data.mixture import CaptionReader, ValidationDataset, build_pretrain_stream, build_validation_stream
+from vlbert.data import mixture
+from vlbert.data.mixture import (
+    CaptionReader, PretrainStream, ValidationDataset, build_pretrain_stream, build_validation_stream,
+)
 from vlbert.data.partitions import LayoutError
 from vlbert.data.formats import write_tar
-from vlbert.data.shards import Cursor, ShardStream, SkipCounter, slot_plan
+from vlbert.data.prefetch import DataWaitTimeout
+from vlbert.data.shards import Cursor, ShardStream, SkipCounter, SourceUnusable, slot_plan
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -366,8 +374,8 @@ def test_one_worker_alternates_its_partitions_and_resumes_on_either(tmp_path, to
 
 def test_a_version_1_state_is_upgraded(tmp_path, tokenizer):
     """A version 1 state (one partition per worker slot, ``slot`` in place of ``partition``),
-    written by hand for rank 1 of 2 with 2 workers: slots 2 and 3 become partitions 2 and 3 of
-    4, each keeping its cursor, batches and skips; on the same layout the next worker is kept.
+    written by hand for rank 1 of 3 with 2 workers: slots 2 and 3 become partitions 2 and 3 of
+    6, each keeping its cursor, batches and skips; on the same layout the next worker is kept.
     Unknown versions are refused by name. Fails if the slot is read as ``rank * n - w``
     (tried), ``partitions`` is ``world + n``, the ``slot`` key is kept, or ``next_worker`` is
     dropped."""
@@ -375,15 +383,15 @@ def test_a_version_1_state_is_upgraded(tmp_path, tokenizer):
     cfg.num_workers = 2
     cur = {"epoch": 0, "pos": 1, "offset": 1536, "index": 2}
     text = {"books": {"cursor": cur, "offset": 3}, "wiki": {"cursor": _zero_cursor(), "offset": 0}}
-    v1 = {"version": 1, "rank": 1, "world_size": 2, "num_workers": 2, "seed": 11, "shards": SHARDS,
+    v1 = {"version": 1, "rank": 1, "world_size": 3, "num_workers": 2, "seed": 11, "shards": SHARDS,
           "next_worker": 1,
           "workers": [{"slot": 2, "batches": 5, "captions": cur, "text": text, "skips": {"corrupt_image": 1}},
                       {"slot": 3, "batches": 4, "captions": _zero_cursor(), "text": text,
                        "skips": {"corrupt_image": 2, "missing_shard": 1}}]}
-    stream = _stream(cfg, tokenizer, rank=1, world=2)
+    stream = _stream(cfg, tokenizer, rank=1, world=3)
     stream.load_state_dict(json.loads(json.dumps(v1)))
     assert stream.state_dict() == {
-        "version": 2, "rank": 1, "world_size": 2, "num_workers": 2, "partitions": 4, "seed": 11, "shards": SHARDS,
+        "version": 2, "rank": 1, "world_size": 3, "num_workers": 2, "partitions": 6, "seed": 11, "shards": SHARDS,
         "workers": [{"partitions": [2], "next": 0}, {"partitions": [3], "next": 0}], "next_worker": 1,
         "partition_states": [
             {"partition": 2, "batches": 5, "captions": cur, "text": text, "skips": {"corrupt_image": 1}},
@@ -400,8 +408,8 @@ def test_another_layout_starts_each_worker_at_its_first_partition(tmp_path, toke
     """States saved on 2 ranks x 2 workers (hand-set: worker 1 next, each worker in the middle of
     nothing), resumed on 1 rank in process and on 2 ranks in process: the worker layout differs,
     so the interleaving starts afresh (worker 0, its first partition) while each partition keeps
-    its own state. Fails if ``and`` is ``or`` in the same-layout test (tried: the rank alone, or
-    the rank and the world size, chosen the saved ``next_worker``)."""
+    its own state. Fails if either ``and`` of the same-layout test is ``or`` (tried: both kept
+    the saved ``next_worker``)."""
     cfg = make_data(str(tmp_path))
     cfg.num_workers = 2
     saved = [_stream(cfg, tokenizer, rank=r, world=2).state_dict() for r in range(2)]
@@ -424,8 +432,8 @@ def test_another_layout_starts_each_worker_at_its_first_partition(tmp_path, toke
 
 
 def test_every_message_in_full(tmp_path, tokenizer):
-    """Each refusal of the stream, word for word. Fails if a message changes or a bound moves
-    (tried: ``0 <= rank < world_size`` as ``<=``, which lets rank 2 of 2 through)."""
+    """Each refusal of the stream, word for word. Fails if a message changes or a check is
+    loosened (tried: ``or text_per_batch < 0`` as ``and``, which lets -1 text segments through)."""
     cfg = make_data(str(tmp_path), n_caption_shards=2, n_wiki=1)
 
     def refused(error, message, call):
@@ -482,8 +490,8 @@ def test_validation_batches_slots_and_randomness(tmp_path, tokenizer):
     batches of 4 and a last one of the rest; every sample is the one decoded with
     ``default_rng([seed, 4, 0, shard, index])`` and no flip. In process the stream is the
     dataset itself; with workers, a DataLoader that leaves the global torch generator alone.
-    Fails if the tag is 5, the stream shuffles, the last short batch is dropped, or the slot
-    is ``rank * n - p`` (tried)."""
+    Fails if the tag is 5, the stream shuffles, the last short batch is dropped, the slot is
+    ``rank + n + p`` (each tried), or a DataLoader draws its base seed from the global generator."""
     cfg = make_data(str(tmp_path), n_caption_shards=3)
     vcfg = dataclasses.replace(cfg.validation, flip_prob=0.0)
     for rank, shards in ((0, [0, 2]), (1, [1])):
@@ -509,3 +517,142 @@ def test_validation_batches_slots_and_randomness(tmp_path, tokenizer):
     assert isinstance(loader, torch.utils.data.DataLoader) and loader.num_workers == 2
     iter(loader)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_pixels_unless_stored_features_are_asked_for(tmp_path, tokenizer):
+    """``PretrainStream`` and ``ValidationDataset`` built directly, without ``features``, decode
+    the images. Fails if either default is ``features=True`` (tried: the samples have no stored
+    features, so every one was skipped)."""
+    cfg = make_data(str(tmp_path), n_caption_shards=3, n_wiki=1)
+    cfg.wait_timeout_s = 30.0
+    stream = PretrainStream(cfg, MaskingConfig(), tokenizer, 0, 1, 2, 0)
+    b = next(stream)
+    stream.close()
+    assert b.captions.images is not None and b.captions.features is None and b.text is None
+    v = next(iter(ValidationDataset(cfg, MaskingConfig(), tokenizer, 0, 1, 4)))
+    assert v.captions.images is not None and v.captions.features is None and len(v.captions) == 4
+
+
+def test_skips_are_counted_in_the_state_and_a_dead_source_is_named(tmp_path, tokenizer):
+    """A corrupt image among good ones is skipped and counted in the partition's state and in
+    ``skip_counts``; a caption source whose every sample is corrupt raises ``SourceUnusable``
+    naming the source ``'captions'`` (the reader's test of a record is the stream's ``usable``:
+    True for a good sample, False and counted for a bad one). Fails if the batch's state keeps
+    its old skips (tried: ``state["XXskipsXX"]``), the source is named otherwise, or the reader
+    calls a corrupt sample usable (tried: the stream then reads epoch after epoch, here
+    until ``data.wait_timeout_s``)."""
+    bad = dict(caption_sample(0, 9), jpg=b"\xff\xd8\xff\xe0 not a jpeg")
+    write_tar(str(tmp_path / "a.tar"), [("g0", caption_sample(0, 0)), ("c", bad), ("g1", caption_sample(0, 1)),
+                                        ("g2", caption_sample(0, 2))])
+    cfg = make_data(str(tmp_path / "unused"), n_caption_shards=1, n_wiki=1)
+    cfg.captions.urls = [str(tmp_path / "a.tar")]
+    cfg.wait_timeout_s = 20.0
+    stream = _stream(cfg, tokenizer, captions=3, text=0)
+    b = next(stream)
+    assert [k.split("#")[1] for k in b.captions.keys] == ["g0", "g1", "g2"]
+    assert stream.skip_counts() == {"corrupt_image": 1}
+    assert stream.state_dict()["partition_states"][0]["skips"] == {"corrupt_image": 1}
+    stream.close()
+
+    counter = SkipCounter()
+    reader = CaptionReader(ShardStream([str(tmp_path / "a.tar")], 0, 1, 0, SkipCounter(), shuffle=False, loop=False),
+                           cfg.captions, MaskingConfig(), tokenizer, seed=0, tag=1, train=True)
+    records = list(reader.stream)
+    assert [reader.stream.usable(r, counter) for r in records] == [True, False, True, True]
+    assert counter.as_dict() == {"corrupt_image": 1}
+
+    write_tar(str(tmp_path / "dead.tar"), [("c1", bad), ("c2", bad)])
+    cfg.captions.urls = [str(tmp_path / "dead.tar")]
+    dead = _stream(cfg, tokenizer, captions=1, text=0)
+    with pytest.raises(SourceUnusable) as e:
+        next(dead)
+    dead.close()
+    assert str(e.value).startswith(f"source 'captions' (1 shard(s), first {tmp_path / 'dead.tar'}): 0 of 2 samples")
+
+
+def test_handed_out_states_are_copies(tmp_path, tokenizer):
+    """A state once yielded with a batch never changes as the partition reads on (an in-process
+    dataset: no prefetch, no pickling); ``state_dict`` returns a copy, and a loaded state is
+    copied in. Fails if any of those is a shallow copy (tried: ``copy.copy`` for each; the text
+    sources' states are shared dicts)."""
+    cfg = make_data(str(tmp_path), n_caption_shards=2, n_wiki=1)
+    stream = _stream(cfg, tokenizer, captions=1, text=4)
+    items = iter(stream._make_dataset())
+    got, frozen = [], []
+    for _ in range(3):
+        item = next(items)
+        got.append(item[4])
+        frozen.append(json.dumps(item[4], sort_keys=True))
+    assert [json.dumps(s, sort_keys=True) for s in got] == frozen and len(set(frozen)) == 3
+    state = stream.state_dict()
+    before = json.dumps(state, sort_keys=True)
+    state["partition_states"][0]["text"]["books"]["cursor"]["pos"] = 7
+    assert json.dumps(stream.state_dict(), sort_keys=True) == before
+    saved = json.loads(json.dumps(got[-1]))
+    resumed = _stream(cfg, tokenizer, captions=1, text=4)
+    resumed.load_state_dict(dict(state, partition_states=[saved]))
+    snapshot = json.dumps(resumed.state_dict(), sort_keys=True)
+    saved["text"]["books"]["cursor"]["pos"] = 7
+    assert json.dumps(resumed.state_dict(), sort_keys=True) == snapshot
+
+
+def test_the_wait_for_a_batch_is_watched(tmp_path, tokenizer, monkeypatch, caplog):
+    """With decoding held up: a stop request ends the wait with None; otherwise a warning after
+    ``data.wait_warn_s`` and ``DataWaitTimeout`` after ``data.wait_timeout_s``, both naming the
+    rank and the skips so far, the error naming the setting; ``close()`` returns at once and
+    lets the producer go (it ends once the held decode returns), and the next batch comes from
+    a new producer. Fails if the messages change (tried: the description as ``None``), ``close``
+    waits for the producer by default (``wait_s=1.0``) or does not close it."""
+    cfg = make_data(str(tmp_path), n_caption_shards=1, n_wiki=1)
+    cfg.wait_warn_s, cfg.wait_timeout_s = 0.3, 0.6
+    release = threading.Event()
+    decode = mixture.decode_caption_sample
+
+    def held(*args, **kwargs):
+        release.wait(30)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(mixture, "decode_caption_sample", held)
+    stream = _stream(cfg, tokenizer, captions=1, text=0)
+    threads = set(threading.enumerate())
+    assert stream.next_batch(should_stop=lambda: True) is None
+    producer, = set(threading.enumerate()) - threads
+    with caplog.at_level(logging.WARNING, logger="vlbert.data.prefetch"):
+        with pytest.raises(DataWaitTimeout) as e:
+            stream.next_batch()
+    assert re.fullmatch(r"no batch from the data pipeline for \d+ s \(data\.wait_timeout_s = 0\.6 s\); the store "
+                        r"may be unreachable or very slow; rank 0; skips so far: \{\}", str(e.value)), str(e.value)
+    assert any(re.fullmatch(r"waiting \d+ s for a batch \(rank 0; skips so far: \{\}\)", r.getMessage())
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    start = time.monotonic()
+    stream.close()
+    assert time.monotonic() - start < 0.5
+    release.set()
+    producer.join(10)
+    assert not producer.is_alive()
+    assert len(stream.next_batch().captions) == 1
+    stream.close()
+
+
+def test_three_workers_take_turns_and_resume_in_turn(tmp_path, tokenizer, monkeypatch):
+    """Three DataLoader workers, one partition each: batches come from partitions 0, 1, 2, 0,
+    ...; after 4 the state says worker 1 is next, and a resumed stream goes on exactly as the
+    uninterrupted one (physical worker 0 plays logical worker 1). Starting workers sets
+    ``TOKENIZERS_PARALLELISM=false``. Fails if the next worker is ``(logical - 1) % n`` or the
+    logical worker ``(p - next) % n`` (tried both: with 2 workers they are the same, with 3 not)."""
+    cfg = make_data(str(tmp_path), n_caption_shards=6, n_wiki=1)
+    cfg.num_workers = 3
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    stream = _stream(cfg, tokenizer, captions=1, text=1)
+    first = take(stream, 4)
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == "false"
+    state = json.loads(json.dumps(stream.state_dict()))
+    rest = take(stream, 3)
+    stream.close()
+    assert [b.partition for b in first + rest] == [0, 1, 2, 0, 1, 2, 0]
+    assert state["next_worker"] == 1 and [w["next"] for w in state["workers"]] == [0, 0, 0]
+    resumed = _stream(cfg, tokenizer, captions=1, text=1)
+    resumed.load_state_dict(state)
+    again = take(resumed, 3)
+    resumed.close()
+    assert_batches_equal(again, rest)
