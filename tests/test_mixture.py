@@ -433,7 +433,9 @@ def test_another_layout_starts_each_worker_at_its_first_partition(tmp_path, toke
 
 def test_every_message_in_full(tmp_path, tokenizer):
     """Each refusal of the stream, word for word. Fails if a message changes or a check is
-    loosened (tried: ``or text_per_batch < 0`` as ``and``, which lets -1 text segments through)."""
+    loosened (tried: ``or text_per_batch < 0`` as ``and``, which lets -1 text segments through;
+    ``rank < world_size`` as ``<=``, which leaves rank 2 of 2 to the partition assignment, after
+    the check of the batch counts)."""
     cfg = make_data(str(tmp_path), n_caption_shards=2, n_wiki=1)
 
     def refused(error, message, call):
@@ -443,6 +445,8 @@ def test_every_message_in_full(tmp_path, tokenizer):
 
     for rank in (-1, 2):
         refused(ValueError, f"rank {rank} out of range for world size 2", lambda: _stream(cfg, tokenizer, rank, 2))
+    # the rank first: a bad rank is named even when the batch counts are bad too
+    refused(ValueError, "rank 2 out of range for world size 2", lambda: _stream(cfg, tokenizer, 2, 2, captions=0, text=0))
     for captions, text in ((-1, 2), (2, -1), (0, 0)):
         refused(ValueError, "captions_per_batch + text_per_batch must be positive (each >= 0)",
                 lambda: _stream(cfg, tokenizer, captions=captions, text=text))
