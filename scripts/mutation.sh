@@ -15,7 +15,10 @@
 # project's; the tests run with the project's interpreter ($VLBERT_PY, default .venv/bin/python).
 # Knobs: MUTMUT_VERSION (default 2.5.1: plain in-place mutation with a runner command),
 # MUTMUT_TEST_LIMIT (seconds a mutant's test run may take; default ten times the unmutated run),
-# MUTMUT_RERUN=1 (test again only the survivors of the last run of the same module).
+# MUTMUT_RERUN=1 (test again only the survivors of the last run of the same module),
+# MUTMUT_PRELOAD (third-party modules, e.g. "torch transformers numpy": each run of the tests is
+# a process forked from one that imported them once, scripts/pytest_forkserver.py; never name
+# the project's own modules, which change from mutant to mutant).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -46,8 +49,10 @@ fi
 ORIGINAL="$(mktemp)"
 RUNNER="$(mktemp)"
 cp "$MODULE" "$ORIGINAL"
+SERVER_PID=""
 restore() {
   rm -f "$RUNNER"
+  if [ -n "$SERVER_PID" ]; then kill "$SERVER_PID" 2>/dev/null || true; SERVER_PID=""; fi
   [ -f "$ORIGINAL" ] || return 0
   if ! cmp -s "$ORIGINAL" "$MODULE"; then
     echo "mutation.sh: $MODULE left mutated; restoring it" >&2
@@ -66,9 +71,14 @@ fi
 # only the mutants that were not killed, since a killed mutant stays killed when tests are added.
 [ "${MUTMUT_RERUN:-0}" = 1 ] || rm -f .mutmut-cache
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-# No bytecode cache: two mutants of the same size written within a second would otherwise share a
-# stale .pyc (its check is mtime in seconds and size), and the tests would run the wrong code.
-export PYTHONDONTWRITEBYTECODE=1 PYTHONPYCACHEPREFIX="$(mktemp -d)"
+# No bytecode written, and none of the module's left from before: two mutants of the same size
+# written within a second would otherwise share a stale .pyc (its check is mtime in seconds and
+# size), and the tests would run the wrong code. The installed packages' own .pyc files are still
+# read (an empty PYTHONPYCACHEPREFIX would compile torch and transformers afresh for every mutant:
+# about twice the time of a run).
+export PYTHONDONTWRITEBYTECODE=1
+unset PYTHONPYCACHEPREFIX
+rm -f "$(dirname "$MODULE")/__pycache__/$(basename "$MODULE" .py)".*.pyc
 # -x: a mutant is killed at the first failing test; -p no:cacheprovider: no test reordering between mutants.
 # mutmut 2.5.1 takes every exit status but 1 for "the tests pass": a mutant that breaks the
 # module's import (pytest exits 2, a collection error) or leaves no test to run (5) would count
@@ -77,10 +87,24 @@ export PYTHONDONTWRITEBYTECODE=1 PYTHONPYCACHEPREFIX="$(mktemp -d)"
 # runner's shell, not the pytest under it: so each run of the tests is under `timeout`,
 # MUTMUT_TEST_LIMIT seconds (default: ten times the unmutated run, at least 30), and a mutant
 # that runs past it counts as killed.
+PYTEST=("$VLBERT_PY" -m pytest)
+if [ -n "${MUTMUT_PRELOAD:-}" ]; then
+  SOCKET="$(mktemp -d)/pytest.sock"
+  # shellcheck disable=SC2086  # a list of module names
+  "$VLBERT_PY" "$ROOT/scripts/pytest_forkserver.py" serve "$SOCKET" $MUTMUT_PRELOAD &
+  SERVER_PID=$!
+  for _ in $(seq 600); do [ -S "$SOCKET" ] && break; sleep 0.2; done
+  [ -S "$SOCKET" ] || { echo "mutation.sh: the pytest fork server did not start" >&2; exit 1; }
+  PYTEST=("$VLBERT_PY" "$ROOT/scripts/pytest_forkserver.py" run "$SOCKET" LIMIT)
+fi
 {
   printf '#!/usr/bin/env bash\n'
   printf 'timeout -k 10 "${MUTATION_TEST_LIMIT:-3600}" '
-  printf '%q ' "$VLBERT_PY" -m pytest -x -q -p no:cacheprovider -p no:randomly "${TEST_ARGS[@]}"
+  for a in "${PYTEST[@]}"; do
+    # the fork server kills its child at the same limit (the `timeout` stops only the client)
+    if [ "$a" = LIMIT ]; then printf '"${MUTATION_TEST_LIMIT:-3600}" '; else printf '%q ' "$a"; fi
+  done
+  printf '%q ' -x -q -p no:cacheprovider -p no:randomly "${TEST_ARGS[@]}"
   printf '|| exit 1\n'
 } >"$RUNNER"
 start=$(date +%s)
