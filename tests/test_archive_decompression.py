@@ -67,7 +67,8 @@ class _Dribble(io.RawIOBase):
 
 def test_capped_reader_bounds_fills_and_seeks():
     """Fails if ``cap`` bytes exactly are refused or ``cap + 1`` allowed, the message
-    changes, a short inner read is not topped up, or a seek goes backwards or from the end."""
+    changes, a short inner read is not topped up, or a seek goes backwards (to an absolute
+    position or by a negative offset from the current one) or from the end."""
     r = CappedReader(_Dribble(b"0123456789"), 10, "x.tar.gz")
     assert r.readable() and r.seekable() and r.tell() == 0
     buf = bytearray(4)
@@ -76,6 +77,8 @@ def test_capped_reader_bounds_fills_and_seeks():
     assert r.seek(8) == 8 and r.seek(8) == 8 and r.seek(0, io.SEEK_CUR) == 8  # staying put is no backward seek
     with pytest.raises(io.UnsupportedOperation, match="^a decompressed archive seeks forward only$"):
         r.seek(7)
+    with pytest.raises(io.UnsupportedOperation, match="^a decompressed archive seeks forward only$"):
+        r.seek(-1, io.SEEK_CUR)
     with pytest.raises(io.UnsupportedOperation):
         r.seek(0, io.SEEK_END)
     assert r.read() == b"89"

@@ -336,7 +336,9 @@ class CappedReader(io.RawIOBase):
     def seek(self, target: int, whence: int = io.SEEK_SET) -> int:
         if whence == io.SEEK_CUR:
             target += self.pos
-        elif whence != io.SEEK_SET or target < self.pos:
+        elif whence != io.SEEK_SET:
+            raise io.UnsupportedOperation("a decompressed archive seeks forward only")
+        if target < self.pos:
             raise io.UnsupportedOperation("a decompressed archive seeks forward only")
         while self.pos < target:
             if not self.read(min(target - self.pos, 1 << 20)):
