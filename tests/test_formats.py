@@ -308,10 +308,10 @@ def test_reader_for_extensions(url, reader, by_line, compression):
 
 @pytest.mark.parametrize("url", ["a.txt", "a.tar.gz", "a.gz", "a.jsonl.lz4"])
 def test_reader_for_unknown_type(url):
-    """Fails if the message changes."""
+    """Fails if the message changes or leaves out a compressed suffix that ``reader_for`` reads."""
     with pytest.raises(ValueError) as e:
         reader_for(url)
-    assert str(e.value) == f"{url}: unknown shard type (expected .tar, .parquet or .jsonl[.gz|.zst])"
+    assert str(e.value) == f"{url}: unknown shard type (expected .tar, .parquet or .jsonl[.gz|.zst|.zstd|.bz2|.xz])"
 
 
 def test_write_tar_gnu_members_in_order(tmp_path):

@@ -383,7 +383,7 @@ def reader_for(url: str) -> tuple[Reader, Optional[str]]:
         if comp is None:
             return iter_jsonl, None
         return functools.partial(iter_jsonl, by_line=True), comp
-    raise ValueError(f"{url}: unknown shard type (expected .tar, .parquet or .jsonl[.gz|.zst])")
+    raise ValueError(f"{url}: unknown shard type (expected .tar, .parquet or .jsonl[{'|'.join(_COMPRESSED)}])")
 
 
 def write_tar(url: str, samples: list[tuple[str, dict[str, bytes]]]) -> None:
