@@ -377,8 +377,8 @@ def test_a_version_1_state_is_upgraded(tmp_path, tokenizer):
     written by hand for rank 1 of 3 with 2 workers: slots 2 and 3 become partitions 2 and 3 of
     6, each keeping its cursor, batches and skips; on the same layout the next worker is kept.
     Unknown versions are refused by name. Fails if the slot is read as ``rank * n - w``
-    (tried), ``partitions`` is ``world + n``, the ``slot`` key is kept, or ``next_worker`` is
-    dropped."""
+    (tried), ``partitions`` is ``world + n``, the ``slot`` key is kept, ``next_worker`` is
+    dropped, or the saved seed is lost in the upgrade (a resume on another seed then passes)."""
     cfg = make_data(str(tmp_path))
     cfg.num_workers = 2
     cur = {"epoch": 0, "pos": 1, "offset": 1536, "index": 2}
@@ -402,6 +402,12 @@ def test_a_version_1_state_is_upgraded(tmp_path, tokenizer):
         with pytest.raises(ValueError) as e:
             stream.load_state_dict(dict(v1, version=version))
         assert str(e.value) == f"data state version {version!r}, expected 2 (or 1)"
+    # The seed goes with the state: another one is refused, none is taken as this run's.
+    with pytest.raises(LayoutError, match="^data.seed = 11, but the data state was saved with seed 12: "):
+        _stream(cfg, tokenizer, rank=1, world=3).load_state_dict(dict(v1, seed=12))
+    unseeded = _stream(cfg, tokenizer, rank=1, world=3)
+    unseeded.load_state_dict({k: v for k, v in v1.items() if k != "seed"})
+    assert unseeded.state_dict()["partition_states"] == stream.state_dict()["partition_states"]
 
 
 def test_another_layout_starts_each_worker_at_its_first_partition(tmp_path, tokenizer):
@@ -435,7 +441,8 @@ def test_every_message_in_full(tmp_path, tokenizer):
     """Each refusal of the stream, word for word. Fails if a message changes or a check is
     loosened (tried: ``or text_per_batch < 0`` as ``and``, which lets -1 text segments through;
     ``rank < world_size`` as ``<=``, which leaves rank 2 of 2 to the partition assignment, after
-    the check of the batch counts)."""
+    the check of the batch counts; the seed check deleted, which resumed a run on another seed's
+    shard order)."""
     cfg = make_data(str(tmp_path), n_caption_shards=2, n_wiki=1)
 
     def refused(error, message, call):
@@ -465,6 +472,9 @@ def test_every_message_in_full(tmp_path, tokenizer):
     refused(LayoutError, "the data state was saved over {'captions': 3} shards, the config lists "
                          "{'captions': 2, 'text.books': 1, 'text.wiki': 1}: the shard lists must not change to resume "
                          "exactly", lambda: stream.load_state_dicts([other]))
+    refused(LayoutError, "data.seed = 11, but the data state was saved with seed 12: the shard order and every "
+                         "sample's randomness follow it, so a resume needs the same (set data.seed = 12)",
+            lambda: stream.load_state_dicts([dict(s, seed=12) for s in saved]))
     four = _stream(cfg, tokenizer, num_partitions=4).state_dict()
     refused(ValueError, "the saved data states disagree on the number of partitions: [2, 4]",
             lambda: stream.load_state_dicts([saved[0], four]))

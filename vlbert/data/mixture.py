@@ -331,6 +331,12 @@ class PretrainStream:
                 raise LayoutError(
                     f"the data state was saved over {s['shards']} shards, the config lists "
                     f"{self._shard_counts()}: the shard lists must not change to resume exactly")
+            # Version 1 states may lack the seed; they are taken as saved with this one.
+            if s.get("seed") is not None and s["seed"] != self.cfg.seed:
+                raise LayoutError(
+                    f"data.seed = {self.cfg.seed}, but the data state was saved with seed {s['seed']}: the shard "
+                    f"order and every sample's randomness follow it, so a resume needs the same "
+                    f"(set data.seed = {s['seed']})")
         counts = {s["partitions"] for s in states}
         if len(counts) != 1:
             raise ValueError(f"the saved data states disagree on the number of partitions: {sorted(counts)}")
