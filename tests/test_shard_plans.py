@@ -37,9 +37,9 @@ def test_skip_counter_counts_merges_and_prints():
 
 
 def test_expand_urls_glob_characters_directories_and_messages(tmp_path):
-    """Fails if "?" or "[...]" is not a glob, a directory is listed as a shard, an http(s) URL
-    with a glob character is listed rather than kept, a literal list checks more than its first
-    URL, or a message is not word for word."""
+    """Fails if "?" or "[...]" is not a glob, another character (an "X": ``"XX*?[XX"``) is, a
+    directory is listed as a shard, an http(s) URL with a glob character is listed rather than
+    kept, a literal list checks more than its first URL, or a message is not word for word."""
     for s in range(3):
         (tmp_path / f"{s:05d}.tar").write_bytes(b"")
     (tmp_path / "dir.tar").mkdir()
@@ -48,6 +48,7 @@ def test_expand_urls_glob_characters_directories_and_messages(tmp_path):
     assert expand_urls(f"{t}/0000[02].tar") == [f"{t}/00000.tar", f"{t}/00002.tar"]
     assert expand_urls(f"{t}/*.tar") == [f"{t}/00000.tar", f"{t}/00001.tar", f"{t}/00002.tar"]
     assert expand_urls(f"{t}/{{00000,77777}}.tar") == [f"{t}/00000.tar", f"{t}/77777.tar"]
+    assert expand_urls(f"{t}/{{00000,XL}}.tar") == [f"{t}/00000.tar", f"{t}/XL.tar"]  # "X" is no glob character
     assert expand_urls(["https://example.com/a*.tar", "http://example.com/b?.tar"]) == [
         "https://example.com/a*.tar", "http://example.com/b?.tar"]
     with pytest.raises(FileNotFoundError) as err:
