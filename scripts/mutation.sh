@@ -66,9 +66,14 @@ fi
 # only the mutants that were not killed, since a killed mutant stays killed when tests are added.
 [ "${MUTMUT_RERUN:-0}" = 1 ] || rm -f .mutmut-cache
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-# No bytecode cache: two mutants of the same size written within a second would otherwise share a
-# stale .pyc (its check is mtime in seconds and size), and the tests would run the wrong code.
-export PYTHONDONTWRITEBYTECODE=1 PYTHONPYCACHEPREFIX="$(mktemp -d)"
+# No bytecode written: two mutants of the same size written within a second would otherwise share a
+# stale .pyc (its check is mtime in seconds and size), and the tests would run the wrong code. The
+# module's own .pyc, if an earlier run left one, is removed, so every run compiles the module from
+# its source; the other modules (torch, ...) are still read from their existing caches (pointing
+# PYTHONPYCACHEPREFIX at an empty folder would compile them all on every run: twice the time).
+export PYTHONDONTWRITEBYTECODE=1
+unset PYTHONPYCACHEPREFIX
+rm -f "$(dirname "$MODULE")/__pycache__/$(basename "$MODULE" .py)".*.pyc
 # -x: a mutant is killed at the first failing test; -p no:cacheprovider: no test reordering between mutants.
 # mutmut 2.5.1 takes every exit status but 1 for "the tests pass": a mutant that breaks the
 # module's import (pytest exits 2, a collection error) or leaves no test to run (5) would count
