@@ -183,6 +183,7 @@ def test_high_depth_and_float_images_scale_to_8_bits(monkeypatch):
     floats = [
         (np.array([[0, 0.5, 1.0, 0.2, 0.998, -0.3, np.nan]], np.float32), [0, 128, 255, 51, 254, 0, 0]),
         (np.array([[0, 1.4, 2.5, 254.6, 300, -5, np.nan]], np.float32), [0, 1, 3, 255, 255, 0, 0]),
+        (np.array([[0, 0.5, 1.2, 1.5, 2.0]], np.float32), [0, 1, 1, 2, 2]),  # a peak just over 1: as they are
     ]
 
     def grey(array):
