@@ -336,9 +336,7 @@ class CappedReader(io.RawIOBase):
     def seek(self, target: int, whence: int = io.SEEK_SET) -> int:
         if whence == io.SEEK_CUR:
             target += self.pos
-        elif whence != io.SEEK_SET:
-            raise io.UnsupportedOperation("a decompressed archive seeks forward only")
-        if target < self.pos:
+        if whence not in (io.SEEK_SET, io.SEEK_CUR) or target < self.pos:
             raise io.UnsupportedOperation("a decompressed archive seeks forward only")
         while self.pos < target:
             if not self.read(min(target - self.pos, 1 << 20)):
