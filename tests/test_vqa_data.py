@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import logging
 import tarfile
 from pathlib import Path
 
@@ -141,11 +143,22 @@ def test_batches_from_the_demo_files(vqa, tokenizer):
     assert batch.images.shape[-2:] == (64, 64)
 
 
-def test_questions_without_images_are_left_out(vqa, tokenizer):
+def test_questions_without_images_are_left_out(vqa, tokenizer, caplog):
+    """All present, some absent, none present. In the mixed set, questions 1, 3 and 4 point at image
+    ids no shard holds (ids below 0 are never given): exactly those three are left out, the others
+    keep their order, and the warning counts 3 of 6. Fails if the filter keeps every question, drops
+    the wrong ones, or the count is taken after filtering (then 0)."""
     questions, _ = load_vqa_split(str(vqa / "val_questions.json"), str(vqa / "val_annotations.json"))
-    ds = VQADataset(questions, ImageIndex([str(vqa / "images/train-*.tar")] + [str(vqa / "images/val-*.tar")]),
-                    IMAGE_CFG, tokenizer, None, 16)
-    assert len(ds) == len(questions) and ds.missing_images == 0
+    index = ImageIndex([str(vqa / "images/train-*.tar")] + [str(vqa / "images/val-*.tar")])
+    ds = VQADataset(questions, index, IMAGE_CFG, tokenizer, None, 16)
+    assert len(ds) == len(questions) == 6 and ds.missing_images == 0
+    absent = {1, 3, 4}
+    mixed = [dataclasses.replace(q, image_id=-1 - i) if i in absent else q for i, q in enumerate(questions)]
+    with caplog.at_level(logging.WARNING, logger="vlbert.tasks.vqa.data"):
+        ds = VQADataset(mixed, index, IMAGE_CFG, tokenizer, None, 16)
+    assert [q.question_id for q in ds.questions] == [q.question_id for i, q in enumerate(questions) if i not in absent]
+    assert len(ds) == 3 and ds.missing_images == 3
+    assert "3 of 6 questions have no image in the shards; left out" in caplog.text
     with pytest.raises(ValueError, match="none of the"):
         VQADataset(questions, ImageIndex([str(vqa / "images/train-*.tar")]), IMAGE_CFG, tokenizer, None, 16)
 
