@@ -145,7 +145,7 @@ def test_batches_from_the_demo_files(vqa, tokenizer):
 
 def test_questions_without_images_are_left_out(vqa, tokenizer, caplog):
     """All present, some absent, none present. In the mixed set, questions 1, 3 and 4 point at image
-    ids no shard holds (ids below 0 are never given): exactly those three are left out, the others
+    ids no shard holds (the demo shards' ids are all positive): exactly those three are left out, the others
     keep their order, and the warning counts 3 of 6. Fails if the filter keeps every question, drops
     the wrong ones, or the count is taken after filtering (then 0)."""
     questions, _ = load_vqa_split(str(vqa / "val_questions.json"), str(vqa / "val_annotations.json"))
